@@ -1,0 +1,191 @@
+"""Host names: normalisation and the one wildcard dialect (Istio's).
+
+Used on both sides of a decision: the policy parser turns written host
+patterns into canonical ones, the engine turns the SNI / Host it sees into a
+canonical name, and the ServiceEntry renderer emits the same patterns, so the
+mesh registry and the decisions always agree on what a host means.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from collections.abc import Iterator
+
+import idna
+
+from .model import Reason
+
+MAX_NAME = 253
+MAX_LABEL = 63
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+
+
+class HostError(ValueError):
+    """A name that cannot be decided on; `reason` is invalid-host or ip-literal."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class PatternError(ValueError):
+    """A host pattern in a policy that is not in the dialect."""
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _canonical(name: str) -> str:
+    """Lower-case, drop one trailing dot, IDNA-encode, and check DNS syntax.
+
+    Raises HostError. `name` has no port and no brackets any more.
+    """
+    if not name:
+        raise HostError(Reason.INVALID_HOST, "empty host name")
+    if name.endswith("."):
+        name = name[:-1]
+    if not name.isascii():
+        try:
+            name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError) as e:
+            raise HostError(Reason.INVALID_HOST, f"not a valid internationalised name: {e}") from e
+    name = name.lower()
+    if _is_ip(name):
+        raise HostError(Reason.IP_LITERAL, f"{name!r} is an IP address literal, not a name")
+    if len(name) > MAX_NAME:
+        raise HostError(
+            Reason.INVALID_HOST, f"name is {len(name)} characters long, over {MAX_NAME}"
+        )
+    labels = name.split(".")
+    for label in labels:
+        if not label:
+            raise HostError(Reason.INVALID_HOST, f"{name!r} has an empty label")
+        if len(label) > MAX_LABEL:
+            raise HostError(
+                Reason.INVALID_HOST, f"label {label[:20]!r}... is over {MAX_LABEL} characters"
+            )
+        if not _LABEL.match(label):
+            raise HostError(
+                Reason.INVALID_HOST,
+                f"{name!r}: label {label!r} may hold only letters, digits and inner '-'",
+            )
+    # An all-numeric last label is no host name but a short IP form such as
+    # 127.1 or 2130706433, which resolvers would treat as an address.
+    if labels[-1].isdigit():
+        raise HostError(Reason.IP_LITERAL, f"{name!r} is a numeric address form, not a name")
+    return name
+
+
+@functools.lru_cache(maxsize=16384)
+def _normalize_cached(raw: str, with_port: bool) -> tuple[str, Reason | None, str]:
+    try:
+        return normalize_uncached(raw, with_port=with_port), None, ""
+    except HostError as e:
+        return "", e.reason, e.message
+
+
+def normalize_uncached(raw: str, *, with_port: bool) -> str:
+    """Canonical form of an SNI (`with_port=False`) or Host header (`with_port=True`)."""
+    if with_port:
+        if raw.startswith("["):
+            close = raw.find("]")
+            inner = raw[1:close] if close > 0 else raw[1:]
+            if close > 0 and _is_ip(inner):
+                raise HostError(Reason.IP_LITERAL, f"{raw!r} is a bracketed IPv6 literal")
+            raise HostError(Reason.INVALID_HOST, f"{raw!r} is not a valid bracketed address")
+        if raw.count(":") == 1:
+            raw, port = raw.split(":")
+            if not _PORT.match(port) or not 0 < int(port) <= 65535:
+                raise HostError(Reason.INVALID_HOST, f"port {port!r} in Host is not a number 1-65535")
+    if ":" in raw:
+        if _is_ip(raw):
+            raise HostError(Reason.IP_LITERAL, f"{raw!r} is an IPv6 literal")
+        raise HostError(Reason.INVALID_HOST, f"{raw!r} holds ':' where no port may be")
+    return _canonical(raw)
+
+
+def normalize(raw: str, *, with_port: bool = False) -> str:
+    """Canonical host name; raises HostError (invalid-host or ip-literal).
+
+    Cached: the same few external hosts are asked for over and over.
+    """
+    name, reason, message = _normalize_cached(raw, with_port)
+    if reason is not None:
+        raise HostError(reason, message)
+    return name
+
+
+def normalize_or_reason(raw: str, *, with_port: bool = False) -> tuple[str, Reason | None, str]:
+    """Like normalize, without exceptions: (name, None, "") or ("", reason, message)."""
+    return _normalize_cached(raw, with_port)
+
+
+def parse_pattern(raw: str, *, allow_any: bool = False) -> str:
+    """Canonical form of a host pattern written in a policy; raises PatternError.
+
+    `api.kadath.io` (exact) or `*.kadath.io` (any name below kadath.io, at any
+    depth, never kadath.io itself). `*` alone only where `allow_any`.
+    """
+    if not isinstance(raw, str):
+        raise PatternError(f"must be a string, not {type(raw).__name__}")
+    if raw == "*":
+        if allow_any:
+            return "*"
+        raise PatternError(
+            "a bare '*' would allow every host; name the hosts, or use '*.example.com'"
+        )
+    rest = raw
+    wildcard = raw.startswith("*.")
+    if wildcard:
+        rest = raw[2:]
+    if "*" in rest:
+        raise PatternError("'*' may only be the whole leftmost label, as in '*.example.com'")
+    if ":" in rest or "/" in rest or "@" in rest:
+        raise PatternError("a host pattern is a name only: no scheme, port, path or userinfo")
+    try:
+        name = _canonical(rest)
+    except HostError as e:
+        if e.reason is Reason.IP_LITERAL:
+            raise PatternError("IP addresses are not allowed; name the host") from e
+        raise PatternError(e.message) from e
+    return "*." + name if wildcard else name
+
+
+def is_wildcard(pattern: str) -> bool:
+    return pattern.startswith("*.")
+
+
+def wildcard_key(pattern: str) -> str:
+    """The suffix a wildcard pattern is indexed under: '*.kadath.io' -> 'kadath.io'."""
+    return pattern[2:]
+
+
+def parent_suffixes(name: str) -> Iterator[str]:
+    """Every proper parent of a name, most specific first.
+
+    'a.b.kadath.io' -> 'b.kadath.io', 'kadath.io', 'io'. A wildcard '*.X'
+    matches a name exactly when X is among these.
+    """
+    dot = name.find(".")
+    while dot >= 0:
+        suffix = name[dot + 1 :]
+        yield suffix
+        dot = name.find(".", dot + 1)
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether a canonical pattern matches a canonical name."""
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
+    return pattern == name
