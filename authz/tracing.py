@@ -1,0 +1,550 @@
+"""Recording of decisions, after the answer and off the Check path.
+
+The gRPC server hands each DecisionRecord to `DecisionRecorder.record()`,
+which does only cheap, bounded work inline (metrics, the ring buffer the
+admin endpoint reads, one append to a bounded queue). One background thread
+then writes the JSON-lines decision log and, when an exporter is configured
+through the standard OTEL_* variables, the OpenTelemetry span. Full queues
+drop and count in `egress_authz_trace_records_dropped_total`; nothing here
+waits for a reader or a collector.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from .metrics import CHECK_SECONDS, CHECKS, TRACE_DROPPED
+from .model import Verdict
+from .records import DecisionRecord
+
+log = logging.getLogger(__name__)
+
+SPAN_NAME = "egress-authz.check"
+ATTRIBUTE_PREFIX = "egress_authz."
+
+# The decision log's fields, in output order: a public contract (README,
+# "Decision log"). Every line carries every key; absent values are null.
+LOG_FIELDS = (
+    "time",
+    "decision_id",
+    "verdict",
+    "reason",
+    "rule",
+    "owner",
+    "namespace",
+    "service_account",
+    "pod",
+    "source_ip",
+    "principal",
+    "host",
+    "port",
+    "sni",
+    "http_host",
+    "method",
+    "path",
+    "protocol",
+    "filter",
+    "mode",
+    "revision",
+    "policy_source",
+    "latency_us",
+    "trace_id",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """How much is kept and how much is traced; built once by `serve`."""
+
+    ring_size: int = 10_000
+    """Decisions kept in memory for the admin endpoint (oldest evicted first)."""
+    queue_size: int = 10_000
+    """Records waiting for the log/span thread; beyond it records are dropped and counted."""
+    allow_ratio: float = 1.0
+    """Share of allow verdicts that get a span; deny and audit always get one."""
+    decision_log: bool = True
+    """Write one JSON line per decision to the log stream (stdout by default)."""
+    flush_interval: float = 0.05
+    """Seconds the background thread sleeps when idle: the log/stream latency bound."""
+
+
+# ---------------------------------------------------------------------------
+# Records as plain values: the decision log, the admin API and span attributes
+# all read these, so the three always agree on names.
+
+
+def _rfc3339(unix_ns: int) -> str:
+    moment = datetime.fromtimestamp(unix_ns / 1e9, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C traceparent header, or None when it is not one."""
+    if not traceparent:
+        return None
+    parts = traceparent.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+        return None
+    try:
+        int(parts[1], 16)
+    except ValueError:
+        return None
+    return parts[1].lower()
+
+
+def record_fields(rec: DecisionRecord, trace_id: str | None = None) -> dict[str, Any]:
+    """The flat decision-log view of one record (keys: LOG_FIELDS)."""
+    d = rec.decision
+    ident = rec.identity
+    dest = rec.destination
+    workload = ident.workload if ident is not None else None
+    return {
+        "time": _rfc3339(rec.start_unix_ns),
+        "decision_id": d.decision_id,
+        "verdict": str(d.verdict),
+        "reason": str(d.reason),
+        "rule": d.rule,
+        "owner": d.owner,
+        "namespace": d.namespace or (workload.namespace if workload else None) or None,
+        "service_account": d.service_account
+        or (workload.service_account if workload else None)
+        or None,
+        "pod": (workload.name or None) if workload else None,
+        "source_ip": (ident.source_ip or None) if ident else None,
+        "principal": (ident.principal or None) if ident else None,
+        "host": d.host or None,
+        "port": dest.port if dest else None,
+        "sni": dest.sni if dest else None,
+        "http_host": dest.http_host if dest else None,
+        "method": dest.method if dest else None,
+        "path": dest.path if dest else None,
+        "protocol": str(dest.protocol) if dest else None,
+        "filter": rec.filter or None,
+        "mode": str(d.mode),
+        "revision": d.revision,
+        "policy_source": d.policy_source,
+        "latency_us": round(rec.duration_ns / 1000, 1),
+        "trace_id": trace_id or trace_id_of(rec.traceparent),
+    }
+
+
+def record_detail(rec: DecisionRecord) -> dict[str, Any]:
+    """The admin API's view: the log fields plus what `explain` needs."""
+    out = record_fields(rec)
+    workload = rec.identity.workload if rec.identity else None
+    out["workload"] = rec.decision.workload or None
+    out["labels"] = dict(workload.labels) if workload else {}
+    out["message"] = rec.decision.message
+    out["allowed"] = rec.decision.allowed
+    out["explanation"] = [
+        {"rule": c.rule, "matched": c.matched, "why": c.why, "owner": c.owner}
+        for c in rec.decision.explanation
+    ]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The ring buffer, with live subscribers for the admin SSE stream.
+
+
+class Subscription:
+    """One live reader (an SSE client); a slow reader loses records, never blocks."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self.queue: queue.Queue[DecisionRecord] = queue.Queue(maxsize=size)
+        self.dropped = 0
+
+    def offer(self, rec: DecisionRecord) -> None:
+        try:
+            self.queue.put_nowait(rec)
+        except queue.Full:
+            self.dropped += 1
+            TRACE_DROPPED.inc("stream")
+
+
+class RingBuffer:
+    """The last `size` records, newest last; memory is bounded by `size`."""
+
+    def __init__(self, size: int) -> None:
+        self._items: collections.deque[DecisionRecord] = collections.deque(maxlen=max(1, size))
+        # A lock because iterating a deque while another thread appends raises.
+        self._lock = threading.Lock()
+        self._subscribers: set[Subscription] = set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def capacity(self) -> int:
+        return self._items.maxlen or 0
+
+    def append(self, rec: DecisionRecord) -> None:
+        with self._lock:
+            self._items.append(rec)
+
+    def snapshot(self) -> list[DecisionRecord]:
+        """A copy, oldest first."""
+        with self._lock:
+            return list(self._items)
+
+    def find(self, decision_id: str) -> DecisionRecord | None:
+        for rec in reversed(self.snapshot()):
+            if rec.decision.decision_id == decision_id:
+                return rec
+        return None
+
+    def subscribe(self, size: int = 1000) -> Subscription:
+        sub = Subscription(size)
+        with self._lock:
+            self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            self._subscribers.discard(sub)
+
+    def publish(self, rec: DecisionRecord) -> None:
+        """Hand one record to every live subscriber (called off the Check path)."""
+        if not self._subscribers:
+            return
+        with self._lock:
+            subs = list(self._subscribers)
+        for sub in subs:
+            sub.offer(rec)
+
+
+# ---------------------------------------------------------------------------
+# The recorder
+
+
+class DecisionRecorder:
+    """The Recorder `serve` plugs into the gRPC server.
+
+    `spans` is a SpanSink (from `span_sink_from_env()`), or None when no
+    exporter is configured: then no span is ever built.
+    """
+
+    def __init__(
+        self,
+        settings: TracingSettings | None = None,
+        *,
+        spans: SpanSink | None = None,
+        log_stream: IO[str] | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings or TracingSettings()
+        self.ring = RingBuffer(self.settings.ring_size)
+        self.spans = spans
+        self._log_stream = log_stream if log_stream is not None else sys.stdout
+        self._rng = rng
+        # A plain deque with a length check: cheaper than queue.Queue's lock and
+        # condition, and record() must not wait for anything.
+        self._pending: collections.deque[DecisionRecord] = collections.deque()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the Check path ----------------------------------------------------
+
+    def record(self, record: DecisionRecord) -> None:
+        try:
+            d = record.decision
+            CHECKS.inc(d.verdict.value, d.reason.value, d.namespace)
+            CHECK_SECONDS.observe(record.duration_ns / 1e9)
+            self.ring.append(record)
+            if len(self._pending) >= self.settings.queue_size:
+                TRACE_DROPPED.inc("queue")
+            else:
+                self._pending.append(record)
+        except Exception:  # recording must never fail a Check
+            TRACE_DROPPED.inc("error")
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> DecisionRecorder:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="egress-authz-recorder", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Drain what is queued, flush spans, stop the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        else:
+            self._drain()
+        if self.spans is not None:
+            self.spans.shutdown(timeout)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far is logged and its spans exported (tests)."""
+        deadline = time.monotonic() + timeout
+        if self._thread is None:
+            self._drain()
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(self.settings.flush_interval * 2)  # the batch in hand
+        if self.spans is not None:
+            return self.spans.flush(max(0.0, deadline - time.monotonic()))
+        return not self._pending
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # -- the background thread ----------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            self._drain()
+            if stopping:
+                return
+            self._stop.wait(self.settings.flush_interval)
+
+    def _drain(self) -> None:
+        lines: list[str] = []
+        while True:
+            try:
+                rec = self._pending.popleft()
+            except IndexError:
+                break
+            try:
+                lines.append(self._process(rec))
+            except Exception:
+                log.exception("recording decision %s failed", rec.decision.decision_id)
+                TRACE_DROPPED.inc("error")
+            if len(lines) >= 512:
+                self._write(lines)
+                lines = []
+        self._write(lines)
+
+    def _process(self, rec: DecisionRecord) -> str:
+        trace_id = None
+        if self.spans is not None and self._keep_span(rec):
+            trace_id = self.spans.emit(rec)
+        self.ring.publish(rec)
+        if not self.settings.decision_log:
+            return ""
+        fields = record_fields(rec, trace_id)
+        return json.dumps(fields, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+    def _keep_span(self, rec: DecisionRecord) -> bool:
+        if rec.decision.verdict is not Verdict.ALLOW:
+            return True  # denials and audit verdicts are what people come to read
+        ratio = self.settings.allow_ratio
+        return ratio >= 1.0 or (ratio > 0.0 and self._rng() < ratio)
+
+    def _write(self, lines: list[str]) -> None:
+        text = "".join(lines)
+        if not text:
+            return
+        try:
+            self._log_stream.write(text)
+            self._log_stream.flush()
+        except (OSError, ValueError):
+            # A closed or broken stdout must not stop spans and the ring.
+            TRACE_DROPPED.inc("log", amount=float(len(lines)))
+
+
+# ---------------------------------------------------------------------------
+# OpenTelemetry: one SERVER span per kept decision, exported in batches.
+
+
+class TracingConfigError(ValueError):
+    """The OTEL_* environment asks for something this service cannot export to."""
+
+
+# Attribute names: egress_authz.<log field>, so that a span and its log line
+# read the same; the span's own start, end and trace id replace time,
+# latency_us and trace_id. The rpc.* keys are the semantic conventions for
+# what this span is: the server side of one ext_authz Check call.
+_SPAN_FIELDS = tuple(f for f in LOG_FIELDS if f not in ("time", "latency_us", "trace_id"))
+_RPC_ATTRIBUTES = {
+    "rpc.system": "grpc",
+    "rpc.service": "envoy.service.auth.v3.Authorization",
+    "rpc.method": "Check",
+}
+
+
+def span_attributes(rec: DecisionRecord) -> dict[str, str | int | bool]:
+    fields = record_fields(rec)
+    attrs: dict[str, str | int | bool] = dict(_RPC_ATTRIBUTES)
+    for name in _SPAN_FIELDS:
+        value = fields[name]
+        if value is not None:  # OpenTelemetry attributes may not be null
+            attrs[ATTRIBUTE_PREFIX + name] = value
+    attrs[ATTRIBUTE_PREFIX + "allowed"] = rec.decision.allowed
+    return attrs
+
+
+class _CountingBatchSpanProcessor(BatchSpanProcessor):
+    """A BatchSpanProcessor that counts the spans its full queue pushes out.
+
+    The SDK drops silently (one log line); the operator should see it in
+    /metrics like every other drop. It reads the SDK's private queue, so a
+    future SDK without it simply stops counting.
+    """
+
+    def on_end(self, span: ReadableSpan) -> None:
+        pending = getattr(getattr(self, "_batch_processor", None), "_queue", None)
+        full = isinstance(pending, collections.deque) and len(pending) == pending.maxlen
+        if full:
+            TRACE_DROPPED.inc("span")
+        super().on_end(span)
+
+
+class SpanSink:
+    """Builds one span per kept record and hands it to the batch processor."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self.provider = provider
+        self.tracer = provider.get_tracer("egress-authz")
+        self._propagator = TraceContextTextMapPropagator()
+
+    def emit(self, rec: DecisionRecord) -> str:
+        """Record the span; return its trace id (hex) for the log line."""
+        context = None
+        if rec.traceparent:
+            carrier = {"traceparent": rec.traceparent}
+            if rec.tracestate:
+                carrier["tracestate"] = rec.tracestate
+            # An invalid header extracts to an empty context: the span is a root.
+            context = self._propagator.extract(carrier)
+        span = self.tracer.start_span(
+            SPAN_NAME,
+            context=context,
+            kind=SpanKind.SERVER,
+            attributes=span_attributes(rec),
+            start_time=rec.start_unix_ns,
+        )
+        span.end(end_time=rec.start_unix_ns + rec.duration_ns)
+        return format(span.get_span_context().trace_id, "032x")
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        return bool(self.provider.force_flush(int(timeout * 1000)))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.provider.shutdown()
+
+
+def _resource(environ: Mapping[str, str]) -> Resource:
+    resource = Resource.create({})  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+    name = str(resource.attributes.get("service.name", ""))
+    if name.startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "egress-authz"}))
+    return resource
+
+
+def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter:
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"  # what the Python SDK's `otlp` exporter means; README says so
+    ).strip()
+    # The exporters read their endpoint, headers, certificates and timeout
+    # from the same OTEL_EXPORTER_OTLP_* variables themselves.
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpExporter,
+        )
+
+        return HttpExporter()
+    raise TracingConfigError(
+        f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: use grpc or http/protobuf"
+    )
+
+
+def exporters_from_env(environ: Mapping[str, str] | None = None) -> list[SpanExporter]:
+    """The span exporters the OTEL_* variables ask for; [] means tracing is off.
+
+    Unlike the SDK's auto-configuration, an unset OTEL_TRACES_EXPORTER only
+    means OTLP when an OTLP endpoint is set: a service started with no
+    telemetry settings must not spend time building spans for nobody.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    names = env.get("OTEL_TRACES_EXPORTER")
+    if names is None:
+        endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        if not any(env.get(k) for k in endpoints):
+            return []
+        names = "otlp"
+    out: list[SpanExporter] = []
+    for name in (n.strip().lower() for n in names.split(",")):
+        if name in ("", "none"):
+            continue
+        if name == "otlp":
+            out.append(_otlp_exporter(env))
+        elif name == "console":
+            out.append(ConsoleSpanExporter(out=sys.stderr))  # stdout is the decision log
+        else:
+            raise TracingConfigError(
+                f"OTEL_TRACES_EXPORTER={name!r} is not supported: use otlp, console or none"
+            )
+    return out
+
+
+def span_sink(
+    exporters: list[SpanExporter],
+    environ: Mapping[str, str] | None = None,
+    *,
+    max_queue_size: int | None = None,
+    schedule_delay_millis: float | None = None,
+) -> SpanSink | None:
+    """A SpanSink batching to `exporters`, or None when there are none."""
+    if not exporters:
+        return None
+    env = os.environ if environ is None else environ
+    # The recorder has already chosen which decisions get a span (all denials
+    # and audits, a share of allows), so the SDK samples everything it is
+    # given, unless the operator set OTEL_TRACES_SAMPLER on purpose. A
+    # parent-based default would lose denials whose caller did not sample.
+    sampler = None if env.get("OTEL_TRACES_SAMPLER") else ALWAYS_ON
+    provider = TracerProvider(sampler=sampler, resource=_resource(env))
+    for exporter in exporters:
+        provider.add_span_processor(
+            _CountingBatchSpanProcessor(
+                exporter,
+                max_queue_size=max_queue_size,
+                schedule_delay_millis=schedule_delay_millis,
+            )
+        )
+    return SpanSink(provider)
+
+
+def span_sink_from_env(environ: Mapping[str, str] | None = None) -> SpanSink | None:
+    return span_sink(exporters_from_env(environ), environ)
