@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Iterator
 
 import idna
 
@@ -19,6 +18,7 @@ from .model import Reason
 
 MAX_NAME = 253
 MAX_LABEL = 63
+_MAX_RAW = 4 * MAX_NAME  # generous room for Unicode and a port before IDNA
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _PORT = re.compile(r"[0-9]{1,5}\Z")
 
@@ -86,15 +86,18 @@ def _canonical(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=16384)
-def _normalize_cached(raw: str, with_port: bool) -> tuple[str, Reason | None, str]:
+def _normalize_cached(raw: str, with_port: bool) -> tuple[str, int | None, Reason | None, str]:
     try:
-        return normalize_uncached(raw, with_port=with_port), None, ""
+        name, port = split_and_normalize(raw, with_port=with_port)
     except HostError as e:
-        return "", e.reason, e.message
+        return "", None, e.reason, e.message
+    return name, port, None, ""
 
 
-def normalize_uncached(raw: str, *, with_port: bool) -> str:
-    """Canonical form of an SNI (`with_port=False`) or Host header (`with_port=True`)."""
+def split_and_normalize(raw: str, *, with_port: bool) -> tuple[str, int | None]:
+    """Canonical name and explicit port of an SNI (`with_port=False`, never a
+    port) or a Host header (`with_port=True`, `name[:port]`). Uncached."""
+    port: int | None = None
     if with_port:
         if raw.startswith("["):
             close = raw.find("]")
@@ -103,14 +106,17 @@ def normalize_uncached(raw: str, *, with_port: bool) -> str:
                 raise HostError(Reason.IP_LITERAL, f"{raw!r} is a bracketed IPv6 literal")
             raise HostError(Reason.INVALID_HOST, f"{raw!r} is not a valid bracketed address")
         if raw.count(":") == 1:
-            raw, port = raw.split(":")
-            if not _PORT.match(port) or not 0 < int(port) <= 65535:
-                raise HostError(Reason.INVALID_HOST, f"port {port!r} in Host is not a number 1-65535")
+            raw, port_text = raw.split(":")
+            if not _PORT.match(port_text) or not 0 < int(port_text) <= 65535:
+                raise HostError(
+                    Reason.INVALID_HOST, f"port {port_text!r} in Host is not a number 1-65535"
+                )
+            port = int(port_text)
     if ":" in raw:
         if _is_ip(raw):
             raise HostError(Reason.IP_LITERAL, f"{raw!r} is an IPv6 literal")
         raise HostError(Reason.INVALID_HOST, f"{raw!r} holds ':' where no port may be")
-    return _canonical(raw)
+    return _canonical(raw), port
 
 
 def normalize(raw: str, *, with_port: bool = False) -> str:
@@ -118,15 +124,34 @@ def normalize(raw: str, *, with_port: bool = False) -> str:
 
     Cached: the same few external hosts are asked for over and over.
     """
-    name, reason, message = _normalize_cached(raw, with_port)
+    name, _, reason, message = normalize_or_reason(raw, with_port=with_port)
     if reason is not None:
         raise HostError(reason, message)
     return name
 
 
-def normalize_or_reason(raw: str, *, with_port: bool = False) -> tuple[str, Reason | None, str]:
-    """Like normalize, without exceptions: (name, None, "") or ("", reason, message)."""
+def normalize_or_reason(
+    raw: str, *, with_port: bool = False
+) -> tuple[str, int | None, Reason | None, str]:
+    """Without exceptions: (name, port, None, "") or ("", None, reason, message)."""
+    if len(raw) > _MAX_RAW:  # never let hostile giants into the cache
+        return "", None, Reason.INVALID_HOST, f"host is {len(raw)} characters long, over {MAX_NAME}"
     return _normalize_cached(raw, with_port)
+
+
+@functools.lru_cache(maxsize=16384)
+def parent_suffixes(name: str) -> tuple[str, ...]:
+    """Every proper parent of a name, most specific first.
+
+    'a.b.kadath.io' -> ('b.kadath.io', 'kadath.io', 'io'). A wildcard '*.X'
+    matches a name exactly when X is among these.
+    """
+    out = []
+    dot = name.find(".")
+    while dot >= 0:
+        out.append(name[dot + 1 :])
+        dot = name.find(".", dot + 1)
+    return tuple(out)
 
 
 def parse_pattern(raw: str, *, allow_any: bool = False) -> str:
@@ -167,19 +192,6 @@ def is_wildcard(pattern: str) -> bool:
 def wildcard_key(pattern: str) -> str:
     """The suffix a wildcard pattern is indexed under: '*.kadath.io' -> 'kadath.io'."""
     return pattern[2:]
-
-
-def parent_suffixes(name: str) -> Iterator[str]:
-    """Every proper parent of a name, most specific first.
-
-    'a.b.kadath.io' -> 'b.kadath.io', 'kadath.io', 'io'. A wildcard '*.X'
-    matches a name exactly when X is among these.
-    """
-    dot = name.find(".")
-    while dot >= 0:
-        suffix = name[dot + 1 :]
-        yield suffix
-        dot = name.find(".", dot + 1)
 
 
 def matches(pattern: str, name: str) -> bool:

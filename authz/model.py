@@ -84,6 +84,11 @@ class Tier(enum.StrEnum):
 # --------------------------------------------------------------------------
 # The request side
 
+# Values built once per Check (Identity, Destination, Decision) are plain
+# slotted dataclasses, not frozen ones: a frozen dataclass pays one
+# object.__setattr__ per field on construction, about 3 µs per Decision here,
+# more than the whole lookup. Nothing mutates them after construction.
+
 
 @dataclass(frozen=True, slots=True)
 class Workload:
@@ -91,12 +96,12 @@ class Workload:
 
     namespace: str
     service_account: str
-    labels: Mapping[str, str] = EMPTY_LABELS
+    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_LABELS)
     name: str = ""
     ip: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Identity:
     """Who is calling, as seen at the gateway.
 
@@ -111,7 +116,7 @@ class Identity:
     workload: Workload | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Destination:
     """Where the caller wants to go, raw as seen; the engine normalises it.
 
@@ -153,7 +158,7 @@ class WorkloadSelector:
     """All given parts must match; an empty selector matches every workload."""
 
     service_accounts: frozenset[str] | None = None
-    match_labels: Mapping[str, str] = EMPTY_LABELS
+    match_labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_LABELS)
     match_expressions: tuple[LabelRequirement, ...] = ()
 
     @property
@@ -220,7 +225,7 @@ class RuleCheck:
     owner: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     allowed: bool  # what Envoy is told
     verdict: Verdict

@@ -1,0 +1,169 @@
+"""`egress-authz check`: one decision, offline, against policy files.
+
+The same engine as the service, fed from the command line instead of a
+CheckRequest: the quickest way to answer "would this be allowed?".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from types import MappingProxyType
+from typing import Any
+
+from ..model import Decision, Destination, Identity, Protocol, Workload
+from ._common import add_cluster_namespace, load_or_report
+
+EXIT_ALLOWED, EXIT_DENIED, EXIT_ERROR = 0, 1, 2
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "check",
+        help="decide one request against policy files",
+        description="Decide one request offline. Exit 0 when allowed (also audit), 1 when "
+        "denied, 2 for usage or policy errors.",
+    )
+    p.add_argument(
+        "--policies",
+        required=True,
+        metavar="PATH",
+        help="a YAML file or a directory of policy ConfigMaps",
+    )
+    p.add_argument(
+        "--principal",
+        required=True,
+        metavar="SPIFFE_URI",
+        help="the caller, e.g. spiffe://cluster.local/ns/shop/sa/cart",
+    )
+    p.add_argument(
+        "--host",
+        required=True,
+        metavar="NAME",
+        help="destination host: the Host header for http, the SNI for tls",
+    )
+    p.add_argument(
+        "--port", type=int, metavar="N", help="destination port (default 443 for tls, 80 for http)"
+    )
+    p.add_argument("--sni", metavar="NAME", help="TLS SNI, when it differs from --host")
+    p.add_argument(
+        "--protocol",
+        choices=("tls", "http"),
+        default=None,
+        help="tls (default) or http (default when --method or --path is given)",
+    )
+    p.add_argument("--method", metavar="M", help="HTTP method")
+    p.add_argument("--path", metavar="P", help="HTTP path")
+    p.add_argument("--labels", default="", metavar="k=v,k2=v2", help="the calling Pod's labels")
+    p.add_argument("--trust-domain", default="cluster.local", metavar="D")
+    p.add_argument("--output", choices=("text", "json"), default="text")
+    add_cluster_namespace(p)
+    p.set_defaults(run=run)
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--labels: {item!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def decision_json(decision: Decision) -> dict[str, Any]:
+    return {
+        "allowed": decision.allowed,
+        "verdict": decision.verdict.value,
+        "reason": decision.reason.value,
+        "rule": decision.rule,
+        "owner": decision.owner,
+        "decision_id": decision.decision_id,
+        "host": decision.host,
+        "workload": decision.workload,
+        "mode": decision.mode.value,
+        "revision": decision.revision,
+        "message": decision.message,
+        "policy_source": decision.policy_source,
+        "explanation": [
+            {"rule": c.rule, "matched": c.matched, "why": c.why, "owner": c.owner}
+            for c in decision.explanation
+        ],
+    }
+
+
+def decision_text(decision: Decision, dest: Destination, port: int) -> str:
+    verdict = decision.verdict.value.upper()
+    where = f"{decision.host or dest.http_host or dest.sni}:{port} ({dest.protocol.value})"
+    lines = [
+        f"{verdict}  {decision.workload or '?'} -> {where}",
+        f"  reason:   {decision.reason.value}",
+    ]
+    if decision.message:
+        lines.append(f"  why:      {decision.message}")
+    if decision.rule:
+        owner = f" (owner {decision.owner})" if decision.owner else ""
+        label = "rule:    " if decision.verdict.value == "allow" else "nearest: "
+        lines.append(f"  {label} {decision.rule}{owner}")
+    lines.append(f"  mode:     {decision.mode.value}, policy revision {decision.revision}")
+    lines.append(f"  decision: {decision.decision_id}")
+    if decision.explanation:
+        lines.append("  rules considered:")
+        for c in decision.explanation:
+            mark = "+" if c.matched else "-"
+            lines.append(f"    {mark} {c.rule}: {c.why}")
+    if (not decision.allowed or decision.verdict.value == "audit") and decision.policy_source:
+        lines.append(f"  to change this, edit: {decision.policy_source}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        labels = parse_labels(args.labels)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    loaded = load_or_report(args.policies, args.cluster_namespace)
+    if loaded is None:
+        return EXIT_ERROR
+    from ..engine import compile_policy, decide, parse_principal
+    from ..loader import build_policy_set
+
+    protocol = (
+        Protocol.HTTP
+        if args.protocol == "http" or (args.protocol is None and (args.method or args.path))
+        else Protocol.TLS
+    )
+    port = args.port if args.port is not None else (80 if protocol is Protocol.HTTP else 443)
+    if not 0 < port <= 65535:
+        print(f"error: --port {port} is out of range 1-65535", file=sys.stderr)
+        return EXIT_ERROR
+    if protocol is Protocol.HTTP:
+        dest = Destination(
+            port,
+            protocol,
+            sni=args.sni,
+            http_host=args.host,
+            method=(args.method or "GET").upper(),
+            path=args.path or "/",
+        )
+    else:
+        dest = Destination(
+            port, protocol, sni=args.sni or args.host, http_host=args.host if args.sni else None
+        )
+    namespace, account, _ = parse_principal(args.principal, args.trust_domain)
+    workload = (
+        Workload(namespace, account, MappingProxyType(labels), name="(command line)")
+        if namespace
+        else None
+    )
+    snapshot = compile_policy(
+        build_policy_set(loaded.policies, revision=1), trust_domain=args.trust_domain
+    )
+    decision = decide(snapshot, Identity(args.principal, "", workload), dest)
+    if args.output == "json":
+        print(json.dumps(decision_json(decision), indent=2))
+    else:
+        print(decision_text(decision, dest, port))
+    return EXIT_ALLOWED if decision.allowed else EXIT_DENIED

@@ -1,0 +1,110 @@
+"""Policy ConfigMaps from files: a file, or a directory of YAML files.
+
+Accepts what people have at hand: single ConfigMaps, multi-document files,
+and `kind: List` dumps from `kubectl get configmaps -o yaml`. Each ConfigMap
+is validated on its own, so one broken ConfigMap never hides the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .model import POLICY_DATA_KEY, ConfigMapRef, NamespacePolicy, PolicySet
+from .policy import PolicyError, is_policy_configmap, parse_configmap
+
+YAML_SUFFIXES = (".yaml", ".yml", ".json")
+DEFAULT_CLUSTER_NAMESPACE = "egress-authz"
+
+
+@dataclass
+class LoadResult:
+    policies: list[NamespacePolicy] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # errors: each names file and location
+    warnings: list[str] = field(default_factory=list)
+    # Per-ConfigMap outcome, for sources that keep the last good version:
+    # ref -> the policy, or the PolicyError that rejected it.
+    by_ref: dict[ConfigMapRef, NamespacePolicy | PolicyError] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+def policy_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix in YAML_SUFFIXES and not p.name.startswith(".")
+        )
+    return [path]
+
+
+def _documents(text: str) -> Iterator[Any]:
+    for doc in yaml.safe_load_all(text):
+        if isinstance(doc, dict) and doc.get("kind") == "List":
+            yield from doc.get("items") or []
+        elif doc is not None:
+            yield doc
+
+
+def load_objects(
+    objects: Iterable[Any], origin: str, result: LoadResult, *, cluster_namespace: str
+) -> None:
+    """Validate ConfigMap dicts into `result`; `origin` names where they came from."""
+    for obj in objects:
+        if not isinstance(obj, dict) or obj.get("kind") != "ConfigMap":
+            continue
+        meta = obj.get("metadata") or {}
+        ref = ConfigMapRef(meta.get("namespace") or "default", meta.get("name") or "<unnamed>")
+        if not is_policy_configmap(obj):
+            if POLICY_DATA_KEY in (obj.get("data") or {}):
+                result.warnings.append(
+                    f"{origin}: {ref} has a {POLICY_DATA_KEY} key but not the label "
+                    f'egress-authz.io/policy: "true"; it is ignored'
+                )
+            continue
+        if ref in result.by_ref:
+            result.problems.append(f"{origin}: {ref} is defined more than once")
+            continue
+        try:
+            policy = parse_configmap(obj, cluster_namespace=cluster_namespace)
+        except PolicyError as e:
+            result.by_ref[ref] = e
+            result.problems.extend(f"{origin}: {line}" for line in e.problems)
+            continue
+        result.by_ref[ref] = policy
+        result.policies.append(policy)
+
+
+def load_path(
+    path: str | Path, *, cluster_namespace: str = DEFAULT_CLUSTER_NAMESPACE
+) -> LoadResult:
+    """Every policy ConfigMap under `path`, with every problem found."""
+    root = Path(path)
+    result = LoadResult()
+    if not root.exists():
+        result.problems.append(f"{root}: no such file or directory")
+        return result
+    for file in policy_files(root):
+        result.files.append(file)
+        try:
+            text = file.read_text(encoding="utf-8")
+            docs = list(_documents(text))
+        except (OSError, UnicodeDecodeError) as e:
+            result.problems.append(f"{file}: cannot read: {e}")
+            continue
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            result.problems.append(f"{file}{at}: bad YAML: {getattr(e, 'problem', None) or e}")
+            continue
+        load_objects(docs, str(file), result, cluster_namespace=cluster_namespace)
+    return result
+
+
+def build_policy_set(policies: Iterable[NamespacePolicy], revision: int = 0) -> PolicySet:
+    ordered = sorted(policies, key=lambda p: (p.tier.value, p.source.namespace, p.source.name))
+    return PolicySet(tuple(ordered), revision=revision)

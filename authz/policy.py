@@ -1,0 +1,521 @@
+"""Policy ConfigMap -> NamespacePolicy, or errors that say where and why.
+
+The first stage on the policy side of the data flow: every source (files on
+disk, a Kubernetes watch) hands ConfigMap dicts here and gets back a
+validated, canonical NamespacePolicy. Nothing unknown is silently ignored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from . import hosts
+from .model import (
+    POLICY_DATA_KEY,
+    POLICY_LABEL,
+    TIER_CLUSTER,
+    TIER_LABEL,
+    ConfigMapRef,
+    HttpMatch,
+    LabelRequirement,
+    Mode,
+    NamespacePolicy,
+    Protocol,
+    Rule,
+    Tier,
+    WorkloadSelector,
+)
+
+TOP_FIELDS = ("mode", "rules")
+CLUSTER_TOP_FIELDS = ("mode", "rules", "deny")
+RULE_FIELDS = ("name", "workloads", "hosts", "ports", "protocols", "http", "expires", "owner")
+WORKLOAD_FIELDS = ("serviceAccounts", "matchLabels", "matchExpressions")
+EXPRESSION_FIELDS = ("key", "operator", "values")
+HTTP_FIELDS = ("methods", "paths")
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+DEFAULT_PORTS = frozenset({443})
+
+_NAME_PART = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+_METHOD = re.compile(r"[A-Z]{1,20}\Z")
+_RULE_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
+
+
+class _PolicyYamlLoader(yaml.SafeLoader):
+    """Safe YAML, with two changes for policies: timestamps stay strings (we
+    parse `expires` ourselves, with a clear error), and a key given twice in
+    one map is an error instead of the last one silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one map", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_PolicyYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one policy document with the policy loader."""
+    return yaml.load(text, Loader=_PolicyYamlLoader)  # a SafeLoader subclass: safe
+
+
+class PolicyError(ValueError):
+    """A ConfigMap that cannot be accepted; `problems` are one line each."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+@dataclass
+class _Problems:
+    """Collects every problem of one ConfigMap, each prefixed with its location."""
+
+    prefix: str
+    items: list[str] = field(default_factory=list)
+
+    def add(self, where: str, message: str) -> None:
+        where = f" {where}" if where else ""
+        self.items.append(f"{self.prefix}{where}: {message}")
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        dict: "a map",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
+
+
+def _unknown(p: _Problems, where: str, obj: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    for key in obj:
+        if key not in allowed:
+            p.add(where, f"unknown field {key!r}; allowed: {', '.join(allowed)}")
+
+
+def label_key_problem(key: Any) -> str | None:
+    """Why `key` is not a valid Kubernetes label key, or None."""
+    if not isinstance(key, str) or not key:
+        return "label key must be a non-empty string"
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return f"label key prefix {prefix!r} must be a DNS subdomain (lower-case, '.', '-')"
+    if len(name) > 63 or not _NAME_PART.match(name):
+        return (
+            f"label key name {name!r} must be 1-63 characters of letters, digits, "
+            "'-', '_', '.', starting and ending with a letter or digit"
+        )
+    return None
+
+
+def label_value_problem(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"label value must be a string, not {_type_name(value)} (quote it in YAML)"
+    if value and (len(value) > 63 or not _NAME_PART.match(value)):
+        return (
+            f"label value {value!r} must be at most 63 characters of letters, digits, "
+            "'-', '_', '.', starting and ending with a letter or digit"
+        )
+    return None
+
+
+def _string_list(p: _Problems, where: str, value: Any) -> list[str] | None:
+    if not isinstance(value, list):
+        p.add(where, f"must be a list, not {_type_name(value)}")
+        return None
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            p.add(f"{where}[{i}]", f"must be a string, not {_type_name(item)}")
+        else:
+            out.append(item)
+    return out
+
+
+def _parse_workloads(p: _Problems, where: str, raw: Any) -> WorkloadSelector:
+    if raw is None:
+        return WorkloadSelector()
+    if not isinstance(raw, dict):
+        p.add(where, f"must be a map, not {_type_name(raw)}")
+        return WorkloadSelector()
+    _unknown(p, where, raw, WORKLOAD_FIELDS)
+    accounts: frozenset[str] | None = None
+    if "serviceAccounts" in raw:
+        names = _string_list(p, f"{where}.serviceAccounts", raw["serviceAccounts"])
+        if names is not None:
+            if not names:
+                p.add(f"{where}.serviceAccounts", "is empty; omit it to select every account")
+            for i, name in enumerate(names):
+                if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
+                    p.add(
+                        f"{where}.serviceAccounts[{i}]",
+                        f"{name!r} is not a valid service account name",
+                    )
+            accounts = frozenset(names)
+    labels: dict[str, str] = {}
+    if "matchLabels" in raw:
+        ml = raw["matchLabels"]
+        if not isinstance(ml, dict):
+            p.add(f"{where}.matchLabels", f"must be a map, not {_type_name(ml)}")
+        else:
+            for k, v in ml.items():
+                problem = label_key_problem(k) or label_value_problem(v)
+                if problem:
+                    p.add(f"{where}.matchLabels[{k!r}]", problem)
+                else:
+                    labels[k] = v
+    expressions: list[LabelRequirement] = []
+    if "matchExpressions" in raw:
+        exprs = raw["matchExpressions"]
+        if not isinstance(exprs, list):
+            p.add(f"{where}.matchExpressions", f"must be a list, not {_type_name(exprs)}")
+            exprs = []
+        for i, expr in enumerate(exprs):
+            loc = f"{where}.matchExpressions[{i}]"
+            req = _parse_expression(p, loc, expr)
+            if req is not None:
+                expressions.append(req)
+    return WorkloadSelector(accounts, MappingProxyType(labels), tuple(expressions))
+
+
+def _parse_expression(p: _Problems, loc: str, expr: Any) -> LabelRequirement | None:
+    if not isinstance(expr, dict):
+        p.add(loc, f"must be a map with key, operator, values, not {_type_name(expr)}")
+        return None
+    _unknown(p, loc, expr, EXPRESSION_FIELDS)
+    key, op, values = expr.get("key"), expr.get("operator"), expr.get("values")
+    ok = True
+    if (problem := label_key_problem(key)) is not None:
+        p.add(f"{loc}.key", problem)
+        ok = False
+    if op not in OPERATORS:
+        p.add(f"{loc}.operator", f"{op!r} is not an operator; allowed: {', '.join(OPERATORS)}")
+        return None
+    parsed: list[str] = []
+    if op in ("In", "NotIn"):
+        got = _string_list(p, f"{loc}.values", values if values is not None else [])
+        if got is not None and not got:
+            p.add(f"{loc}.values", f"operator {op} needs at least one value")
+            ok = False
+        for j, v in enumerate(got or []):
+            if (problem := label_value_problem(v)) is not None:
+                p.add(f"{loc}.values[{j}]", problem)
+                ok = False
+        parsed = got or []
+    elif values:
+        p.add(f"{loc}.values", f"operator {op} takes no values")
+        ok = False
+    return LabelRequirement(str(key), op, frozenset(parsed)) if ok else None
+
+
+def _parse_ports(p: _Problems, where: str, raw: Any) -> frozenset[int]:
+    if raw is None:
+        return DEFAULT_PORTS
+    if not isinstance(raw, list) or not raw:
+        p.add(where, "must be a non-empty list of port numbers 1-65535")
+        return DEFAULT_PORTS
+    ports = set()
+    for i, port in enumerate(raw):
+        if isinstance(port, bool) or not isinstance(port, int):
+            p.add(f"{where}[{i}]", f"{port!r} is not a port number; use 1-65535")
+        elif not 0 < port <= 65535:
+            p.add(f"{where}[{i}]", f"{port} is out of range; use 1-65535")
+        else:
+            ports.add(port)
+    return frozenset(ports)
+
+
+def _parse_protocols(p: _Problems, where: str, raw: Any) -> frozenset[Protocol]:
+    allowed = frozenset(Protocol)
+    if raw is None:
+        return allowed
+    names = _string_list(p, where, raw)
+    if names is None:
+        return allowed
+    if not names:
+        p.add(where, "is empty; omit it to allow both TLS and HTTP")
+    out = set()
+    for i, name in enumerate(names):
+        try:
+            out.add(Protocol(name.upper()))
+        except ValueError:
+            p.add(f"{where}[{i}]", f"{name!r} is not a protocol; allowed: TLS, HTTP")
+    return frozenset(out)
+
+
+def _parse_http(p: _Problems, where: str, raw: Any) -> HttpMatch | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        p.add(where, f"must be a map with methods and/or paths, not {_type_name(raw)}")
+        return None
+    _unknown(p, where, raw, HTTP_FIELDS)
+    methods = None
+    if "methods" in raw:
+        got = _string_list(p, f"{where}.methods", raw["methods"])
+        if got is not None:
+            methods = frozenset(m.upper() for m in got)
+            for i, m in enumerate(got):
+                if not _METHOD.match(m.upper()):
+                    p.add(f"{where}.methods[{i}]", f"{m!r} is not an HTTP method such as GET")
+            if not got:
+                p.add(f"{where}.methods", "is empty; omit it to allow every method")
+    paths = None
+    if "paths" in raw:
+        got = _string_list(p, f"{where}.paths", raw["paths"])
+        if got is not None:
+            paths = tuple(got)
+            for i, path in enumerate(got):
+                if not path.startswith("/"):
+                    p.add(f"{where}.paths[{i}]", f"{path!r} must start with '/' (a path prefix)")
+                elif any(c in path for c in "?#%") or "/../" in path + "/" or "/./" in path + "/":
+                    p.add(
+                        f"{where}.paths[{i}]",
+                        f"{path!r}: a prefix holds no query, fragment, escapes or dot segments",
+                    )
+            if not got:
+                p.add(f"{where}.paths", "is empty; omit it to allow every path")
+    return HttpMatch(methods, paths)
+
+
+def _parse_expires(p: _Problems, where: str, raw: Any) -> float | None:
+    if raw is None:
+        return None
+    when: dt.datetime
+    if isinstance(raw, dt.datetime):
+        when = raw
+    elif isinstance(raw, dt.date):
+        when = dt.datetime(raw.year, raw.month, raw.day, tzinfo=dt.UTC)
+    elif isinstance(raw, str):
+        text = raw.strip()
+        try:
+            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            p.add(where, f"{raw!r} is not a date; use RFC 3339 such as 2027-01-31T00:00:00Z")
+            return None
+        if len(text) == 10:  # a bare date means the start of that day, UTC
+            when = when.replace(tzinfo=dt.UTC)
+    else:
+        p.add(where, f"must be an RFC 3339 time string, not {_type_name(raw)}")
+        return None
+    if when.tzinfo is None:
+        p.add(where, f"{raw!s} has no time zone; add 'Z' or an offset such as +02:00")
+        return None
+    return when.timestamp()
+
+
+def _parse_rule(p: _Problems, index: int, raw: Any) -> Rule | None:
+    where = f"rules[{index}]"
+    if not isinstance(raw, dict):
+        p.add(where, f"must be a map, not {_type_name(raw)}")
+        return None
+    name = raw.get("name")
+    if not isinstance(name, str) or not _RULE_NAME.match(name):
+        p.add(f"{where}.name", "every rule needs a name: 1-63 letters, digits, '-', '_', '.'")
+        name = f"#{index}"
+    where = f'{where} "{name}"'
+    before = len(p.items)
+    _unknown(p, where, raw, RULE_FIELDS)
+    patterns: list[str] = []
+    raw_hosts = raw.get("hosts")
+    if raw_hosts is None:
+        p.add(f"{where} hosts", "is required: the external hosts this rule allows")
+    elif not isinstance(raw_hosts, list) or not raw_hosts:
+        p.add(f"{where} hosts", "must be a non-empty list of host names")
+    else:
+        for i, host in enumerate(raw_hosts):
+            try:
+                pattern = hosts.parse_pattern(host)
+            except hosts.PatternError as e:
+                p.add(f"{where} hosts[{i}]", f'"{host}": {e}' if isinstance(host, str) else str(e))
+                continue
+            if pattern not in patterns:
+                patterns.append(pattern)
+    workloads = _parse_workloads(p, f"{where} workloads", raw.get("workloads"))
+    ports = _parse_ports(p, f"{where} ports", raw.get("ports"))
+    protocols = _parse_protocols(p, f"{where} protocols", raw.get("protocols"))
+    http = _parse_http(p, f"{where} http", raw.get("http"))
+    if http is not None and Protocol.HTTP not in protocols:
+        p.add(f"{where} http", "applies only to HTTP requests, but protocols excludes HTTP")
+    expires_raw = raw.get("expires")
+    expires = _parse_expires(p, f"{where} expires", expires_raw)
+    owner = raw.get("owner")
+    if owner is not None and not isinstance(owner, str):
+        p.add(f"{where} owner", f"must be a string, not {_type_name(owner)}")
+        owner = None
+    if len(p.items) > before:
+        return None
+    return Rule(
+        name=name,
+        index=index,
+        hosts=tuple(patterns),
+        ports=ports,
+        protocols=protocols,
+        workloads=workloads,
+        http=http,
+        expires=expires,
+        expires_text=None if expires_raw is None else str(expires_raw),
+        owner=owner,
+    )
+
+
+def parse_policy_yaml(
+    text: str, source: ConfigMapRef, *, tier: Tier, resource_version: str = "", uid: str = ""
+) -> NamespacePolicy:
+    """The `policy.yaml` document of one ConfigMap; raises PolicyError."""
+    p = _Problems(str(source))
+    try:
+        doc = load_yaml(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise PolicyError(
+            str(source), [f"{source} {POLICY_DATA_KEY}: bad YAML{at}: {problem}"]
+        ) from e
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise PolicyError(
+            str(source), [f"{source} {POLICY_DATA_KEY}: must be a map, not {_type_name(doc)}"]
+        )
+    cluster = tier is Tier.CLUSTER
+    allowed = CLUSTER_TOP_FIELDS if cluster else TOP_FIELDS
+    for key in doc:
+        if key == "deny" and not cluster:
+            p.add(
+                "deny",
+                f"'deny' is only allowed in the cluster policy "
+                f"(label {TIER_LABEL}: {TIER_CLUSTER}); namespace policies only allow",
+            )
+        elif key not in allowed:
+            p.add("", f"unknown field {key!r}; allowed: {', '.join(allowed)}")
+    mode_raw = doc.get("mode", Mode.ENFORCE.value)
+    try:
+        mode = Mode(mode_raw)
+    except ValueError:
+        p.add("mode", f"{mode_raw!r} is not a mode; allowed: enforce, audit")
+        mode = Mode.ENFORCE
+    rules: list[Rule] = []
+    raw_rules = doc.get("rules", [])
+    if raw_rules is None:
+        raw_rules = []
+    if not isinstance(raw_rules, list):
+        p.add("rules", f"must be a list, not {_type_name(raw_rules)}")
+        raw_rules = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(raw_rules):
+        rule = _parse_rule(p, i, raw)
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if isinstance(name, str):
+            if name in seen:
+                p.add(
+                    f'rules[{i}] "{name}" name',
+                    f"duplicates rules[{seen[name]}]; names must be unique",
+                )
+            seen.setdefault(name, i)
+        if rule is not None:
+            rules.append(rule)
+    deny: list[str] = []
+    if cluster and "deny" in doc:
+        raw_deny = doc["deny"]
+        if not isinstance(raw_deny, list):
+            p.add("deny", f"must be a list of host names, not {_type_name(raw_deny)}")
+        else:
+            for i, host in enumerate(raw_deny):
+                try:
+                    pattern = hosts.parse_pattern(host, allow_any=True)
+                except hosts.PatternError as e:
+                    p.add(f"deny[{i}]", f'"{host}": {e}' if isinstance(host, str) else str(e))
+                    continue
+                if pattern not in deny:
+                    deny.append(pattern)
+    if p.items:
+        raise PolicyError(str(source), p.items)
+    return NamespacePolicy(
+        source=source,
+        tier=tier,
+        mode=mode,
+        rules=tuple(rules),
+        deny=tuple(deny),
+        resource_version=resource_version,
+        uid=uid,
+    )
+
+
+def is_policy_configmap(obj: Mapping[str, Any]) -> bool:
+    """Whether a ConfigMap is one we read: policy label, or the cluster tier."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return labels.get(POLICY_LABEL) == "true" or labels.get(TIER_LABEL) == TIER_CLUSTER
+
+
+def parse_configmap(obj: Mapping[str, Any], *, cluster_namespace: str) -> NamespacePolicy:
+    """A ConfigMap (dict, as from YAML or the API) -> NamespacePolicy; raises PolicyError."""
+    meta = obj.get("metadata") or {}
+    name = meta.get("name") or "<unnamed>"
+    namespace = meta.get("namespace") or "default"
+    source = ConfigMapRef(namespace, name)
+    labels = meta.get("labels") or {}
+    tier = Tier.CLUSTER if labels.get(TIER_LABEL) == TIER_CLUSTER else Tier.NAMESPACE
+    if tier is Tier.CLUSTER and namespace != cluster_namespace:
+        raise PolicyError(
+            str(source),
+            [
+                f"{source}: cluster-tier policies are read only from the service's namespace "
+                f"{cluster_namespace!r}; move it there or drop the {TIER_LABEL} label"
+            ],
+        )
+    if labels.get(TIER_LABEL) not in (None, TIER_CLUSTER):
+        raise PolicyError(
+            str(source),
+            [
+                f"{source}: label {TIER_LABEL}={labels.get(TIER_LABEL)!r} is unknown; "
+                f"the only tier is {TIER_CLUSTER!r}"
+            ],
+        )
+    data = obj.get("data") or {}
+    if POLICY_DATA_KEY not in data:
+        keys = ", ".join(sorted(data)) or "none"
+        raise PolicyError(
+            str(source),
+            [f"{source}: no data key {POLICY_DATA_KEY!r} (keys present: {keys})"],
+        )
+    text = data[POLICY_DATA_KEY]
+    if not isinstance(text, str):
+        raise PolicyError(
+            str(source),
+            [
+                f"{source} {POLICY_DATA_KEY}: must be a YAML string (use "|" in the ConfigMap)"
+            ],
+        )
+    return parse_policy_yaml(
+        text,
+        source,
+        tier=tier,
+        resource_version=str(meta.get("resourceVersion") or ""),
+        uid=str(meta.get("uid") or ""),
+    )
