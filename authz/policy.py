@@ -508,9 +508,7 @@ def parse_configmap(obj: Mapping[str, Any], *, cluster_namespace: str) -> Namesp
     if not isinstance(text, str):
         raise PolicyError(
             str(source),
-            [
-                f"{source} {POLICY_DATA_KEY}: must be a YAML string (use "|" in the ConfigMap)"
-            ],
+            [f"{source} {POLICY_DATA_KEY}: must be a YAML string (use '|' in the ConfigMap)"],
         )
     return parse_policy_yaml(
         text,
