@@ -1,0 +1,175 @@
+"""CheckRequest bytes -> Identity + Destination: the first stage of a Check.
+
+Parsing happens here, on raw bytes, rather than in gRPC's deserializer, so
+that a malformed body becomes a `bad-request` denial instead of a gRPC error.
+Only the attributes Envoy's ext_authz filters send about the connection are
+read; request headers never establish identity (only W3C trace context is
+taken from them, to join the decision's span to Envoy's trace).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from authz.model import Destination, Identity, Protocol, Workload
+
+from .gen.envoy_service_auth_v3_pb2 import AttributeContext, CheckRequest
+
+# Bounds on what one CheckRequest may carry. Envoy's own defaults stay well
+# inside them (60 KiB of request headers, at most 100 headers); anything
+# beyond is not a request a gateway would send, so it is denied unread.
+MAX_REQUEST_BYTES = 256 * 1024
+MAX_HEADERS = 256
+MAX_FIELD_CHARS = 16 * 1024  # host, path, method, SNI, principal
+MAX_TRACE_HEADER_CHARS = 512  # W3C: traceparent is 55 chars, tracestate <= 512
+
+HTTP_FILTER = "http"
+NETWORK_FILTER = "network"
+
+WorkloadLookup = Callable[[str], Workload | None]
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedCheck:
+    """A CheckRequest that can be decided."""
+
+    identity: Identity
+    destination: Destination
+    filter: str  # HTTP_FILTER or NETWORK_FILTER: which Envoy filter asked
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A CheckRequest that cannot be decided: answered with a `bad-request` deny."""
+
+    message: str
+    filter: str = ""  # "" when the body could not even be read
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+
+def parse_check_request(
+    data: bytes, lookup: WorkloadLookup | None = None
+) -> ParsedCheck | BadRequest:
+    """Parse one serialised CheckRequest; never raises.
+
+    `lookup` resolves the source IP to the Pod behind it (the WorkloadIndex);
+    without it, or when no Pod is known, `identity.workload` is None.
+    """
+    try:
+        return _parse(data, lookup)
+    except Exception as e:  # the parser must not take the server down, whatever arrives
+        return BadRequest(f"unreadable CheckRequest: {type(e).__name__}: {_clip(str(e))}")
+
+
+def _parse(data: bytes, lookup: WorkloadLookup | None) -> ParsedCheck | BadRequest:
+    if len(data) > MAX_REQUEST_BYTES:
+        return BadRequest(f"CheckRequest of {len(data)} bytes exceeds {MAX_REQUEST_BYTES}")
+    request = CheckRequest()
+    try:
+        request.ParseFromString(data)
+    except DecodeError as e:
+        return BadRequest(f"malformed CheckRequest: {_clip(str(e))}")
+    if not request.HasField("attributes"):
+        return BadRequest("CheckRequest carries no attributes")
+    attrs = request.attributes
+    source = attrs.source
+    principal = source.principal
+    source_ip = _ip(source.address.socket_address.address)
+    port = attrs.destination.address.socket_address.port_value
+    sni = attrs.tls_session.sni or None
+
+    if attrs.request.HasField("http"):
+        return _http(attrs, principal, source_ip, port, sni, lookup)
+
+    # The network filter sends no request: the destination name is the SNI,
+    # from tls_session when the filter sets include_tls_session, else from
+    # destination.service, which Envoy fills with the SNI under TLS passthrough.
+    sni = sni or attrs.destination.service or None
+    if too_long := _too_long(principal=principal, sni=sni):
+        return BadRequest(too_long, NETWORK_FILTER)
+    workload = lookup(source_ip) if lookup is not None and source_ip else None
+    return ParsedCheck(
+        identity=Identity(principal=principal, source_ip=source_ip, workload=workload),
+        destination=Destination(port=port, protocol=Protocol.TLS, sni=sni),
+        filter=NETWORK_FILTER,
+    )
+
+
+def _http(
+    attrs: AttributeContext,
+    principal: str,
+    source_ip: str,
+    port: int,
+    sni: str | None,
+    lookup: WorkloadLookup | None,
+) -> ParsedCheck | BadRequest:
+    http = attrs.request.http
+    headers = http.headers
+    header_map = http.header_map.headers
+    traceparent = tracestate = None
+    count = len(headers) + len(header_map)
+    if count > MAX_HEADERS:
+        return BadRequest(f"{count} request headers exceed {MAX_HEADERS}", HTTP_FILTER)
+    if headers:
+        traceparent = headers.get("traceparent")
+        tracestate = headers.get("tracestate")
+    elif header_map:  # the filter's encode_raw_headers form
+        for h in header_map:
+            key = h.key.lower()
+            if key == "traceparent":
+                traceparent = h.value or h.raw_value.decode("utf-8", "replace")
+            elif key == "tracestate":
+                tracestate = h.value or h.raw_value.decode("utf-8", "replace")
+    # Broken trace context is dropped, not denied: tracing must not decide.
+    if traceparent is not None and len(traceparent) > MAX_TRACE_HEADER_CHARS:
+        traceparent = None
+    if tracestate is not None and len(tracestate) > MAX_TRACE_HEADER_CHARS:
+        tracestate = None
+
+    host = http.host or None
+    if too_long := _too_long(
+        principal=principal, sni=sni, host=host, path=http.path, method=http.method
+    ):
+        return BadRequest(too_long, HTTP_FILTER, traceparent, tracestate)
+    if not port:  # no listener address: fall back on the scheme's port
+        port = {"https": 443, "http": 80}.get(http.scheme, 0)
+    workload = lookup(source_ip) if lookup is not None and source_ip else None
+    return ParsedCheck(
+        identity=Identity(principal=principal, source_ip=source_ip, workload=workload),
+        destination=Destination(
+            port=port,
+            protocol=Protocol.HTTP,
+            sni=sni,
+            http_host=host,
+            method=http.method or None,
+            path=http.path or None,
+        ),
+        filter=HTTP_FILTER,
+        traceparent=traceparent,
+        tracestate=tracestate,
+    )
+
+
+def _ip(address: str) -> str:
+    # A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; Pods are
+    # indexed by their plain IPv4 address.
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
+def _too_long(**fields: str | None) -> str:
+    for name, value in fields.items():
+        if value is not None and len(value) > MAX_FIELD_CHARS:
+            return f"{name} of {len(value)} characters exceeds {MAX_FIELD_CHARS}"
+    return ""
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

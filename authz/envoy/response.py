@@ -1,0 +1,144 @@
+"""Decision -> CheckResponse bytes: the last stage of a Check.
+
+The response is written straight in protobuf wire format: a serialised
+message is the concatenation of its fields in any order, so the constant
+parts (statuses, header names, the 403) are encoded once at import and only
+the decision's strings are encoded per request. tests/test_response.py and
+tests/test_conformance.py parse every shape with the generated classes and
+with envoy-data-plane's full-schema classes.
+
+Field numbers are those of protos/envoy_service_auth_v3.proto (Envoy's).
+"""
+
+from __future__ import annotations
+
+import json
+
+from authz.model import Decision
+
+from .request import HTTP_FILTER, NETWORK_FILTER
+
+DECISION_ID_HEADER = "x-egress-authz-decision-id"
+DENY_HTTP_STATUS = 403
+GRPC_OK = 0
+GRPC_PERMISSION_DENIED = 7
+
+# Keys of CheckResponse.dynamic_metadata, under the ext_authz filter's
+# namespace (envoy.filters.http.ext_authz / envoy.filters.network.ext_authz):
+# access logs read them as %DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%.
+META_DECISION_ID = "decision_id"
+META_VERDICT = "verdict"
+META_REASON = "reason"
+META_RULE = "rule"
+
+_WT_VARINT = 0
+_WT_LEN = 2
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _tag(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+def _ld(field: int, payload: bytes) -> bytes:
+    """A length-delimited field: sub-message, string or bytes."""
+    return _tag(field, _WT_LEN) + _varint(len(payload)) + payload
+
+
+def _str(field: int, text: str) -> bytes:
+    # "replace": a lone surrogate must not make the message invalid UTF-8 for Envoy.
+    return _ld(field, text.encode("utf-8", "replace"))
+
+
+def _header(key: str, value: str) -> bytes:
+    """core.v3.HeaderValueOption with append_action OVERWRITE_IF_EXISTS_OR_ADD,
+    so that a client cannot smuggle in a decision id of its own."""
+    return _ld(1, _str(1, key) + _str(2, value)) + _tag(3, _WT_VARINT) + _varint(2)
+
+
+def _struct_entry(key: str, value: str) -> bytes:
+    """One google.protobuf.Struct.fields map entry holding a string Value."""
+    return _ld(1, _str(1, key) + _ld(2, _str(3, value)))
+
+
+# CheckResponse field numbers
+_F_STATUS, _F_DENIED, _F_OK, _F_METADATA = 1, 2, 3, 4
+
+_STATUS_OK = _ld(_F_STATUS, b"")  # google.rpc.Status{code: 0}: all defaults
+_STATUS_DENIED = _ld(_F_STATUS, _tag(1, _WT_VARINT) + _varint(GRPC_PERMISSION_DENIED))
+_HTTP_403 = _ld(1, _tag(1, _WT_VARINT) + _varint(DENY_HTTP_STATUS))  # HttpStatus
+_CONTENT_TYPE_JSON = _ld(2, _header("content-type", "application/json"))
+
+# The entries for the reason and verdict strings, which take few values.
+_ENTRY_CACHE: dict[tuple[str, str], bytes] = {}
+
+
+def _cached_entry(key: str, value: str) -> bytes:
+    entry = _ENTRY_CACHE.get((key, value))
+    if entry is None:
+        entry = _struct_entry(key, value)
+        if len(_ENTRY_CACHE) < 256:
+            _ENTRY_CACHE[(key, value)] = entry
+    return entry
+
+
+def _metadata(decision: Decision) -> bytes:
+    fields = (
+        _struct_entry(META_DECISION_ID, decision.decision_id)
+        + _cached_entry(META_VERDICT, decision.verdict.value)
+        + _cached_entry(META_REASON, decision.reason.value)
+    )
+    if decision.rule:
+        fields += _struct_entry(META_RULE, decision.rule)
+    return _ld(_F_METADATA, fields)
+
+
+def deny_body(decision: Decision) -> str:
+    """The JSON body of an HTTP denial: a public contract (see README)."""
+    return json.dumps(
+        {
+            "decision_id": decision.decision_id,
+            "reason": decision.reason.value,
+            "host": decision.host,
+            "workload": decision.workload,
+            "message": decision.message,
+            "explain": f"egress-authz explain {decision.decision_id}",
+        },
+        separators=(",", ":"),
+    )
+
+
+def build_check_response(decision: Decision, filter_kind: str) -> bytes:
+    """Serialised CheckResponse for one decision.
+
+    `filter_kind` is HTTP_FILTER, NETWORK_FILTER or "" (request unreadable).
+    The network filter only reads the status, so it gets no HTTP parts; an
+    unreadable request gets the HTTP parts too, since either filter may have
+    sent it and the network filter ignores them.
+    """
+    id_header = _header(DECISION_ID_HEADER, decision.decision_id)
+    if decision.allowed:
+        if filter_kind == NETWORK_FILTER:
+            return _STATUS_OK + _metadata(decision)
+        return _STATUS_OK + _ld(_F_OK, _ld(2, id_header)) + _metadata(decision)
+    if filter_kind == NETWORK_FILTER:
+        return _STATUS_DENIED + _metadata(decision)
+    denied = _HTTP_403 + _CONTENT_TYPE_JSON + _ld(2, id_header) + _str(3, deny_body(decision))
+    return _STATUS_DENIED + _ld(_F_DENIED, denied) + _metadata(decision)
+
+
+__all__ = [
+    "DECISION_ID_HEADER",
+    "HTTP_FILTER",
+    "NETWORK_FILTER",
+    "build_check_response",
+    "deny_body",
+]
