@@ -1,0 +1,145 @@
+"""`egress-authz explain DECISION_ID`: why one recorded decision went as it did.
+
+The id comes from a denied response body, a decision-log line or `traces`;
+the answer comes from the server's ring buffer (`/v1/decisions/{id}`), which
+holds the rules the engine considered and why each did or did not apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from .traces import EXIT_ERROR, EXIT_OK, add_server_argument, latency_of
+
+# What to tell people for the denials no namespace policy can lift.
+_NOT_A_POLICY_MATTER = {
+    "cluster-denied": "The cluster policy denies this host to every namespace; a namespace "
+    "policy cannot lift that. Ask the owners of {source} (the platform team).",
+    "invalid-host": "The request named no valid DNS host, so no policy can allow it. "
+    "Fix the client's URL or Host header.",
+    "ip-literal": "The request went to an IP address, not a name. Policies allow names only: "
+    "call the service by its DNS name.",
+    "sni-host-mismatch": "The TLS SNI and the HTTP Host name different hosts (domain "
+    "fronting), which is denied in every mode. Make the client send the same name in both.",
+    "untrusted-identity": "The caller's certificate is not a SPIFFE identity of this mesh's "
+    "trust domain. Is the Pod in the mesh (sidecar injected, mTLS to the egress gateway)?",
+    "identity-mismatch": "The source IP belongs to a different Pod than the certificate "
+    "names. This happens briefly when a Pod IP is reused; if it persists, investigate.",
+    "bad-request": "Envoy sent a Check this service could not read. Check the gateway's "
+    "ext_authz configuration (see the README).",
+}
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "explain",
+        help="explain one recorded decision: why it was allowed or denied",
+        description="Show the identity and destination as the gateway saw them, each "
+        "candidate rule and why it did or did not apply, and the ConfigMap to edit.",
+    )
+    p.add_argument("decision_id", metavar="DECISION_ID")
+    add_server_argument(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    from ..client import AdminClient, AdminError
+
+    out = out or sys.stdout
+    try:
+        d = AdminClient(args.server).decision(args.decision_id)
+    except AdminError as e:  # AdminNotFound says the id is not in the buffer
+        print(f"egress-authz explain: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    out.write(render(d))
+    return EXIT_OK
+
+
+def _field(label: str, value: Any) -> str:
+    return f"  {label:<16} {value if value not in (None, '') else '-'}\n"
+
+
+def _configmap_command(source: str) -> str | None:
+    namespace, _, name = source.partition("/")
+    if not name or "<" in name:
+        return None
+    return f"kubectl -n {namespace} edit configmap {name}"
+
+
+def render(d: Mapping[str, Any]) -> str:
+    from .suggest import rule_snippet
+
+    verdict = str(d.get("verdict", "?"))
+    reason = str(d.get("reason", "?"))
+    out = [f"Decision {d.get('decision_id')}\n"]
+    out.append(
+        f"  {verdict.upper()} ({reason}) at {d.get('time')}, policy revision "
+        f"{d.get('revision')}, mode {d.get('mode')}, answered in {latency_of(d)}\n"
+    )
+    if d.get("message"):
+        out.append(f"  {d['message']}\n")
+
+    labels = d.get("labels") or {}
+    pod = d.get("pod")
+    out.append("\nIdentity, as seen at the gateway\n")
+    out.append(_field("principal", d.get("principal")))
+    out.append(_field("namespace", d.get("namespace")))
+    out.append(_field("service account", d.get("service_account")))
+    src = d.get("source_ip")
+    out.append(
+        _field("pod", f"{pod} ({src})" if pod else (f"none known for {src}" if src else None))
+    )
+    out.append(_field("labels", ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))))
+
+    out.append("\nDestination, as seen\n")
+    out.append(_field("host", d.get("host")))
+    out.append(_field("port", d.get("port")))
+    protocol = d.get("protocol")
+    if protocol and d.get("filter"):
+        protocol = f"{protocol} ({d['filter']} filter)"
+    out.append(_field("protocol", protocol))
+    out.append(_field("sni", d.get("sni")))
+    out.append(_field("http host", d.get("http_host")))
+    if d.get("method") or d.get("path"):
+        out.append(_field("request", f"{d.get('method') or '?'} {d.get('path') or ''}"))
+
+    checks = d.get("explanation") or []
+    if checks:
+        out.append("\nRules considered\n")
+        for c in checks:
+            mark = "applies" if c.get("matched") else "no     "
+            owner = f"  [owner: {c['owner']}]" if c.get("owner") else ""
+            out.append(f"  {mark}  {c.get('rule')}: {c.get('why')}{owner}\n")
+    elif verdict == "allow":
+        owner = f" (owner: {d['owner']})" if d.get("owner") else ""
+        out.append(f"\nAllowed by rule {d.get('rule')}{owner}.\n")
+
+    if verdict != "allow":
+        out.append("\nWhat to change\n")
+        source = str(d.get("policy_source") or "")
+        rule = str(d.get("rule") or "")
+        if reason in _NOT_A_POLICY_MATTER:
+            out.append("  " + _NOT_A_POLICY_MATTER[reason].format(source=source or "it") + "\n")
+        else:
+            # The rule that came closest names its ConfigMap ("ns/configmap/rule").
+            target = "/".join(rule.split("/")[:2]) if rule.count("/") >= 2 else source
+            command = _configmap_command(target)
+            if command:
+                out.append(f"  The policy to edit is the ConfigMap {target}:\n      {command}\n")
+            else:
+                ns = d.get("namespace") or "NAMESPACE"
+                out.append(
+                    f"  Namespace {ns} has no policy ConfigMap yet. Create one labelled "
+                    f'egress-authz.io/policy: "true" (a start: egress-authz suggest '
+                    f"--namespace {ns}).\n"
+                )
+            out.extend("  " + line + "\n" for line in rule_snippet(d))
+        if verdict == "audit":
+            out.append(
+                "  (Audit mode: this request was let through; it will be denied once the "
+                "namespace switches to mode: enforce.)\n"
+            )
+    return "".join(out)

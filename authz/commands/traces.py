@@ -1,0 +1,168 @@
+"""`egress-authz traces`: recorded decisions from a running server, as a table.
+
+Reads the admin endpoint's ring buffer (`/v1/decisions`) or, with --follow,
+its live stream. The table's columns and the JSON fields are a public
+contract (README, "Reading decisions").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+COLUMNS = ("TIME", "WORKLOAD", "DESTINATION", "VERDICT", "REASON", "RULE", "LATENCY")
+# Fixed widths for --follow, where rows arrive before their widths are known.
+_FOLLOW_WIDTHS = (12, 24, 30, 7, 20, 32, 8)
+
+
+def add_server_argument(parser: argparse.ArgumentParser) -> None:
+    from ..client import SERVER_ENV
+
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        default=None,
+        help=f"admin endpoint of `egress-authz serve` (default: ${SERVER_ENV} "
+        "or http://127.0.0.1:9090)",
+    )
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "traces",
+        help="show recorded decisions from a running server",
+        description="Show the decisions a running `egress-authz serve` recorded, newest last; "
+        "--follow streams new ones as they happen.",
+    )
+    add_server_argument(p)
+    p.add_argument("--namespace", "-n", metavar="NS", help="source namespace")
+    p.add_argument(
+        "--workload", metavar="W", help="NS/SERVICE_ACCOUNT, a service account, or a pod name"
+    )
+    p.add_argument("--host", metavar="H", help="destination host, or *.suffix")
+    p.add_argument("--verdict", choices=("deny", "audit", "allow"))
+    p.add_argument("--reason", metavar="CODE", help="reason code, e.g. host-not-allowed")
+    p.add_argument(
+        "--since",
+        metavar="AGE",
+        help="only decisions newer than this (30s, 10m, 2h, or an RFC 3339 time); "
+        "with --follow, replay those first",
+    )
+    p.add_argument("--limit", type=int, default=50, help="most decisions to list (default 50)")
+    p.add_argument("--follow", "-f", action="store_true", help="stream new decisions live")
+    p.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    p.set_defaults(run=run)
+
+
+# ---------------------------------------------------------------------------
+# Formatting, shared with `explain`
+
+
+def short_time(rfc3339: str | None) -> str:
+    """Local wall-clock time of day with milliseconds, as people read logs."""
+    if not rfc3339:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).astimezone()
+    except ValueError:
+        return rfc3339
+    return moment.strftime("%H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+
+
+def workload_of(d: Mapping[str, Any]) -> str:
+    if d.get("namespace") and d.get("service_account"):
+        return f"{d['namespace']}/{d['service_account']}"
+    return str(d.get("principal") or d.get("source_ip") or "?")
+
+
+def destination_of(d: Mapping[str, Any]) -> str:
+    host = d.get("host") or d.get("sni") or d.get("http_host") or "?"
+    port = d.get("port")
+    return f"{host}:{port}" if port else str(host)
+
+
+def latency_of(d: Mapping[str, Any]) -> str:
+    us = d.get("latency_us")
+    if us is None:
+        return "-"
+    return f"{us / 1000:.1f}ms" if us >= 1000 else f"{us:.0f}µs"
+
+
+def row_of(d: Mapping[str, Any]) -> tuple[str, ...]:
+    return (
+        short_time(d.get("time")),
+        workload_of(d),
+        destination_of(d),
+        str(d.get("verdict") or "?"),
+        str(d.get("reason") or "?"),
+        str(d.get("rule") or "-"),
+        latency_of(d),
+    )
+
+
+def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+def render_table(decisions: Iterable[Mapping[str, Any]]) -> str:
+    rows = [row_of(d) for d in decisions]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+    return "\n".join(_line(r, widths) for r in [COLUMNS, *rows]) + "\n"
+
+
+# ---------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    from ..client import AdminClient, AdminError
+
+    out = out or sys.stdout
+    client = AdminClient(args.server)
+    filters = {
+        "namespace": args.namespace,
+        "workload": args.workload,
+        "host": args.host,
+        "verdict": args.verdict,
+        "reason": args.reason,
+        "since": args.since,
+    }
+    try:
+        if args.follow:
+            return _follow(client, filters, args.output, out)
+        found = client.decisions(limit=args.limit, **filters)
+    except AdminError as e:
+        print(f"egress-authz traces: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    found.reverse()  # oldest first, newest at the bottom, like a log
+    if args.output == "json":
+        json.dump(found, out, indent=2)
+        out.write("\n")
+    elif found:
+        out.write(render_table(found))
+    else:
+        print("no recorded decisions match", file=sys.stderr)
+    return EXIT_OK
+
+
+def _follow(client: Any, filters: dict[str, Any], output: str, out: TextIO) -> int:
+    if output == "table":
+        out.write(_line(COLUMNS, _FOLLOW_WIDTHS) + "\n")
+        out.flush()
+    # Under `| head` the reader may go away; that ends the command quietly.
+    try:
+        for d in client.stream(**filters):
+            if output == "json":
+                out.write(json.dumps(d, separators=(",", ":")) + "\n")
+            else:
+                out.write(_line(row_of(d), _FOLLOW_WIDTHS) + "\n")
+            out.flush()
+    except BrokenPipeError:
+        return EXIT_OK
+    return EXIT_OK
