@@ -1,0 +1,111 @@
+"""The least an ext_authz server can do: answer every Check with OK.
+
+Two uses. As the benchmark floor, it is the cost of Python grpcio itself,
+which our service is measured against. As a probe, it records the raw
+CheckRequest bytes Envoy sends, which is how the field notes in the
+istio/envoy/ configs were verified and how bench/ gets a request to replay.
+
+    python -m authz.testing.floor --address 127.0.0.1:9000 [--record-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
+
+# CheckResponse{status: google.rpc.Status{code: 0}}: field 1, length 0.
+# Hand-encoded so the floor pays for no protobuf work at all.
+OK_RESPONSE = b"\x0a\x00"
+
+
+class FloorServer:
+    """A grpcio server whose Check handler returns OK_RESPONSE.
+
+    With `record=True` every request's bytes are kept in `requests` (and,
+    with `record_dir`, written there as 0001.bin, 0002.bin, ...)."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:0",
+        *,
+        record: bool = False,
+        record_dir: Path | None = None,
+        max_workers: int = 16,
+    ) -> None:
+        self.requests: list[bytes] = []
+        self._lock = threading.Lock()
+        self._record = record or record_dir is not None
+        self._record_dir = record_dir
+        if record_dir is not None:
+            record_dir.mkdir(parents=True, exist_ok=True)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+        handler = grpc.unary_unary_rpc_method_handler(
+            self._check_recording if self._record else self._check,
+            request_deserializer=None,  # raw bytes in, raw bytes out
+            response_serializer=None,
+        )
+        self._server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "envoy.service.auth.v3.Authorization", {"Check": handler}
+                ),
+            )
+        )
+        self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind {address}")
+        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
+
+    @staticmethod
+    def _check(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return OK_RESPONSE
+
+    def _check_recording(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self._lock:
+            self.requests.append(request)
+            n = len(self.requests)
+        if self._record_dir is not None:
+            (self._record_dir / f"{n:04d}.bin").write_bytes(request)
+        return OK_RESPONSE
+
+    def start(self) -> FloorServer:
+        self._server.start()
+        return self
+
+    def stop(self, grace: float = 0.5) -> None:
+        self._server.stop(grace).wait(grace + 1)
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def __enter__(self) -> FloorServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m authz.testing.floor", description=__doc__)
+    parser.add_argument("--address", default="127.0.0.1:9000")
+    parser.add_argument("--record-dir", type=Path)
+    parser.add_argument("--workers", type=int, default=16, help="grpcio thread pool size")
+    args = parser.parse_args(argv)
+    server = FloorServer(args.address, record_dir=args.record_dir, max_workers=args.workers)
+    server.start()
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    print(f"floor: serving Check on {server.address}", file=sys.stderr, flush=True)
+    server.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
