@@ -1,3 +1,4 @@
+# mypy: ignore-errors
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.rpc import status_pb2 as _status_pb2
 from . import envoy_config_core_v3_pb2 as _envoy_config_core_v3_pb2

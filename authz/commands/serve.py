@@ -1,0 +1,338 @@
+"""`egress-authz serve`: the ext_authz gRPC service Envoy calls.
+
+Wires the stages together: policy sources -> store -> gRPC Check server ->
+recorder, plus the workload index and the admin endpoint. With --workers N
+a small supervisor process starts N serving processes that share the gRPC
+port through SO_REUSEPORT; each loads policies and workloads on its own.
+
+Logs are plain lines on stderr; stdout is the decision log's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # the heavy modules are imported inside run(): `--help` stays fast
+    from authz.envoy.server import AuthzServer
+    from authz.records import Recorder
+    from authz.sources import PolicySource, WorkloadFileSource
+    from authz.store import PolicyStore
+    from authz.workloads import WorkloadIndex
+
+log = logging.getLogger("egress-authz")
+
+DEFAULT_GRPC_ADDRESS = "127.0.0.1:9000"
+DEFAULT_ADMIN_ADDRESS = "127.0.0.1:9090"
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_CLUSTER_NAMESPACE = "egress-authz"  # authz.loader.DEFAULT_CLUSTER_NAMESPACE
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad flags: reported on stderr with exit code 2."""
+
+
+# --------------------------------------------------------------------------
+# Flags
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("policy sources")
+    src.add_argument(
+        "--policies", metavar="PATH",
+        help="a YAML file or directory of policy ConfigMaps; reloaded when files change",
+    )
+    src.add_argument(
+        "--workloads", metavar="PATH",
+        help="Pod manifests (files or `kubectl get pods -o yaml` dumps) mapping source IP "
+        "to namespace, service account and labels; reloaded when files change",
+    )
+    src.add_argument(
+        "--cluster-namespace", default=DEFAULT_CLUSTER_NAMESPACE, metavar="NS",
+        help="namespace whose ConfigMaps labelled egress-authz.io/tier=cluster form the "
+        "cluster tier (default: %(default)s)",
+    )
+    src.add_argument(
+        "--trust-domain", default=DEFAULT_TRUST_DOMAIN,
+        help="SPIFFE trust domain of accepted principals (default: %(default)s)",
+    )
+    net = p.add_argument_group("serving")
+    net.add_argument(
+        "--grpc-address", default=DEFAULT_GRPC_ADDRESS, metavar="HOST:PORT",
+        help="where Envoy's ext_authz filters call Check (default: %(default)s)",
+    )
+    net.add_argument(
+        "--admin-address", default=DEFAULT_ADMIN_ADDRESS, metavar="HOST:PORT",
+        help="health, readiness, metrics and decisions over HTTP; '' turns it off "
+        "(default: %(default)s)",
+    )
+    net.add_argument(
+        "--workers", type=_positive, default=1, metavar="N",
+        help="serving processes sharing the gRPC port with SO_REUSEPORT (default: 1)",
+    )
+    net.add_argument(
+        "--threads", type=_positive, default=8, metavar="N",
+        help="gRPC threads per process (default: %(default)s)",
+    )
+    net.add_argument(
+        "--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
+        help="on SIGTERM, how long in-flight Checks may take to finish (default: %(default)s)",
+    )
+    net.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"),
+        help="stderr log level (default: %(default)s)",
+    )
+    # Set by the --workers supervisor on the processes it starts.
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="serve Envoy ext_authz Check over gRPC",
+        description="Serve envoy.service.auth.v3.Authorization/Check for Envoy's HTTP and "
+        "network ext_authz filters, from policies reloaded as they change.",
+    )
+    add_arguments(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """`serve`'s flags alone (prog "egress-authz serve"), e.g. to dry-parse chart args."""
+    p = argparse.ArgumentParser(prog="egress-authz serve")
+    add_arguments(p)
+    p.set_defaults(run=run)
+    return p
+
+
+# --------------------------------------------------------------------------
+# The pluggable parts: one small function each
+
+
+def build_policy_sources(args: argparse.Namespace) -> list[PolicySource]:
+    """Which sources feed the store. A Kubernetes source adds one branch here."""
+    from authz.sources import DirectorySource
+
+    sources: list[PolicySource] = []
+    if args.policies:
+        sources.append(DirectorySource(args.policies, cluster_namespace=args.cluster_namespace))
+    if not sources:
+        raise UsageError("no policy source: give --policies PATH")
+    if len(sources) > 1:
+        # Each source publishes whole PolicySets; two would overwrite each other.
+        raise UsageError("give one policy source")
+    return sources
+
+
+def build_workload_sources(
+    args: argparse.Namespace, index: WorkloadIndex
+) -> list[WorkloadFileSource]:
+    from authz.sources import WorkloadFileSource
+
+    return [WorkloadFileSource(args.workloads, index)] if args.workloads else []
+
+
+def build_recorder(args: argparse.Namespace) -> Recorder:
+    """What records each decision (tracing, decision log, metrics). Wired by tracing."""
+    from authz.records import NullRecorder
+
+    return NullRecorder()
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+def start_admin(args: argparse.Namespace, state: ServeState) -> Closeable | None:
+    """Start the admin HTTP endpoint on args.admin_address; None when there is none.
+
+    Only worker 0 gets an admin address under --workers (one port, one
+    process). Wired by the admin module; `state` holds what it reads.
+    """
+    return None
+
+
+@dataclass
+class ServeState:
+    """Everything one serving process runs; the admin endpoint reads it."""
+
+    store: PolicyStore
+    workloads: WorkloadIndex
+    recorder: Recorder
+    server: AuthzServer
+    sources: list[PolicySource] = field(default_factory=list)
+
+    def ready(self) -> bool:
+        return self.store.loaded
+
+
+# --------------------------------------------------------------------------
+# Running
+
+
+def run(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    try:
+        if args.workers > 1 and args.worker_index is None:
+            from authz.envoy.workers import supervise
+
+            if args.grpc_address.endswith(":0"):
+                raise UsageError("--workers needs a fixed --grpc-address port, not 0")
+
+            return supervise(args, child_argv(args))
+        return serve(args)
+    except UsageError as e:
+        print(f"egress-authz serve: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
+    from authz.envoy.server import AuthzServer, ServerSettings
+    from authz.metrics import POLICY_REVISION
+    from authz.store import PolicyStore
+    from authz.workloads import WorkloadIndex
+
+    stop = stop or threading.Event()
+    store = PolicyStore(trust_domain=args.trust_domain)
+    store.subscribe(lambda snapshot: POLICY_REVISION.set(snapshot.revision))
+    index = WorkloadIndex()
+    policy_sources = build_policy_sources(args)
+    workload_sources = build_workload_sources(args, index)
+    recorder = build_recorder(args)
+    worker = args.worker_index is not None
+    server = AuthzServer(
+        store,
+        index,
+        recorder,
+        ServerSettings(address=args.grpc_address, threads=args.threads, reuse_port=worker),
+    )
+    state = ServeState(store, index, recorder, server, list(policy_sources))
+    _install_signal_handlers(stop)
+
+    try:
+        port = server.start()
+    except RuntimeError as e:
+        log.error("%s", e)
+        return 1
+    admin = start_admin(args, state)
+    for ws in workload_sources:
+        ws.start(on_error=lambda msg: log.error("%s", msg))
+    for source in policy_sources:
+        source.start(store, on_error=lambda msg: log.error("%s", msg))
+    store.subscribe(lambda snapshot: log.info("policy revision %d in force", snapshot.revision))
+
+    address = f"{args.grpc_address.rpartition(':')[0]}:{port}"
+    snapshot = store.current
+    loaded = (
+        f"policy revision {snapshot.revision}" if snapshot is not None
+        else "no policy loaded: denying everything until one is"
+    )
+    if worker:
+        log.info("worker %d serving Check on %s (%s)", args.worker_index, address, loaded)
+        _report_ready(args.worker_ready_fd, snapshot.revision if snapshot else 0)
+    else:
+        # The line the end-to-end tests and operators wait for.
+        print(f"egress-authz: serving Check on {address} ({loaded})", file=sys.stderr, flush=True)
+
+    stop.wait()
+    log.info("shutting down: draining in-flight Checks (up to %.1fs)", args.shutdown_grace)
+    server.stop(args.shutdown_grace)
+    for source in policy_sources:
+        source.stop()
+    for ws in workload_sources:
+        ws.stop()
+    if admin is not None:
+        admin.close()
+    close = getattr(recorder, "close", None)
+    if callable(close):
+        close()
+    log.info("stopped")
+    return 0
+
+
+def _report_ready(fd: int | None, revision: int) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, f"ready {revision}\n".encode())
+        os.close(fd)
+    except OSError:
+        pass  # the supervisor went away; serving goes on
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # tests run serve() in a thread and stop it with the event
+    handler: Callable[[int, Any], None] = lambda signum, frame: stop.set()  # noqa: E731
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    who = "egress-authz" if args.worker_index is None else f"egress-authz[{args.worker_index}]"
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, args.log_level.upper()),
+        format=f"%(asctime)s {who} %(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+
+
+def child_argv(args: argparse.Namespace) -> Callable[[int, int], list[str]]:
+    """argv for worker `index` reporting on `ready_fd`: the same flags, minus
+    --workers, and the admin endpoint only on worker 0.
+
+    Rebuilt from the parser's own option list, so flags added later (a
+    Kubernetes source) reach the workers without changes here.
+    """
+    parser = build_arg_parser()
+    skip = {"help", "workers", "worker_index", "worker_ready_fd", "admin_address", "run"}
+    base: list[str] = []
+    for action in parser._actions:  # argparse has no public list of its actions
+        if action.dest in skip or not action.option_strings:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or value is None:
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:
+            base.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                base += [flag, str(item)]
+        else:
+            base += [flag, str(value)]
+
+    def argv(index: int, ready_fd: int) -> list[str]:
+        admin = args.admin_address if index == 0 else ""
+        return [
+            sys.executable, "-m", "authz", "serve", *base,
+            "--admin-address", admin,
+            "--worker-index", str(index), "--worker-ready-fd", str(ready_fd),
+        ]
+
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
