@@ -51,3 +51,8 @@ app.kubernetes.io/part-of: egress-authz
 {{- define "egress-authz.serviceHost" -}}
 {{- printf "%s.%s.svc.cluster.local" (include "egress-authz.fullname" .) .Release.Namespace }}
 {{- end }}
+
+{{/* Labels of the egress gateway pods, as YAML (istio.gatewaySelector or the Istio default). */}}
+{{- define "egress-authz.gatewaySelector" -}}
+{{- toYaml (default (dict "istio" "egressgateway") .Values.istio.gatewaySelector) }}
+{{- end }}
