@@ -369,7 +369,10 @@ class AdminServer:
 
     def stop(self) -> None:
         self.httpd.stopping.set()  # ends open streams within half a second
-        self.httpd.shutdown()
-        self.httpd.server_close()
         if self._thread is not None:
+            self.httpd.shutdown()
             self._thread.join(5)
+            self._thread = None
+        self.httpd.server_close()
+
+    close = stop  # what `serve` calls on everything it started

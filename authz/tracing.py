@@ -541,6 +541,8 @@ def span_sink(
                 exporter,
                 max_queue_size=max_queue_size,
                 schedule_delay_millis=schedule_delay_millis,
+                # A small queue needs batches no larger than itself (the SDK insists).
+                max_export_batch_size=min(512, max_queue_size) if max_queue_size else None,
             )
         )
     return SpanSink(provider)

@@ -1,0 +1,503 @@
+"""authz.tracing: decision log, ring buffer, metrics and OpenTelemetry spans."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import statistics
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from authz.metrics import CHECK_SECONDS, CHECKS, TRACE_DROPPED
+from authz.model import (
+    Decision,
+    Destination,
+    Identity,
+    Mode,
+    Protocol,
+    Reason,
+    RuleCheck,
+    Verdict,
+    Workload,
+)
+from authz.records import DecisionRecord
+from authz.tracing import (
+    LOG_FIELDS,
+    SPAN_NAME,
+    DecisionRecorder,
+    RingBuffer,
+    TracingConfigError,
+    TracingSettings,
+    exporters_from_env,
+    record_detail,
+    record_fields,
+    span_sink,
+    trace_id_of,
+)
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_SPAN = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN}-01"
+_ids = itertools.count(1)
+
+
+def make_record(
+    *,
+    verdict: Verdict = Verdict.DENY,
+    reason: Reason | None = None,
+    namespace: str = "shop",
+    account: str = "cart",
+    pod: str = "cart-7d9f",
+    labels: dict[str, str] | None = None,
+    source_ip: str = "10.0.0.12",
+    host: str = "api.leng.com",
+    port: int = 443,
+    protocol: Protocol = Protocol.TLS,
+    method: str | None = None,
+    path: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+    start_unix_ns: int | None = None,
+    duration_ns: int = 85_000,
+    mode: Mode = Mode.ENFORCE,
+    decision_id: str | None = None,
+    rule: str | None = None,
+    explanation: Sequence[RuleCheck] | None = None,
+    policy_source: str | None = "shop/egress-policy",
+) -> DecisionRecord:
+    """A record as the gRPC server would build it (decisions as the engine makes them)."""
+    if reason is None:
+        reason = Reason.ALLOWED if verdict is Verdict.ALLOW else Reason.HOST_NOT_ALLOWED
+    if explanation is None:
+        explanation = (
+            ()
+            if verdict is Verdict.ALLOW
+            else (
+                RuleCheck(
+                    "shop/egress-policy/kadath-api",
+                    False,
+                    f"host {host} is not in hosts [api.kadath.io]",
+                    "team-integrations",
+                ),
+            )
+        )
+    decision = Decision(
+        allowed=verdict is not Verdict.DENY,
+        verdict=verdict,
+        reason=reason,
+        decision_id=decision_id or f"d{next(_ids):06d}",
+        revision=7,
+        rule=rule or ("shop/egress-policy/kadath-api" if verdict is Verdict.ALLOW else None),
+        owner="team-integrations" if verdict is Verdict.ALLOW else None,
+        host=host,
+        namespace=namespace,
+        service_account=account,
+        mode=mode,
+        message="" if verdict is Verdict.ALLOW else f"no rule allows {namespace}/{account}",
+        explanation=tuple(explanation),
+        policy_source=policy_source,
+    )
+    identity = Identity(
+        principal=f"spiffe://cluster.local/ns/{namespace}/sa/{account}",
+        source_ip=source_ip,
+        workload=Workload(namespace, account, labels or {"app": account}, pod, source_ip),
+    )
+    destination = Destination(
+        port=port,
+        protocol=protocol,
+        sni=host if protocol is Protocol.TLS else None,
+        http_host=host if protocol is Protocol.HTTP else None,
+        method=method,
+        path=path,
+    )
+    return DecisionRecord(
+        decision=decision,
+        identity=identity,
+        destination=destination,
+        start_unix_ns=start_unix_ns if start_unix_ns is not None else time.time_ns(),
+        duration_ns=duration_ns,
+        traceparent=traceparent,
+        tracestate=tracestate,
+        filter="http" if protocol is Protocol.HTTP else "network",
+    )
+
+
+def recorder_with_spans(
+    settings: TracingSettings | None = None, exporter: SpanExporter | None = None, **kw: Any
+) -> tuple[DecisionRecorder, InMemorySpanExporter | SpanExporter, io.StringIO]:
+    exporter = exporter or InMemorySpanExporter()
+    log = io.StringIO()
+    rec = DecisionRecorder(
+        settings or TracingSettings(flush_interval=0.01),
+        spans=span_sink([exporter], {}, schedule_delay_millis=10, **kw),
+        log_stream=log,
+    )
+    return rec.start(), exporter, log
+
+
+class TestRecordFields:
+    def test_every_log_field_present_in_order(self) -> None:
+        """A log line carries every documented field, in the documented order."""
+        fields = record_fields(make_record())
+        assert tuple(fields) == LOG_FIELDS
+
+    def test_values_as_seen(self) -> None:
+        """Fields come from the decision, the identity as seen and the destination as seen."""
+        f = record_fields(
+            make_record(
+                protocol=Protocol.HTTP, port=80, method="POST", path="/v1/x", duration_ns=123_456
+            )
+        )
+        assert f["verdict"] == "deny" and f["reason"] == "host-not-allowed"
+        assert (f["namespace"], f["service_account"], f["pod"]) == ("shop", "cart", "cart-7d9f")
+        assert (f["host"], f["port"], f["http_host"], f["sni"]) == (
+            "api.leng.com",
+            80,
+            "api.leng.com",
+            None,
+        )
+        assert (f["method"], f["path"], f["protocol"], f["filter"]) == (
+            "POST",
+            "/v1/x",
+            "HTTP",
+            "http",
+        )
+        assert f["latency_us"] == 123.5
+        assert f["time"].endswith("Z") and "T" in f["time"]
+
+    def test_unparsed_request(self) -> None:
+        """A record without identity or destination (bad request) still serialises."""
+        rec = make_record(reason=Reason.BAD_REQUEST)
+        bare = DecisionRecord(rec.decision, None, None, rec.start_unix_ns, 10)
+        f = record_fields(bare)
+        assert f["source_ip"] is None and f["port"] is None and f["reason"] == "bad-request"
+        json.dumps(record_detail(bare))
+
+    @pytest.mark.parametrize(
+        "header, expected",
+        [
+            (TRACEPARENT, TRACE_ID),
+            (TRACEPARENT.upper().replace("00-", "00-", 1), TRACE_ID),
+            ("00-" + "0" * 32 + "-b7ad6b7169203331-01", None),
+            ("garbage", None),
+            ("00-xyz-b7ad6b7169203331-01", None),
+            (None, None),
+        ],
+    )
+    def test_trace_id_of(self, header: str | None, expected: str | None) -> None:
+        """Only a well-formed, non-zero W3C trace id is taken from traceparent."""
+        assert trace_id_of(header) == expected
+
+
+class TestRingBuffer:
+    def test_bounded_newest_kept(self) -> None:
+        """The ring keeps the last N records and evicts the oldest."""
+        ring = RingBuffer(3)
+        recs = [make_record() for _ in range(5)]
+        for r in recs:
+            ring.append(r)
+        assert ring.snapshot() == recs[2:]
+        assert ring.find(recs[4].decision.decision_id) is recs[4]
+        assert ring.find(recs[0].decision.decision_id) is None
+
+    def test_slow_subscriber_loses_records_not_time(self) -> None:
+        """A full subscriber queue drops and counts; publishing never waits."""
+        ring = RingBuffer(10)
+        sub = ring.subscribe(size=2)
+        before = TRACE_DROPPED.value("stream")
+        for _ in range(5):
+            ring.publish(make_record())
+        assert sub.queue.qsize() == 2 and sub.dropped == 3
+        assert TRACE_DROPPED.value("stream") == before + 3
+        ring.unsubscribe(sub)
+        ring.publish(make_record())
+        assert sub.queue.qsize() == 2
+
+
+class TestDecisionRecorder:
+    def test_log_line_per_decision(self) -> None:
+        """Each record becomes one JSON line on the log stream, in order."""
+        log = io.StringIO()
+        recorder = DecisionRecorder(TracingSettings(flush_interval=0.01), log_stream=log).start()
+        recs = [make_record(verdict=v) for v in (Verdict.ALLOW, Verdict.DENY, Verdict.AUDIT)]
+        for r in recs:
+            recorder.record(r)
+        recorder.close()
+        lines = [json.loads(x) for x in log.getvalue().splitlines()]
+        assert [x["decision_id"] for x in lines] == [r.decision.decision_id for r in recs]
+        assert [x["verdict"] for x in lines] == ["allow", "deny", "audit"]
+        assert all(x["trace_id"] is None for x in lines)  # no span, no traceparent
+
+    def test_log_off(self) -> None:
+        """decision_log=False writes nothing but still fills the ring."""
+        log = io.StringIO()
+        recorder = DecisionRecorder(TracingSettings(decision_log=False), log_stream=log)
+        recorder.record(make_record())
+        recorder.close()
+        assert log.getvalue() == "" and len(recorder.ring) == 1
+
+    def test_metrics(self) -> None:
+        """CHECKS counts by verdict, reason and namespace; CHECK_SECONDS observes latency."""
+        recorder = DecisionRecorder(log_stream=io.StringIO())
+        before = CHECKS.value("deny", "port-not-allowed", "metrics-ns")
+        count_before = CHECK_SECONDS._count
+        recorder.record(make_record(reason=Reason.PORT_NOT_ALLOWED, namespace="metrics-ns"))
+        assert CHECKS.value("deny", "port-not-allowed", "metrics-ns") == before + 1
+        assert CHECK_SECONDS._count == count_before + 1
+        recorder.close()
+
+    def test_never_raises(self) -> None:
+        """A record that cannot be read is counted, not raised into the Check path."""
+        recorder = DecisionRecorder(log_stream=io.StringIO())
+        before = TRACE_DROPPED.value("error")
+        recorder.record(object())  # type: ignore[arg-type]
+        assert TRACE_DROPPED.value("error") == before + 1
+        recorder.close()
+
+    def test_broken_log_stream(self) -> None:
+        """A closed stdout loses log lines (counted); the ring still fills."""
+        log = io.StringIO()
+        log.close()
+        before = TRACE_DROPPED.value("log")
+        recorder = DecisionRecorder(log_stream=log)
+        recorder.record(make_record())
+        recorder.close()
+        assert TRACE_DROPPED.value("log") == before + 1 and len(recorder.ring) == 1
+
+
+class TestSpans:
+    def test_span_from_record(self) -> None:
+        """One SERVER span named egress-authz.check, timed from the record, with attributes."""
+        recorder, exporter, log = recorder_with_spans()
+        r = make_record(start_unix_ns=1_700_000_000_000_000_000, duration_ns=250_000)
+        recorder.record(r)
+        recorder.close()
+        assert isinstance(exporter, InMemorySpanExporter)
+        (span,) = exporter.get_finished_spans()
+        assert span.name == SPAN_NAME and span.kind is SpanKind.SERVER
+        assert span.start_time == r.start_unix_ns
+        assert span.end_time == r.start_unix_ns + 250_000
+        attrs = dict(span.attributes or {})
+        assert attrs["egress_authz.decision_id"] == r.decision.decision_id
+        assert attrs["egress_authz.verdict"] == "deny"
+        assert attrs["egress_authz.reason"] == "host-not-allowed"
+        assert attrs["egress_authz.namespace"] == "shop"
+        assert attrs["egress_authz.service_account"] == "cart"
+        assert attrs["egress_authz.pod"] == "cart-7d9f"
+        assert attrs["egress_authz.source_ip"] == "10.0.0.12"
+        assert attrs["egress_authz.host"] == "api.leng.com"
+        assert attrs["egress_authz.port"] == 443
+        assert attrs["egress_authz.sni"] == "api.leng.com"
+        assert attrs["egress_authz.revision"] == 7
+        assert attrs["egress_authz.mode"] == "enforce"
+        assert attrs["egress_authz.allowed"] is False
+        assert attrs["rpc.system"] == "grpc" and attrs["rpc.method"] == "Check"
+        assert "egress_authz.http_host" not in attrs  # null values are left out
+        assert span.resource.attributes["service.name"] == "egress-authz"
+        line = json.loads(log.getvalue())
+        assert line["trace_id"] == format(span.context.trace_id, "032x")
+
+    def test_parent_from_traceparent(self) -> None:
+        """A W3C traceparent makes the span a child in the caller's trace."""
+        recorder, exporter, log = recorder_with_spans()
+        recorder.record(make_record(traceparent=TRACEPARENT, tracestate="vendor=abc"))
+        recorder.close()
+        assert isinstance(exporter, InMemorySpanExporter)
+        (span,) = exporter.get_finished_spans()
+        assert format(span.context.trace_id, "032x") == TRACE_ID
+        assert span.parent is not None and span.parent.is_remote
+        assert format(span.parent.span_id, "016x") == PARENT_SPAN
+        assert span.context.trace_state.get("vendor") == "abc"
+        assert json.loads(log.getvalue())["trace_id"] == TRACE_ID
+
+    def test_unsampled_parent_still_records_denial(self) -> None:
+        """A caller that did not sample its trace does not hide our denials."""
+        recorder, exporter, _ = recorder_with_spans()
+        recorder.record(make_record(traceparent=f"00-{TRACE_ID}-{PARENT_SPAN}-00"))
+        recorder.close()
+        assert isinstance(exporter, InMemorySpanExporter)
+        assert len(exporter.get_finished_spans()) == 1
+
+    def test_bad_traceparent_gives_root(self) -> None:
+        """A malformed traceparent is ignored: the span starts its own trace."""
+        recorder, exporter, _ = recorder_with_spans()
+        recorder.record(make_record(traceparent="00-nothex-zz-01"))
+        recorder.close()
+        assert isinstance(exporter, InMemorySpanExporter)
+        (span,) = exporter.get_finished_spans()
+        assert span.parent is None
+
+    def test_allows_sampled_denials_kept(self) -> None:
+        """allow_ratio=0 drops allow spans; deny and audit spans are always made."""
+        recorder, exporter, log = recorder_with_spans(
+            TracingSettings(allow_ratio=0.0, flush_interval=0.01)
+        )
+        for v in (Verdict.ALLOW, Verdict.ALLOW, Verdict.DENY, Verdict.AUDIT):
+            recorder.record(make_record(verdict=v))
+        recorder.close()
+        assert isinstance(exporter, InMemorySpanExporter)
+        verdicts = sorted(
+            str((s.attributes or {})["egress_authz.verdict"]) for s in exporter.get_finished_spans()
+        )
+        assert verdicts == ["audit", "deny"]
+        assert len(log.getvalue().splitlines()) == 4  # the log keeps every decision
+
+    def test_allow_ratio(self) -> None:
+        """A ratio keeps that share of allows (rng decides)."""
+        exporter = InMemorySpanExporter()
+        values = itertools.cycle([0.1, 0.6, 0.3, 0.9])
+        recorder = DecisionRecorder(
+            TracingSettings(allow_ratio=0.5),
+            spans=span_sink([exporter], {}),
+            log_stream=io.StringIO(),
+            rng=lambda: next(values),
+        )
+        for _ in range(8):
+            recorder.record(make_record(verdict=Verdict.ALLOW))
+        recorder.close()
+        assert len(exporter.get_finished_spans()) == 4
+
+
+class _Stalled(SpanExporter):
+    """An exporter stuck like a collector that stopped reading."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.calls += 1
+        self.release.wait(30)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.release.set()
+
+
+class _StalledStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, s: str) -> int:
+        self.release.wait(30)
+        return len(s)
+
+
+class TestBackpressure:
+    def test_stalled_exporter_and_stdout(self) -> None:
+        """A flood with a stuck collector and a stuck stdout: record() stays fast,
+        queues and ring stay within their bounds, and the drops are counted."""
+        exporter = _Stalled()
+        log = _StalledStream()
+        settings = TracingSettings(ring_size=1000, queue_size=500, flush_interval=0.001)
+        recorder = DecisionRecorder(
+            settings,
+            spans=span_sink([exporter], {}, max_queue_size=256, schedule_delay_millis=1),
+            log_stream=log,
+        ).start()
+        before_queue = TRACE_DROPPED.value("queue")
+        r = make_record()
+        timings = []
+        for _ in range(20_000):
+            t0 = time.perf_counter_ns()
+            recorder.record(r)
+            timings.append(time.perf_counter_ns() - t0)
+        assert recorder.pending <= settings.queue_size
+        assert len(recorder.ring) == settings.ring_size
+        assert TRACE_DROPPED.value("queue") - before_queue >= 20_000 - settings.queue_size - 600
+        timings.sort()
+        assert statistics.median(timings) < 50_000  # ns; typically ~2 µs
+        assert timings[int(len(timings) * 0.999)] < 20_000_000  # no call waits on the sinks
+        log.release.set()
+        exporter.release.set()
+        recorder.close()
+
+    def test_stalled_exporter_drops_spans(self) -> None:
+        """With stdout fine and the collector stuck, spans beyond the batch queue are
+        dropped and counted under sink="span"."""
+        exporter = _Stalled()
+        recorder = DecisionRecorder(
+            TracingSettings(flush_interval=0.001),
+            spans=span_sink([exporter], {}, max_queue_size=64, schedule_delay_millis=1),
+            log_stream=io.StringIO(),
+        ).start()
+        before = TRACE_DROPPED.value("span")
+        for _ in range(2000):
+            recorder.record(make_record())
+        deadline = time.monotonic() + 10
+        while recorder.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert TRACE_DROPPED.value("span") - before > 1000
+        exporter.release.set()
+        recorder.close()
+
+
+class TestExportersFromEnv:
+    def test_nothing_configured_means_no_tracing(self) -> None:
+        """With no OTEL_* settings, no exporter and so no span is ever built."""
+        assert exporters_from_env({}) == []
+        assert span_sink([], {}) is None
+
+    @pytest.mark.parametrize(
+        "env",
+        [
+            {"OTEL_TRACES_EXPORTER": "none"},
+            {"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4317"},
+        ],
+    )
+    def test_explicitly_off(self, env: dict[str, str]) -> None:
+        """OTEL_TRACES_EXPORTER=none and OTEL_SDK_DISABLED turn tracing off."""
+        assert exporters_from_env(env) == []
+
+    def test_endpoint_means_otlp_grpc(self) -> None:
+        """An OTLP endpoint alone selects the OTLP exporter over gRPC."""
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        (exporter,) = exporters_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"})
+        assert isinstance(exporter, OTLPSpanExporter)
+        exporter.shutdown()
+
+    def test_http_protobuf(self) -> None:
+        """OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf selects the OTLP/HTTP exporter."""
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+        (exporter,) = exporters_from_env(env)
+        assert isinstance(exporter, OTLPSpanExporter)
+
+    def test_console_writes_to_stderr(self) -> None:
+        """The console exporter is allowed; it must not share stdout with the log."""
+        import sys
+
+        (exporter,) = exporters_from_env({"OTEL_TRACES_EXPORTER": "console"})
+        assert exporter.out is sys.stderr  # type: ignore[attr-defined]
+
+    @pytest.mark.parametrize(
+        "env",
+        [
+            {"OTEL_TRACES_EXPORTER": "zipkin"},
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+        ],
+    )
+    def test_unsupported_is_an_error(self, env: dict[str, str]) -> None:
+        """An exporter this service cannot provide fails startup with a clear message."""
+        with pytest.raises(TracingConfigError, match="not supported"):
+            exporters_from_env(env)
+
+    def test_service_name_from_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """OTEL_SERVICE_NAME overrides the default service.name."""
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "egress-gw-authz")
+        sink = span_sink([InMemorySpanExporter()], {})
+        assert sink is not None
+        assert sink.provider.resource.attributes["service.name"] == "egress-gw-authz"
+        sink.shutdown()
