@@ -1,0 +1,139 @@
+"""The chart's RBAC grants exactly the API calls the code makes, no more, no less.
+
+The expected rules come from `authz.kube.permissions`, the table the
+Kubernetes code is written against, so the chart and the code cannot drift:
+adding an API call to the code without the chart (or a rule to the chart
+without the code) fails here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART_DIR = ROOT / "charts" / "egress-authz"
+RELEASE = "egress-authz"
+
+Grant = tuple[str, str, str]  # (api group, resource, verb)
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+def render(
+    chart: helm.Chart, namespace: str, values: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    manifests = chart.render(values=values or {}, name=RELEASE, namespace=namespace)
+    return [
+        doc
+        for path, text in manifests.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def grants(rules: Iterable[dict[str, Any]]) -> set[Grant]:
+    """Expand RBAC rules into (group, resource, verb) triples."""
+    out: set[Grant] = set()
+    for rule in rules:
+        for group in rule.get("apiGroups", []):
+            for resource in rule.get("resources", []):
+                for verb in rule.get("verbs", []):
+                    out.add((group, resource, verb))
+    return out
+
+
+def expected_grants() -> tuple[set[Grant], set[Grant]]:
+    """(cluster-wide, own-namespace) grants from the code's permissions table."""
+    from authz.kube import permissions
+
+    cluster: set[Grant] = set()
+    namespaced: set[Grant] = set()
+    for entry in permissions.PERMISSIONS:
+        target = namespaced if entry.namespaced else cluster
+        for verb in entry.verbs:
+            target.add((entry.group, entry.resource, verb))
+    return cluster, namespaced
+
+
+def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+class TestRbac:
+    """ClusterRole and Role against authz/kube/permissions.py."""
+
+    @pytest.mark.parametrize("namespace", ["egress-authz", "platform-egress"])
+    def test_cluster_role_equals_table(self, chart: helm.Chart, namespace: str) -> None:
+        """The ClusterRole grants exactly the table's cluster-wide calls."""
+        cluster, _ = expected_grants()
+        role = one(render(chart, namespace), "ClusterRole")
+        assert grants(role["rules"]) == cluster, (
+            f"missing from chart: {sorted(cluster - grants(role['rules']))}; "
+            f"not used by code: {sorted(grants(role['rules']) - cluster)}"
+        )
+
+    @pytest.mark.parametrize("namespace", ["egress-authz", "platform-egress"])
+    def test_role_equals_table(self, chart: helm.Chart, namespace: str) -> None:
+        """The Role (own namespace only) grants exactly the table's namespaced calls."""
+        _, namespaced = expected_grants()
+        objects = render(chart, namespace)
+        role = one(objects, "Role")
+        assert role["metadata"]["namespace"] == namespace
+        assert grants(role["rules"]) == namespaced, (
+            f"missing from chart: {sorted(namespaced - grants(role['rules']))}; "
+            f"not used by code: {sorted(grants(role['rules']) - namespaced)}"
+        )
+
+    def test_no_wildcards(self, chart: helm.Chart) -> None:
+        """No `*` in any group, resource, verb or name, and no nonResourceURLs."""
+        for obj in render(chart, "egress-authz"):
+            if obj["kind"] not in ("ClusterRole", "Role"):
+                continue
+            for rule in obj["rules"]:
+                assert "nonResourceURLs" not in rule
+                for key in ("apiGroups", "resources", "verbs", "resourceNames"):
+                    assert not any("*" in item for item in rule.get(key, [])), (obj["kind"], rule)
+
+    def test_table_has_no_wildcards(self) -> None:
+        """The table itself names every group, resource and verb."""
+        cluster, namespaced = expected_grants()
+        assert cluster and namespaced
+        assert not any("*" in part for grant in cluster | namespaced for part in grant)
+
+    @pytest.mark.parametrize("namespace", ["egress-authz", "platform-egress"])
+    def test_bindings_point_at_the_service_account(self, chart: helm.Chart, namespace: str) -> None:
+        """Both bindings bind the chart's roles to the Deployment's ServiceAccount, nothing else."""
+        objects = render(chart, namespace)
+        account = one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+        assert one(objects, "ServiceAccount")["metadata"]["name"] == account
+        for binding_kind, role_kind in (
+            ("ClusterRoleBinding", "ClusterRole"),
+            ("RoleBinding", "Role"),
+        ):
+            binding = one(objects, binding_kind)
+            assert binding["roleRef"] == {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": role_kind,
+                "name": one(objects, role_kind)["metadata"]["name"],
+            }
+            assert binding["subjects"] == [
+                {"kind": "ServiceAccount", "name": account, "namespace": namespace}
+            ]
+
+    def test_rbac_off(self, chart: helm.Chart) -> None:
+        """rbac.create=false renders no role or binding (for clusters that manage RBAC apart)."""
+        kinds = {o["kind"] for o in render(chart, "egress-authz", {"rbac": {"create": False}})}
+        assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
