@@ -1,0 +1,80 @@
+"""Every Kubernetes API call egress-authz makes, as RBAC would grant it.
+
+The Helm chart's ClusterRole/Role are built from this table and a test checks they match;
+authz.kube.client refuses any call not listed here, so the table cannot drift from the
+code. Server-side apply is a PATCH, so it needs `patch` (RBAC authorizes the request verb).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Scope(StrEnum):
+    CLUSTER = "cluster"  # across all namespaces: a ClusterRole
+    SERVICE_NAMESPACE = "service-namespace"  # only the service's own namespace: a Role
+
+
+@dataclass(frozen=True)
+class Permission:
+    group: str  # "" is the core API group
+    version: str
+    resource: str  # plural, as in RBAC rules and URLs
+    kind: str
+    verbs: frozenset[str]
+    scope: Scope
+    why: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+def _p(group: str, version: str, resource: str, kind: str, verbs: str, scope: Scope,
+       why: str) -> Permission:
+    return Permission(group, version, resource, kind, frozenset(verbs.split()), scope, why)
+
+
+_ISTIO_WRITE = "list watch patch delete"
+PERMISSIONS: tuple[Permission, ...] = (
+    _p("", "v1", "configmaps", "ConfigMap", "list watch", Scope.CLUSTER,
+       "policy ConfigMaps in every namespace, and the cluster tier"),
+    _p("", "v1", "pods", "Pod", "list watch", Scope.CLUSTER,
+       "workload identity: source IP -> namespace, service account, labels"),
+    _p("", "v1", "namespaces", "Namespace", "list watch", Scope.CLUSTER,
+       "--namespace-selector: which namespaces' policies count"),
+    _p("", "v1", "events", "Event", "create", Scope.CLUSTER,
+       "PolicyInvalid / PolicyAccepted Events on policy ConfigMaps"),
+    _p("coordination.k8s.io", "v1", "leases", "Lease", "get create update",
+       Scope.SERVICE_NAMESPACE, "leader election: only the holder writes Istio objects"),
+    _p("networking.istio.io", "v1", "serviceentries", "ServiceEntry", _ISTIO_WRITE,
+       Scope.CLUSTER, "the mesh registry: apply, prune by label, restore hand edits"),
+    _p("networking.istio.io", "v1", "virtualservices", "VirtualService", _ISTIO_WRITE,
+       Scope.CLUSTER, "routes from sidecars through the egress gateway"),
+    _p("networking.istio.io", "v1", "destinationrules", "DestinationRule", _ISTIO_WRITE,
+       Scope.CLUSTER, "ISTIO_MUTUAL with the external host as SNI to the gateway"),
+    _p("networking.istio.io", "v1", "gateways", "Gateway", _ISTIO_WRITE, Scope.CLUSTER,
+       "per-host TLS servers on the egress gateway"),
+)
+
+BY_KIND: dict[str, Permission] = {p.kind: p for p in PERMISSIONS}
+ISTIO_KINDS = ("ServiceEntry", "DestinationRule", "VirtualService", "Gateway")
+
+
+class NotPermitted(RuntimeError):
+    """A call the permissions table does not list: a bug, never a runtime condition."""
+
+
+def require(kind: str, verb: str) -> Permission:
+    perm = BY_KIND.get(kind)
+    if perm is None or verb not in perm.verbs:
+        raise NotPermitted(f"{verb} {kind} is not in authz.kube.permissions.PERMISSIONS")
+    return perm
+
+
+def verb_of(method: str, *, collection: bool, watch: bool = False) -> str:
+    """The RBAC verb of one HTTP request."""
+    if method == "GET":
+        return "watch" if watch else ("list" if collection else "get")
+    return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
