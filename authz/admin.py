@@ -361,8 +361,9 @@ class AdminServer:
         return f"http://{host}:{self.port}"
 
     def start(self) -> AdminServer:
+        # A short poll interval so that stop() returns quickly (tests, SIGTERM).
         self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="egress-authz-admin", daemon=True
+            target=self.httpd.serve_forever, args=(0.05,), name="egress-authz-admin", daemon=True
         )
         self._thread.start()
         return self
