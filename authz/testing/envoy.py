@@ -137,6 +137,10 @@ class Envoy:
             self.log_level,
             "--log-path",
             str(self.log_path),
+            # Access log lines are buffered; flush them within 100 ms so a test
+            # (or a person tailing the file) sees a request right after it.
+            "--file-flush-interval-msec",
+            "100",
         ]
         if self.component_log_level:
             cmd += ["--component-log-level", self.component_log_level]

@@ -1,0 +1,208 @@
+"""One loopback mesh and one `egress-authz serve` per test session (per xdist worker).
+
+The world the scenarios run in:
+
+    namespace shop
+      pod cart-finance    127.0.0.2  sa cart      function=finance
+      pod cart-marketing  127.0.0.3  sa cart      function=marketing
+      pod frontend        127.0.0.4  sa frontend
+
+      ConfigMap egress-policy
+        cart-kadath        sa cart                      api.kadath.io
+        frontend-cdn       sa frontend                  cdn.kadath.io
+        finance-payments   sa cart, function=finance    payments.kadath.io
+      ConfigMap egress-reload (edited by the reload scenario, then restored)
+        reloadable         sa cart                      reload.kadath.io, keep.kadath.io
+
+Tests that stop the service or edit a policy put things back before they
+end, so the fixtures can be shared; each says so where it does it.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authz.testing.envoy import free_port
+from authz.testing.mesh import LoopbackMesh
+from authz.testing.service import ServiceProcess
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    ip: str
+    namespace: str
+    service_account: str
+    labels: dict[str, str]
+
+
+CART_FINANCE = Pod(
+    "cart-finance", "127.0.0.2", "shop", "cart", {"app": "cart", "function": "finance"}
+)
+CART_MARKETING = Pod(
+    "cart-marketing", "127.0.0.3", "shop", "cart", {"app": "cart", "function": "marketing"}
+)
+FRONTEND = Pod("frontend", "127.0.0.4", "shop", "frontend", {"app": "frontend"})
+PODS = (CART_FINANCE, CART_MARKETING, FRONTEND)
+
+
+def pods_manifest(pods: tuple[Pod, ...]) -> str:
+    """A `kubectl get pods -o yaml` style dump: what --workloads reads."""
+    items = []
+    for p in pods:
+        labels = "".join(f"\n        {k}: {v}" for k, v in p.labels.items())
+        items.append(
+            f"""\
+  - apiVersion: v1
+    kind: Pod
+    metadata:
+      name: {p.name}
+      namespace: {p.namespace}
+      labels:{labels}
+    spec:
+      serviceAccountName: {p.service_account}
+      containers: [{{name: app, image: app}}]
+    status:
+      phase: Running
+      podIP: {p.ip}
+"""
+        )
+    return "apiVersion: v1\nkind: List\nitems:\n" + "".join(items)
+
+
+def policy_configmap(name: str, namespace: str, rules: str) -> str:
+    """A policy ConfigMap; `rules` is the YAML list under `rules:`."""
+    body = "mode: enforce\nrules:\n" + textwrap.indent(textwrap.dedent(rules).strip(), "  ")
+    return f"""\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {name}
+  namespace: {namespace}
+  labels:
+    egress-authz.io/policy: "true"
+data:
+  policy.yaml: |
+{textwrap.indent(body, "    ")}
+"""
+
+
+def ports_of(mesh_ports: tuple[int, int]) -> str:
+    # The service takes the port from destination.address, i.e. the gateway
+    # listener, which here is a random loopback port instead of 80/443.
+    return "[" + ", ".join(str(p) for p in (80, 443, *mesh_ports)) + "]"
+
+
+def shop_policy(ports: str) -> str:
+    return policy_configmap(
+        "egress-policy",
+        "shop",
+        f"""
+        - name: cart-kadath
+          workloads: {{serviceAccounts: [cart]}}
+          hosts: [api.kadath.io]
+          ports: {ports}
+        - name: frontend-cdn
+          workloads: {{serviceAccounts: [frontend]}}
+          hosts: [cdn.kadath.io]
+          ports: {ports}
+        - name: finance-payments
+          workloads:
+            serviceAccounts: [cart]
+            matchLabels: {{function: finance}}
+          hosts: [payments.kadath.io]
+          ports: {ports}
+        """,
+    )
+
+
+def reload_policy(ports: str, hosts: tuple[str, ...]) -> str:
+    return policy_configmap(
+        "egress-reload",
+        "shop",
+        f"""
+        - name: reloadable
+          workloads: {{serviceAccounts: [cart]}}
+          hosts: [{", ".join(hosts)}]
+          ports: {ports}
+        """,
+    )
+
+
+RELOAD_HOSTS = ("reload.kadath.io", "keep.kadath.io")
+
+
+@dataclass
+class World:
+    mesh: LoopbackMesh
+    service: ServiceProcess
+    policies: Path
+    ports: str
+
+    @property
+    def reload_file(self) -> Path:
+        return self.policies / "shop-reload.yaml"
+
+    def write_reload_policy(self, hosts: tuple[str, ...]) -> None:
+        self.reload_file.write_text(reload_policy(self.ports, hosts))
+
+    def http(self, pod: Pod, host: str, **kw: Any) -> Any:
+        return self.mesh.http(
+            host,
+            namespace=pod.namespace,
+            service_account=pod.service_account,
+            source_ip=pod.ip,
+            **kw,
+        )
+
+    def tls(self, pod: Pod, host: str, **kw: Any) -> Any:
+        return self.mesh.tls(
+            host, namespace=pod.namespace, service_account=pod.service_account, pod_ip=pod.ip, **kw
+        )
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("e2e")
+    authz_port = free_port()
+    mesh = LoopbackMesh(authz_port, workdir=root / "mesh")
+    ports = ports_of((mesh.http_port, mesh.tls_port))
+    policies = root / "policies"
+    policies.mkdir()
+    (policies / "shop.yaml").write_text(shop_policy(ports))
+    (policies / "shop-reload.yaml").write_text(reload_policy(ports, RELOAD_HOSTS))
+    workloads = root / "pods.yaml"
+    workloads.write_text(pods_manifest(PODS))
+    service = ServiceProcess(
+        policies,
+        authz_port,
+        workloads=workloads,
+        admin_port=free_port(),
+        log_path=root / "service.log",
+    )
+    with mesh:
+        service.start()  # a missing or broken service fails here, loudly
+        try:
+            yield World(mesh=mesh, service=service, policies=policies, ports=ports)
+        finally:
+            service.stop()
+
+
+def eventually(
+    probe: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> float:
+    """Poll until `probe()` is true; returns the seconds it took."""
+    start = time.monotonic()
+    while True:
+        if probe():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(interval)
