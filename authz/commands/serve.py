@@ -90,9 +90,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--log-level", default="info", choices=("debug", "info", "warning", "error"),
         help="stderr log level (default: %(default)s)",
     )
+    rec = p.add_argument_group("decision recording (see authz/tracing.py; spans need OTEL_* env)")
+    rec.add_argument(
+        "--trace-allow-ratio", type=_ratio, default=1.0, metavar="R",
+        help="share of allowed Checks that get an OpenTelemetry span; denials and audit "
+        "verdicts always get one (default: %(default)s)",
+    )
+    rec.add_argument(
+        "--decision-buffer", type=_positive, default=10_000, metavar="N",
+        help="recent decisions kept in memory for `egress-authz traces` (default: %(default)s)",
+    )
+    rec.add_argument(
+        "--decision-log", action=argparse.BooleanOptionalAction, default=True,
+        help="write one JSON line per decision to stdout (default: on)",
+    )
     # Set by the --workers supervisor on the processes it starts.
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _ratio(text: str) -> float:
+    r = float(text)
+    if not 0.0 <= r <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {r:g}")
+    return r
 
 
 def _positive(text: str) -> int:
@@ -150,10 +171,26 @@ def build_workload_sources(
 
 
 def build_recorder(args: argparse.Namespace) -> Recorder:
-    """What records each decision (tracing, decision log, metrics). Wired by tracing."""
-    from authz.records import NullRecorder
+    """What records each decision: metrics, ring buffer, decision log, spans."""
+    from authz.tracing import (
+        DecisionRecorder,
+        TracingConfigError,
+        TracingSettings,
+        span_sink_from_env,
+    )
 
-    return NullRecorder()
+    try:
+        spans = span_sink_from_env()  # None unless OTEL_* asks for an exporter
+    except TracingConfigError as e:
+        raise UsageError(str(e)) from e
+    settings = TracingSettings(
+        ring_size=args.decision_buffer,
+        allow_ratio=args.trace_allow_ratio,
+        decision_log=args.decision_log,
+    )
+    if spans is not None:
+        log.info("tracing: spans exported per OTEL_* (allow ratio %g)", args.trace_allow_ratio)
+    return DecisionRecorder(settings, spans=spans).start()
 
 
 class Closeable(Protocol):
@@ -166,7 +203,24 @@ def start_admin(args: argparse.Namespace, state: ServeState) -> Closeable | None
     Only worker 0 gets an admin address under --workers (one port, one
     process). Wired by the admin module; `state` holds what it reads.
     """
-    return None
+    if not args.admin_address:
+        return None
+    from authz.admin import AdminServer
+    from authz.tracing import DecisionRecorder
+
+    recorder = state.recorder if isinstance(state.recorder, DecisionRecorder) else None
+    try:
+        admin = AdminServer(args.admin_address, recorder, state.ready)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    except OSError as e:
+        # Check is what Envoy needs; a taken admin port costs probes and
+        # metrics, so it is loud in the log but does not stop the service.
+        log.error("admin endpoint not started on %s: %s", args.admin_address, e)
+        return None
+    admin.start()
+    log.info("admin endpoint on %s", admin.url)
+    return admin
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+DEFAULT_LIMIT = 50
 
 COLUMNS = ("TIME", "WORKLOAD", "DESTINATION", "VERDICT", "REASON", "RULE", "LATENCY")
 # Fixed widths for --follow, where rows arrive before their widths are known.
@@ -55,7 +56,13 @@ def add_parser(subparsers: Any) -> None:
         help="only decisions newer than this (30s, 10m, 2h, or an RFC 3339 time); "
         "with --follow, replay those first",
     )
-    p.add_argument("--limit", type=int, default=50, help="most decisions to list (default 50)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help=f"most decisions to list (default {DEFAULT_LIMIT}); with --follow, stop after "
+        "this many",
+    )
     p.add_argument("--follow", "-f", action="store_true", help="stream new decisions live")
     p.add_argument("--output", "-o", choices=("table", "json"), default="table")
     p.set_defaults(run=run)
@@ -135,8 +142,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     }
     try:
         if args.follow:
-            return _follow(client, filters, args.output, out)
-        found = client.decisions(limit=args.limit, **filters)
+            return _follow(client, {**filters, "limit": args.limit}, args.output, out)
+        found = client.decisions(limit=args.limit or DEFAULT_LIMIT, **filters)
     except AdminError as e:
         print(f"egress-authz traces: {e}", file=sys.stderr)
         return EXIT_ERROR
