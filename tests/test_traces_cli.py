@@ -83,7 +83,8 @@ def check_request(
         a.request.http.path = path
         if traceparent:
             a.request.http.headers["traceparent"] = traceparent
-    return r.SerializeToString()
+    data: bytes = r.SerializeToString()
+    return data
 
 
 CART = {"principal": "spiffe://cluster.local/ns/shop/sa/cart", "source_ip": "127.0.0.2"}
@@ -103,7 +104,8 @@ class Service:
     def check(self, **kw: Any) -> str:
         """Send one Check; return the decision id from the dynamic metadata."""
         raw = self.channel.unary_unary(CHECK_METHOD)(check_request(**kw), timeout=5)
-        return CheckResponse.FromString(raw).dynamic_metadata.fields["decision_id"].string_value
+        fields = CheckResponse.FromString(raw).dynamic_metadata.fields
+        return str(fields["decision_id"].string_value)
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +336,7 @@ class TestSuggest:
 
 
 class TestSuggestWildcards:
-    DECISIONS = [
+    DECISIONS: list[dict[str, Any]] = [
         {"reason": "host-not-allowed", "host": h, "port": 443, "protocol": "TLS",
          "service_account": "cart", "mode": "enforce", "labels": {}}
         for h in ("a.kadath.io", "b.kadath.io", "api.leng.com", "x.co.uk", "y.co.uk")
