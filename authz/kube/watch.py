@@ -113,6 +113,7 @@ class Reflector:
 
     def _opened(self, raw: Any) -> None:
         self._raw = raw
+        self.health.ok(self.name)  # the server answered: this watch is connected again
 
     def _run(self) -> None:
         rv: str | None = None
@@ -124,7 +125,7 @@ class Reflector:
                     self.lists += 1
                     self._handle(self.on_sync, items)
                     self.synced.set()
-                self.health.ok(self.name)
+                    self.health.ok(self.name)
                 self.resource_version = rv
                 started, seen = time.monotonic(), 0
                 for ev in self.api.watch(self.kind, rv, timeout_seconds=self.watch_timeout,
