@@ -192,7 +192,8 @@ class DirectorySource:
         assert self._store is not None, "start() first"
         with self._lock:
             self._poller.mark()
-            files = yaml_files(self.path) if self.path.exists() else []
+            exists = self.path.exists()
+            files = yaml_files(self.path) if exists else []
             rejected = 0
             for f in files:
                 rejected += self._load_file(f)
@@ -203,9 +204,10 @@ class DirectorySource:
             policies = self._merge()
             if policies == self._published:
                 return
-            if self._published is None and rejected and not policies:
-                # Nothing valid yet: stay unready (deny all) rather than
-                # declare an empty policy loaded.
+            if self._published is None and not policies and (rejected or not exists):
+                # Nothing valid yet (or a path not mounted yet): stay unready
+                # and deny all, rather than declare an empty policy loaded.
+                # An empty directory that exists is a policy: deny everything.
                 return
             snapshot = self._store.publish(build_policy_set(policies))
             self._published = policies

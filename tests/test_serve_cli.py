@@ -1,0 +1,128 @@
+"""`egress-authz serve`: flags, the ready line, clean stop, worker argv."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from authz.cli import build_parser
+from authz.commands import serve
+
+pytestmark = pytest.mark.timeout(30)
+
+POLICY = """\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: p
+  namespace: shop
+  labels: {egress-authz.io/policy: "true"}
+data:
+  policy.yaml: |
+    rules: [{name: r, hosts: [api.kadath.io]}]
+"""
+
+
+class TestFlags:
+    def test_defaults(self) -> None:
+        """The documented defaults (a public contract: README, Helm chart)."""
+        a = serve.build_arg_parser().parse_args(["--policies", "/p"])
+        assert (a.grpc_address, a.admin_address, a.trust_domain, a.workers, a.workloads) == (
+            "127.0.0.1:9000", "127.0.0.1:9090", "cluster.local", 1, None
+        )
+        assert a.run is serve.run
+
+    def test_every_documented_flag_parses(self) -> None:
+        """The chart's argument list dry-parses with the standalone parser."""
+        a = serve.build_arg_parser().parse_args([
+            "--policies", "/etc/egress-authz/policies", "--grpc-address", "0.0.0.0:9000",
+            "--admin-address", "0.0.0.0:9090", "--workloads", "/w", "--trust-domain", "td",
+            "--workers", "2", "--threads", "4", "--shutdown-grace", "10",
+            "--cluster-namespace", "egress-authz", "--log-level", "debug",
+        ])
+        assert (a.workers, a.threads, a.shutdown_grace) == (2, 4, 10.0)
+
+    def test_registered_with_the_cli(self) -> None:
+        """`egress-authz serve` dispatches to this module."""
+        a = build_parser().parse_args(["serve", "--policies", "/p"])
+        assert a.run is serve.run
+
+    def test_workers_must_be_positive(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--workers 0 is a usage error."""
+        with pytest.raises(SystemExit) as e:
+            serve.build_arg_parser().parse_args(["--policies", "/p", "--workers", "0"])
+        assert e.value.code == 2
+
+    def test_no_source_is_a_usage_error(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Without a policy source, exit 2 with a message saying what to give."""
+        args = serve.build_arg_parser().parse_args(["--grpc-address", "127.0.0.1:0"])
+        assert serve.run(args) == 2
+        assert "--policies" in capsys.readouterr().err
+
+    def test_workers_need_a_fixed_port(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Port 0 would give each worker its own port: refused."""
+        args = serve.build_arg_parser().parse_args(
+            ["--policies", "/p", "--workers", "2", "--grpc-address", "127.0.0.1:0"]
+        )
+        assert serve.run(args) == 2
+
+    def test_worker_argv_round_trips(self) -> None:
+        """Workers get the same flags, minus --workers; admin only on worker 0."""
+        args = serve.build_arg_parser().parse_args([
+            "--policies", "/p", "--workloads", "/w", "--workers", "3", "--threads", "2",
+            "--grpc-address", "0.0.0.0:9000",
+        ])
+        argv_for = serve.child_argv(args)
+        first = argv_for(0, 9)
+        assert first[1:4] == ["-m", "authz", "serve"]
+        child = serve.build_arg_parser().parse_args(first[4:])
+        assert (child.policies, child.workloads, child.threads, child.grpc_address) == (
+            "/p", "/w", 2, "0.0.0.0:9000"
+        )
+        assert (child.workers, child.worker_index, child.worker_ready_fd) == (1, 0, 9)
+        assert child.admin_address == "127.0.0.1:9090"
+        other = serve.build_arg_parser().parse_args(argv_for(2, 5)[4:])
+        assert (other.admin_address, other.worker_index) == ("", 2)
+
+
+class TestServe:
+    def run_until_ready(
+        self, tmp_path: Path, policies: Path, capfd: pytest.CaptureFixture[str]
+    ) -> str:
+        args = serve.build_arg_parser().parse_args([
+            "--policies", str(policies), "--grpc-address", "127.0.0.1:0", "--admin-address", "",
+            "--shutdown-grace", "0.5",
+        ])
+        stop = threading.Event()
+        result: list[int] = []
+        t = threading.Thread(target=lambda: result.append(serve.serve(args, stop)))
+        t.start()
+        line = ""
+        deadline = time.monotonic() + 10
+        while "serving Check" not in line and time.monotonic() < deadline:
+            time.sleep(0.05)
+            line += capfd.readouterr().err
+        stop.set()
+        t.join(10)
+        assert result == [0]
+        return line
+
+    def test_ready_line_names_address_and_revision(
+        self, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    ) -> None:
+        """Once loaded: `egress-authz: serving Check on HOST:PORT (policy revision N)`."""
+        (tmp_path / "p.yaml").write_text(POLICY)
+        out = self.run_until_ready(tmp_path, tmp_path, capfd)
+        assert "egress-authz: serving Check on 127.0.0.1:" in out
+        assert "(policy revision 1)" in out
+
+    def test_ready_line_without_policy(
+        self, tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A missing policy path serves (denying everything, not ready) and says so."""
+        out = self.run_until_ready(tmp_path, tmp_path / "missing", capfd)
+        assert "no policy loaded: denying everything until one is" in out
+        assert "does not exist" in caplog.text
