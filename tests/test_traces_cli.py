@@ -264,6 +264,7 @@ class TestExplain:
         """A cluster deny is explained as out of the namespace's hands."""
         _, out, _ = cli(capsys, "explain", traffic["cluster"], "--server", service.admin_url)
         assert "cluster-denied" in out and "a namespace policy cannot lift that" in out
+        assert "egress-authz/egress-cluster-policy" in out
 
     def test_audit(self, service: Service, traffic: dict[str, str], capsys: Any) -> None:
         """An audit verdict says the request went through and would be denied in enforce."""

@@ -122,6 +122,9 @@ def render(d: Mapping[str, Any]) -> str:
         source = str(d.get("policy_source") or "")
         rule = str(d.get("rule") or "")
         if reason in _NOT_A_POLICY_MATTER:
+            if not source and checks:
+                # A cluster deny names its ConfigMap in the check: "ns/configmap/deny[0]".
+                source = "/".join(str(checks[0].get("rule", "")).split("/")[:2])
             out.append("  " + _NOT_A_POLICY_MATTER[reason].format(source=source or "it") + "\n")
         else:
             # The rule that came closest names its ConfigMap ("ns/configmap/rule").
