@@ -14,7 +14,7 @@ import os
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from . import hosts
 from .model import (
@@ -388,7 +388,8 @@ def decide(
             namespace=namespace,
             service_account=account,
         )
-        return _with_explanation(d, (RuleCheck(denied_by, False, f"cluster deny lists {host}"),))
+        d._explanation = (RuleCheck(denied_by, False, f"cluster deny lists {host}"),)
+        return d
 
     if now is None:
         now = time.time()
@@ -461,7 +462,6 @@ def _denial(
         reason = Reason.HOST_NOT_ALLOWED
     mode = scope.mode if scope is not None else snapshot.cluster_mode
     audit = mode is Mode.AUDIT and reason not in ALWAYS_ENFORCED
-    explanation = explain(snapshot, scope, account, workload, dest, host, port, now)
     sources = scope.sources if scope is not None else []
     return Decision(
         allowed=audit,
@@ -476,13 +476,11 @@ def _denial(
         service_account=account,
         mode=mode,
         message=_message(reason, namespace, account, host, port, dest),
-        explanation=explanation,
+        explainer=functools.partial(
+            explain, snapshot, scope, account, workload, dest, host, port, now
+        ),
         policy_source=", ".join(sources) if sources else f"{namespace}/<new policy ConfigMap>",
     )
-
-
-def _with_explanation(decision: Decision, checks: tuple[RuleCheck, ...]) -> Decision:
-    return replace(decision, explanation=checks)
 
 
 def _message(

@@ -8,7 +8,7 @@ turns all of them into a Decision. Everything here is frozen and pure.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -239,8 +239,19 @@ class Decision:
     service_account: str = ""
     mode: Mode = Mode.ENFORCE
     message: str = ""  # one human sentence on the reason
-    explanation: tuple[RuleCheck, ...] = ()  # filled for deny and audit verdicts
     policy_source: str | None = None  # ConfigMap to edit, "namespace/name"
+    # Deny and audit verdicts carry a way to explain them. Explaining walks
+    # the nearby rules, which costs more than the decision itself, so it runs
+    # only when somebody asks (the recorder, off the Check path; `check`).
+    explainer: Callable[[], tuple[RuleCheck, ...]] | None = field(default=None, repr=False)
+    _explanation: tuple[RuleCheck, ...] | None = field(default=None, repr=False)
+
+    @property
+    def explanation(self) -> tuple[RuleCheck, ...]:
+        """The rules considered and why each did or did not apply (empty for allows)."""
+        if self._explanation is None:
+            self._explanation = self.explainer() if self.explainer is not None else ()
+        return self._explanation
 
     @property
     def workload(self) -> str:
