@@ -561,3 +561,44 @@ class TestNotes:
     def test_warns_when_istio_objects_are_off(self, chart: helm.Chart) -> None:
         """With istio.enabled=false it says what the user must create instead."""
         assert "create the Gateway" in notes(chart, {"istio": {"enabled": False}})
+
+
+class TestDockerfile:
+    """The image the chart runs (Docker cannot run here: checked statically)."""
+
+    TEXT = (ROOT / "Dockerfile").read_text()
+
+    def instructions(self, name: str) -> list[str]:
+        lines = self.TEXT.replace("\\\n", " ").splitlines()
+        return [line.split(None, 1)[1] for line in lines if line.startswith(name + " ")]
+
+    def test_base_and_entrypoint(self) -> None:
+        """python:3.11-slim, and the console script as ENTRYPOINT (the chart passes only args)."""
+        assert all(f.startswith("python:3.11-slim") for f in self.instructions("FROM"))
+        assert json.loads(self.instructions("ENTRYPOINT")[-1]) == ["egress-authz"]
+
+    def test_user_matches_chart(self, chart: helm.Chart) -> None:
+        """The image's numeric non-root user is the one the chart's pod runs as."""
+        pod = one(render(chart), "Deployment")["spec"]["template"]["spec"]
+        uid, gid = self.instructions("USER")[-1].split(":")
+        assert int(uid) == pod["securityContext"]["runAsUser"] != 0
+        assert int(gid) == pod["securityContext"]["runAsGroup"]
+
+    def test_exposed_ports_match_chart(self, chart: helm.Chart) -> None:
+        """EXPOSE lists the chart's gRPC and admin ports."""
+        ports = {p["containerPort"] for p in container(render(chart))["ports"]}
+        assert {int(p) for p in self.instructions("EXPOSE")[-1].split()} == ports
+
+    def test_installs_pinned_runtime_dependencies(self) -> None:
+        """Runtime dependencies come from pyproject.toml, pinned by requirements.lock."""
+        assert "-c requirements.lock" in self.TEXT
+        assert "['project']['dependencies']" in self.TEXT
+
+    def test_copied_files_exist(self) -> None:
+        """Every file the build COPYs from the context is in the repository."""
+        for args in self.instructions("COPY"):
+            if args.startswith("--from="):
+                continue
+            *sources, _dest = args.split()
+            for source in sources:
+                assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
