@@ -1,0 +1,256 @@
+"""The mesh registry: rendering, schema validity, server-side apply, pruning, restoring,
+leader election, the permissions table and the 1,000-namespace load."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from authz.kube.leader import LeaderElector
+from authz.kube.permissions import PERMISSIONS, verb_of
+from authz.kube.writer import RegistryWriter
+from authz.loader import build_policy_set, load_path
+from authz.render import RenderOptions, render
+from tests.kube_emulator import KubeEmulator
+from tests.kube_harness import SVC_NS, Replica, emu, policy_cm, replica, rule
+from tests.schemas import requires_istio_schemas, validate_istio
+
+__all__ = ["emu", "replica"]  # fixtures
+pytestmark = pytest.mark.kube
+SE = ("networking.istio.io/v1", "ServiceEntry")
+
+
+def ses(emu: KubeEmulator, ns: str) -> dict[str, list[str]]:
+    return {o["metadata"]["name"]: o["spec"]["hosts"] for o in emu.list(*SE, ns)}
+
+
+@pytest.fixture
+def writer(emu: KubeEmulator, replica: Replica) -> Iterator[RegistryWriter]:
+    replica.start()
+    w = RegistryWriter(replica.api(), replica.store, options=RenderOptions(),
+                       is_leader=lambda: True, backoff_cap=0.5, watch_timeout=30)
+    w.start()
+    yield w
+    w.stop()
+
+
+class TestRender:
+    @requires_istio_schemas
+    def test_examples_render_valid_objects(self) -> None:
+        """Every object rendered from the examples validates against Istio's CRD schemas."""
+        result = load_path("examples")
+        assert not result.problems
+        objs = render(build_policy_set(result.policies))
+        assert {o["kind"] for o in objs} >= {"ServiceEntry", "VirtualService",
+                                             "DestinationRule", "Gateway"}
+        for o in objs:
+            validate_istio(o)
+
+    @requires_istio_schemas
+    def test_cluster_deny_never_in_a_service_entry(self, emu: KubeEmulator) -> None:
+        """Denied hosts (exact and by wildcard) appear in no ServiceEntry; baseline hosts
+        are exported to every namespace; wildcards resolve NONE, exact names DNS."""
+        from authz.policy import parse_configmap
+
+        cms = [
+            policy_cm("shop", "p", [rule("a", "api.kadath.io", "bad.example", "x.evil.io",
+                                         "*.kadath.io", ports=[443, 80])], ),
+            policy_cm(SVC_NS, "c", [], labels={"egress-authz.io/tier": "cluster"},
+                      text="deny: [bad.example, '*.evil.io']\n"
+                           "rules: [{name: base, hosts: [status.io]}]"),
+        ]
+        for i, cm in enumerate(cms):
+            cm["metadata"]["uid"] = f"uid-{i}"
+        objs = render(build_policy_set(parse_configmap(c, cluster_namespace=SVC_NS)
+                                       for c in cms))
+        for o in objs:
+            validate_istio(o)
+        entries = [o for o in objs if o["kind"] == "ServiceEntry"]
+        all_hosts = {h for o in entries for h in o["spec"]["hosts"]}
+        assert "bad.example" not in all_hosts and "x.evil.io" not in all_hosts
+        assert {"api.kadath.io", "*.kadath.io", "status.io"} <= all_hosts
+        for o in entries:
+            wild = any(h.startswith("*.") for h in o["spec"]["hosts"])
+            assert o["spec"]["resolution"] == ("NONE" if wild else "DNS")
+            assert o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "egress-authz"
+            assert o["metadata"]["ownerReferences"][0]["kind"] == "ConfigMap"
+            ns = o["metadata"]["namespace"]
+            assert o["spec"]["exportTo"] == (["*"] if ns == SVC_NS else [".", "istio-egress"])
+        shop_dr = next(o for o in objs if o["kind"] == "DestinationRule"
+                       and o["metadata"]["namespace"] == "shop")
+        assert {s["name"] for s in shop_dr["spec"]["subsets"]} == {"api-kadath-io", "status-io"}
+
+    def test_render_command_prints_yaml(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """`egress-authz render --policies PATH` works offline and prints the objects."""
+        import yaml
+
+        from authz.cli import main
+
+        assert main(["render", "--policies", "examples", "--gateway-namespace", "gw"]) == 0
+        docs = list(yaml.safe_load_all(capsys.readouterr().out))
+        assert docs and all(d["apiVersion"] == "networking.istio.io/v1" for d in docs)
+        assert any(d["kind"] == "Gateway" and d["metadata"]["namespace"] == "gw" for d in docs)
+
+
+class TestWriter:
+    def test_service_entries_follow_configmaps(self, emu: KubeEmulator, replica: Replica,
+                                               writer: RegistryWriter) -> None:
+        """Create / change / delete a policy: ServiceEntries follow within 1 s, then prune."""
+        assert replica.source is not None and replica.source.wait_ready(5)
+        start = time.monotonic()
+        emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
+        emu.wait_for(lambda: ses(emu, "shop") == {"egress-authz-dns-443": ["api.kadath.io"]},
+                     timeout=1)
+        assert time.monotonic() - start < 1
+        applied = emu.get(*SE, "shop", "egress-authz-dns-443")
+        assert applied is not None
+        assert [m["manager"] for m in applied["metadata"]["managedFields"]] == ["egress-authz"]
+        cm = emu.get("v1", "ConfigMap", "shop", "p")
+        assert cm is not None
+        assert applied["metadata"]["ownerReferences"][0]["uid"] == cm["metadata"]["uid"]
+        emu.modify("v1", "ConfigMap", "shop", "p", lambda o: o["data"].update(
+            {"policy.yaml": "rules: [{name: b, hosts: [api.leng.com], ports: [8443]}]"}))
+        emu.wait_for(lambda: ses(emu, "shop") == {"egress-authz-dns-8443": ["api.leng.com"]},
+                     timeout=1)
+        emu.remove("v1", "ConfigMap", "shop", "p")
+        emu.wait_for(lambda: not emu.list("networking.istio.io/v1", "VirtualService")
+                     and not ses(emu, "shop"), timeout=1)
+
+    def test_hand_edited_service_entry_is_restored(self, emu: KubeEmulator, replica: Replica,
+                                                   writer: RegistryWriter) -> None:
+        """Someone adds a host by hand, or deletes our object: it is put back."""
+        emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
+        emu.wait_for(lambda: ses(emu, "shop"), timeout=2)
+        emu.modify(*SE, "shop", "egress-authz-dns-443",
+                   lambda o: o["spec"]["hosts"].append("evil.example"))
+        emu.wait_for(lambda: ses(emu, "shop") == {"egress-authz-dns-443": ["api.kadath.io"]},
+                     timeout=1)
+        emu.remove(*SE, "shop", "egress-authz-dns-443")
+        emu.wait_for(lambda: ses(emu, "shop"), timeout=1)
+
+    def test_unmanaged_objects_are_left_alone(self, emu: KubeEmulator, replica: Replica,
+                                              writer: RegistryWriter) -> None:
+        """Only objects with our managed-by label are ever pruned."""
+        emu.seed({"apiVersion": SE[0], "kind": SE[1],
+                  "metadata": {"name": "theirs", "namespace": "shop"},
+                  "spec": {"hosts": ["x.example"], "location": "MESH_EXTERNAL",
+                           "resolution": "DNS",
+                           "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}]}},
+                 policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
+        emu.wait_for(lambda: "egress-authz-dns-443" in ses(emu, "shop"), timeout=2)
+        assert "theirs" in ses(emu, "shop")
+
+
+class TestLeaderElection:
+    def test_one_holder_writes_and_the_other_takes_over(self, emu: KubeEmulator) -> None:
+        """Two replicas: one Lease holder writes; when it stops renewing, the other takes
+        over within about a lease duration and starts writing."""
+        replicas = [Replica(emu), Replica(emu)]
+        electors, writers = [], []
+        emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
+        for i, r in enumerate(replicas):
+            r.start()
+            el = LeaderElector(r.api(), f"replica-{i}", lease_duration=1.0, renew_interval=0.2)
+            w = RegistryWriter(r.api(), r.store, options=RenderOptions(),
+                               is_leader=lambda el=el: el.is_leader, backoff_cap=0.5,
+                               watch_timeout=30)
+            el.on_change = lambda leader, w=w: w.poke() if leader else None
+            electors.append(el)
+            writers.append(w)
+            w.start()
+            el.start()
+        try:
+            emu.wait_for(lambda: sum(e.is_leader for e in electors) == 1, timeout=3)
+            emu.wait_for(lambda: ses(emu, "shop"), timeout=2)
+            leader = next(i for i, e in enumerate(electors) if e.is_leader)
+            other = 1 - leader
+            assert writers[other].applied == 0
+            lease = emu.get("coordination.k8s.io/v1", "Lease", SVC_NS, "egress-authz")
+            assert lease is not None
+            assert lease["spec"]["holderIdentity"] == f"replica-{leader}"
+            start = time.monotonic()
+            electors[leader].stop(release=False)  # a crash: no hand-over
+            writers[leader].stop()
+            emu.wait_for(lambda: electors[other].is_leader, timeout=4)
+            took = time.monotonic() - start
+            assert 0.9 < took < 3.0
+            emu.seed(policy_cm("shop", "p", [rule("a", "api.leng.com")]))
+            emu.wait_for(lambda: ses(emu, "shop") == {"egress-authz-dns-443": ["api.leng.com"]},
+                         timeout=2)
+            assert writers[other].applied > 0
+        finally:
+            for e in electors:
+                e.stop()
+            for w in writers:
+                w.stop()
+            for r in replicas:
+                r.stop()
+
+
+class TestPermissions:
+    def test_every_request_is_in_the_table_and_the_table_is_used(
+            self, emu: KubeEmulator, replica: Replica) -> None:
+        """The emulator's request log, after a run using every feature, matches the table."""
+        emu.seed(policy_cm("shop", "p", [], text="rules: {bad: 1}"))
+        replica.start(namespace_selector="team")
+        el = LeaderElector(replica.api(), "me", lease_duration=1.0, renew_interval=0.2)
+        el.start()
+        w = RegistryWriter(replica.api(), replica.store, options=RenderOptions(),
+                           is_leader=lambda: el.is_leader, backoff_cap=0.5, watch_timeout=30)
+        w.start()
+        try:
+            emu.wait_for(lambda: emu.events("shop"), timeout=3)
+            emu.seed({"apiVersion": "v1", "kind": "Namespace",
+                      "metadata": {"name": "shop", "labels": {"team": "a"}}},
+                     policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
+            emu.wait_for(lambda: ses(emu, "shop"), timeout=3)
+            emu.remove("v1", "ConfigMap", "shop", "p")
+            emu.wait_for(lambda: not ses(emu, "shop"), timeout=3)
+            time.sleep(0.3)  # a Lease renewal (update) happens
+        finally:
+            w.stop()
+            el.stop()
+        by_path = {}
+        for p in PERMISSIONS:
+            base = f"/apis/{p.group}/{p.version}" if p.group else f"/api/{p.version}"
+            by_path[(base, p.resource)] = p
+        used: set[tuple[str, str, str]] = set()
+        for rec in emu.requests:
+            parts = rec.path.split("/")
+            base = "/".join(parts[:3]) if parts[1] == "api" else "/".join(parts[:4])
+            rest = [x for x in rec.path[len(base):].split("/") if x]
+            if rest[0] == "namespaces" and len(rest) >= 3:
+                rest = rest[2:]
+            perm = by_path[(base, rest[0])]
+            verb = verb_of(rec.method, collection=len(rest) == 1,
+                           watch=rec.query.get("watch") == "true")
+            assert verb in perm.verbs, f"{rec.method} {rec.path} needs {verb}"
+            used.add((perm.group, perm.resource, verb))
+        listed = {(p.group, p.resource, v) for p in PERMISSIONS for v in p.verbs}
+        assert listed == used
+
+
+class TestScale:
+    def test_thousand_namespaces_load_and_render(self, emu: KubeEmulator,
+                                                 replica: Replica) -> None:
+        """1,000 namespaces x 10 rules: listed, validated, compiled and rendered in bounded
+        time (figures in docs/benchmarks.md, "Kubernetes")."""
+        rules: list[dict[str, Any]] = []
+        for ns in range(1000):
+            rules = [rule(f"r{i}", f"api{i}.ns{ns}.example", ports=[443]) for i in range(10)]
+            emu.seed(policy_cm(f"ns{ns}", "p", rules))
+        start = time.monotonic()
+        source = replica.start()
+        assert source.wait_ready(30)
+        loaded = time.monotonic() - start
+        assert replica.allows("ns999", "api9.ns999.example")
+        assert replica.store.current is not None
+        start = time.monotonic()
+        objs = render(replica.store.current.policy_set)
+        rendered = time.monotonic() - start
+        assert len([o for o in objs if o["kind"] == "ServiceEntry"]) == 1000
+        print(f"\nkube scale: load {loaded:.2f}s, render {rendered:.2f}s, {len(objs)} objects")
+        assert loaded < 20 and rendered < 10
