@@ -346,6 +346,13 @@ class DecisionRecorder:
         self._write(lines)
 
     def _process(self, rec: DecisionRecord) -> str:
+        d = rec.decision
+        if d.verdict is not Verdict.ALLOW:
+            # The engine explains denials lazily; do it here, off the Check
+            # path, then let go of the explainer so that the ring does not keep
+            # superseded policy snapshots alive through its closure.
+            _ = d.explanation
+            d.explainer = None
         trace_id = None
         if self.spans is not None and self._keep_span(rec):
             trace_id = self.spans.emit(rec)

@@ -103,7 +103,7 @@ def make_record(
         service_account=account,
         mode=mode,
         message="" if verdict is Verdict.ALLOW else f"no rule allows {namespace}/{account}",
-        explanation=tuple(explanation),
+        explainer=(lambda: tuple(explanation)) if explanation else None,
         policy_source=policy_source,
     )
     identity = Identity(
@@ -236,6 +236,25 @@ class TestDecisionRecorder:
         assert [x["decision_id"] for x in lines] == [r.decision.decision_id for r in recs]
         assert [x["verdict"] for x in lines] == ["allow", "deny", "audit"]
         assert all(x["trace_id"] is None for x in lines)  # no span, no traceparent
+
+    def test_explains_off_the_check_path(self) -> None:
+        """A denial is explained on the recorder's thread, which then drops the explainer
+        (so the ring keeps no old policy snapshot alive)."""
+        threads: list[str] = []
+        check = RuleCheck("shop/egress-policy/x", False, "because")
+
+        def explainer() -> tuple[RuleCheck, ...]:
+            threads.append(threading.current_thread().name)
+            return (check,)
+
+        r = make_record()
+        r.decision.explainer = explainer
+        recorder = DecisionRecorder(log_stream=io.StringIO()).start()
+        recorder.record(r)
+        assert threads == []  # record() itself never explains
+        recorder.close()
+        assert threads == ["egress-authz-recorder"]
+        assert r.decision.explainer is None and r.decision.explanation == (check,)
 
     def test_log_off(self) -> None:
         """decision_log=False writes nothing but still fills the ring."""
