@@ -107,6 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # Set by the --workers supervisor on the processes it starts.
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    from authz.kube.flags import add_arguments as add_kube_arguments  # light: flags only
+
+    add_kube_arguments(p)
 
 
 def _ratio(text: str) -> float:
@@ -147,13 +150,21 @@ def build_arg_parser() -> argparse.ArgumentParser:
 # The pluggable parts: one small function each
 
 
-def build_policy_sources(args: argparse.Namespace) -> list[PolicySource]:
+def build_policy_sources(
+    args: argparse.Namespace, index: WorkloadIndex | None = None
+) -> list[PolicySource]:
     """Which sources feed the store. A Kubernetes source adds one branch here."""
     from authz.sources import DirectorySource
 
     sources: list[PolicySource] = []
     if args.policies:
         sources.append(DirectorySource(args.policies, cluster_namespace=args.cluster_namespace))
+    if getattr(args, "kube", False):
+        from authz.kube.controller import KubeController
+        from authz.workloads import WorkloadIndex
+
+        # The Pod watch feeds the same index Check reads.
+        sources.append(KubeController.from_args(args, index or WorkloadIndex()))
     if not sources:
         raise UsageError("no policy source: give --policies PATH")
     if len(sources) > 1:
@@ -268,7 +279,7 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     store = PolicyStore(trust_domain=args.trust_domain)
     store.subscribe(lambda snapshot: POLICY_REVISION.set(snapshot.revision))
     index = WorkloadIndex()
-    policy_sources = build_policy_sources(args)
+    policy_sources = build_policy_sources(args, index)
     workload_sources = build_workload_sources(args, index)
     recorder = build_recorder(args)
     worker = args.worker_index is not None

@@ -1,0 +1,76 @@
+"""`serve --kube`: the Kubernetes source, leader election and registry writer as one
+PolicySource, plus the flags that configure them (serve.py only calls into here)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Callable
+
+from ..render import RenderOptions
+from ..store import PolicyStore
+from ..workloads import WorkloadIndex
+from .client import KubeApi, configuration, service_namespace
+from .leader import LeaderElector
+from .source import KubePolicySource, KubeSettings
+from .writer import RegistryWriter
+
+
+class KubeController:
+    """A PolicySource: watches feed the store and index; the Lease holder writes."""
+
+    name = "kubernetes"
+
+    def __init__(self, api: KubeApi, index: WorkloadIndex, *, settings: KubeSettings,
+                 options: RenderOptions, write: bool = True) -> None:
+        self.source = KubePolicySource(api, index, settings)
+        identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{os.getpid()}"
+        self.writer: RegistryWriter | None = None
+        self.elector: LeaderElector | None = None
+        if write:
+            self.elector = LeaderElector(api, identity)
+            writer = RegistryWriter(api, index_store_placeholder(), options=options,
+                                    is_leader=lambda: bool(self.elector and
+                                                           self.elector.is_leader),
+                                    health=self.source.health)
+            self.writer = writer
+            self.elector.on_change = lambda leader: writer.poke() if leader else None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, index: WorkloadIndex) -> KubeController:
+        ns = args.namespace or service_namespace()
+        api = KubeApi(k8s_client(args.kubeconfig), service_ns=ns)
+        return cls(api, index,
+                   settings=KubeSettings(service_namespace=ns,
+                                         namespace_selector=args.namespace_selector),
+                   options=RenderOptions(gateway_namespace=args.gateway_namespace),
+                   write=not args.no_write)
+
+    def start(self, store: PolicyStore, on_error: Callable[[str], None]) -> None:
+        self.source.start(store, on_error)
+        if self.writer is not None and self.elector is not None:
+            self.writer.store = store
+            self.writer.start()
+            self.elector.start()
+
+    def stop(self) -> None:
+        if self.elector is not None:
+            self.elector.stop(release=True)  # hand over at once on a clean shutdown
+        if self.writer is not None:
+            self.writer.stop()
+        self.source.stop()
+
+    def ready(self) -> bool:
+        return self.source.ready()
+
+
+def index_store_placeholder() -> PolicyStore:
+    """The writer is built before serve() hands us the real store (set in start())."""
+    return PolicyStore()
+
+
+def k8s_client(kubeconfig: str | None):  # type: ignore[no-untyped-def]
+    from kubernetes import client as k8s
+
+    return k8s.ApiClient(configuration(kubeconfig=kubeconfig))
