@@ -1,0 +1,349 @@
+"""Check throughput, latency and CPU straight at the gRPC port, with h2load.
+
+Replays one CheckRequest recorded from a real Envoy 1.40 (the HTTP
+ext_authz filter, principal spiffe://cluster.local/ns/shop/sa/cart, Host
+api.kadath.io, an allowed request) against:
+
+  floor        authz.testing.floor: grpcio answering a constant OK, the
+               Python gRPC floor any ext_authz server in Python stands on
+  service/10   egress-authz serve, 10 hosts in the policy
+  service/100k egress-authz serve, 100,000 hosts over 1,000 namespaces
+               (a quarter wildcards)
+
+For each: checks/s at saturation (h2load -c 8 -m 2), p50/p99, CPU µs per
+check (utime+stime of the server's process tree from /proc), and p99 at a
+fixed 1,000 checks/s (h2load -c 4 --rps 250). Runs are interleaved across
+servers and repeated; the table shows medians. h2load shares the 2 cores
+with the server, as Envoy would in a pod.
+
+    .venv/bin/python bench/run.py service
+    .venv/bin/python bench/bench_service.py --runs 3 [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from authz.testing.envoy import free_port
+from authz.testing.floor import CHECK_METHOD, FloorServer
+from authz.testing.loadgen import (
+    H2LoadResult,
+    cpu_seconds,
+    grpc_frame,
+    median,
+    run_h2load,
+)
+from authz.testing.mesh import LoopbackMesh
+from authz.testing.service import ServiceProcess
+
+POD_IP = "127.0.0.2"
+HOST = "api.kadath.io"
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+SIZES = {"10": 10, "100k": 100_000}
+N_NAMESPACES = 1_000
+HOSTS_PER_RULE = 5
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def record_check_request(workdir: Path) -> tuple[bytes, int]:
+    """One CheckRequest as Envoy sends it for cart -> api.kadath.io over HTTP,
+    and the gateway listener port it names (the policy must allow it)."""
+    with FloorServer(record=True) as probe, LoopbackMesh(probe.port, workdir=workdir) as mesh:
+        result = mesh.http(
+            HOST,
+            namespace="shop",
+            service_account="cart",
+            source_ip=POD_IP,
+            path="/v1/charges",
+            method="POST",
+            headers={"traceparent": TRACEPARENT, "user-agent": "bench"},
+        )
+        if result.status != 200 or len(probe.requests) != 1:
+            raise RuntimeError(f"recording failed: {result.status}, {len(probe.requests)} checks")
+        return probe.requests[0], mesh.http_port
+
+
+def configmap(namespace: str, rules: list[tuple[str, list[str], str]], ports: str) -> str:
+    lines = [
+        "apiVersion: v1",
+        "kind: ConfigMap",
+        "metadata:",
+        "  name: egress-policy",
+        f"  namespace: {namespace}",
+        '  labels: {egress-authz.io/policy: "true"}',
+        "data:",
+        "  policy.yaml: |",
+        "    rules:",
+    ]
+    for name, hosts, sa in rules:
+        lines += [
+            f"      - name: {name}",
+            f"        workloads: {{serviceAccounts: [{sa}]}}",
+            f"        hosts: [{', '.join(hosts)}]",
+            f"        ports: {ports}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_policies(directory: Path, n_hosts: int, port: int) -> None:
+    """`n_hosts` hosts in all: the one the replayed request asks for, in shop,
+    and the rest spread over up to 1,000 namespaces, every fourth a wildcard."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ports = f"[443, {port}]"
+    docs = [configmap("shop", [("cart-kadath", [HOST], "cart")], ports)]
+    rest = n_hosts - 1
+    n_ns = max(1, min(N_NAMESPACES, rest))
+    per_ns: dict[int, list[str]] = {i: [] for i in range(n_ns)}
+    for i in range(rest):
+        host = f"'*.svc{i}.example.com'" if i % 4 == 3 else f"host{i}.example.com"
+        per_ns[i % n_ns].append(host)
+    for i, hosts in per_ns.items():
+        rules = [
+            (f"r{j}", hosts[k : k + HOSTS_PER_RULE], "app")
+            for j, k in enumerate(range(0, len(hosts), HOSTS_PER_RULE))
+        ]
+        if rules:
+            docs.append(configmap(f"ns{i}", rules, ports))
+    (directory / "policies.yaml").write_text("---\n".join(docs))
+
+
+def write_pods(path: Path) -> None:
+    path.write_text(
+        f"""\
+apiVersion: v1
+kind: Pod
+metadata: {{name: cart-0, namespace: shop, labels: {{app: cart}}}}
+spec: {{serviceAccountName: cart}}
+status: {{phase: Running, podIP: {POD_IP}}}
+"""
+    )
+
+
+def check_once(port: int, request: bytes) -> int:
+    """The gRPC status code inside the CheckResponse (0 = allowed)."""
+    from envoy_data_plane.envoy.service.auth.v3 import CheckResponse
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(CHECK_METHOD)
+        raw = call(request, timeout=5)
+    response = CheckResponse.parse(raw)
+    return response.status.code if response.status else 0
+
+
+# ------------------------------------------------------------------ running
+
+
+class Server:
+    def __init__(self, name: str, port: int, pid: Callable[[], int]) -> None:
+        self.name = name
+        self.port = port
+        self.pid = pid
+        self.saturated: list[tuple[H2LoadResult, float]] = []  # (result, cpu µs/check)
+        self.fixed: list[tuple[H2LoadResult, float]] = []
+
+
+def measure(server: Server, body: Path, requests: int, rps_per_client: int | None) -> None:
+    url = f"http://127.0.0.1:{server.port}{CHECK_METHOD}"
+    before = cpu_seconds(server.pid())
+    if rps_per_client is None:
+        result = run_h2load(url, body, requests=requests, clients=8, streams=2)
+    else:
+        result = run_h2load(
+            url, body, requests=requests, clients=4, streams=1, rps_per_client=rps_per_client
+        )
+    cpu_us = (cpu_seconds(server.pid()) - before) * 1e6 / max(1, result.succeeded)
+    if result.failed or result.succeeded != requests:
+        raise RuntimeError(f"{server.name}: {result.failed} failed of {requests}")
+    (server.saturated if rps_per_client is None else server.fixed).append((result, cpu_us))
+
+
+def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
+    runs = runs or int(os.environ.get("BENCH_RUNS", "3"))
+    quick = quick or os.environ.get("BENCH_QUICK") == "1"
+    saturate_n = 4_000 if quick else 20_000
+    fixed_seconds = 2 if quick else 5
+    sizes = {"10": 10, "100k": 10_000 if quick else 100_000}
+
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
+        work = Path(tmp)
+        request, port = record_check_request(work / "record")
+        body = work / "check.grpc"
+        body.write_bytes(grpc_frame(request))
+        pods = work / "pods.yaml"
+        write_pods(pods)
+
+        floor_port = free_port()
+        floor = ServiceFloor(floor_port)
+        services: dict[str, ServiceProcess] = {}
+        servers = [Server("floor", floor_port, floor.pid)]
+        try:
+            floor.start()
+            for label, n in sizes.items():
+                policies = work / f"policies-{label}"
+                write_policies(policies, n, port)
+                svc = ServiceProcess(
+                    policies,
+                    free_port(),
+                    workloads=pods,
+                    admin_port=free_port(),
+                    log_path=work / f"service-{label}.log",
+                    start_timeout=300,
+                )
+                started = time.monotonic()
+                svc.start()
+                print(
+                    f"service/{label}: {n} hosts loaded in {time.monotonic() - started:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                services[label] = svc
+                servers.append(Server(f"service/{label}", svc.port, lambda s=svc: s.pid))
+            for s in servers:
+                code = check_once(s.port, request)
+                if code != 0:
+                    raise RuntimeError(
+                        f"{s.name} does not allow the replayed request (code {code})"
+                    )
+                measure(s, body, 2_000, None)  # warm-up, discarded
+                s.saturated.clear()
+            for _ in range(runs):
+                for s in servers:
+                    measure(s, body, saturate_n, None)
+                    measure(s, body, 1_000 * fixed_seconds, 250)
+        finally:
+            for svc in services.values():
+                svc.stop()
+            floor.stop()
+
+    return report(servers, runs, sizes, saturate_n, fixed_seconds, len(request))
+
+
+class ServiceFloor:
+    """The floor server in its own process, so its CPU is its own."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: Any = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "authz.testing.floor", "--address", f"127.0.0.1:{self.port}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        if "serving" not in line:
+            raise RuntimeError(f"floor server did not start: {line}")
+
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def report(
+    servers: list[Server],
+    runs: int,
+    sizes: dict[str, int],
+    saturate_n: int,
+    fixed_seconds: int,
+    request_bytes: int,
+) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for s in servers:
+        figures[s.name] = {
+            "checks_per_s": median([r.rps for r, _ in s.saturated]),
+            "p50_ms": median([r.p50_ms for r, _ in s.saturated]),
+            "p99_ms": median([r.p99_ms for r, _ in s.saturated]),
+            "cpu_us_per_check": median([c for _, c in s.saturated]),
+            "fixed_1000_p50_ms": median([r.p50_ms for r, _ in s.fixed]),
+            "fixed_1000_p99_ms": median([r.p99_ms for r, _ in s.fixed]),
+            "fixed_1000_cpu_us_per_check": median([c for _, c in s.fixed]),
+            "runs_checks_per_s": [round(r.rps) for r, _ in s.saturated],
+        }
+    floor, small, large = (figures[s.name] for s in servers)
+    ratios = {
+        "service10_vs_floor_checks_per_s": small["checks_per_s"] / floor["checks_per_s"],
+        "service10_vs_floor_cpu_per_check": small["cpu_us_per_check"] / floor["cpu_us_per_check"],
+        "service100k_vs_service10_checks_per_s": large["checks_per_s"] / small["checks_per_s"],
+        "service100k_vs_service10_fixed_p99": large["fixed_1000_p99_ms"]
+        / small["fixed_1000_p99_ms"],
+    }
+    figures["ratios"] = ratios
+    figures["meta"] = {
+        "runs": runs,
+        "hosts": sizes,
+        "saturation_requests": saturate_n,
+        "fixed_rate_seconds": fixed_seconds,
+        "request_bytes": request_bytes,
+        "commands": {
+            "saturation": servers[0].saturated[0][0].command,
+            "fixed_rate": servers[0].fixed[0][0].command,
+        },
+    }
+
+    print(
+        f"\nCheck over gRPC, h2load, median of {runs} interleaved runs "
+        f"({request_bytes}-byte recorded CheckRequest):\n"
+    )
+    print(
+        "| server | checks/s | p50 ms | p99 ms | CPU µs/check | p50 ms @1000/s "
+        "| p99 ms @1000/s | CPU µs/check @1000/s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for s in servers:
+        f = figures[s.name]
+        print(
+            f"| {s.name} | {f['checks_per_s']:,.0f} | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} "
+            f"| {f['cpu_us_per_check']:.0f} | {f['fixed_1000_p50_ms']:.2f} "
+            f"| {f['fixed_1000_p99_ms']:.2f} | {f['fixed_1000_cpu_us_per_check']:.0f} |"
+        )
+    print()
+    print("| ratio | value | goal |")
+    print("|---|---:|---|")
+    print(
+        f"| service/10 ÷ floor, checks/s | {ratios['service10_vs_floor_checks_per_s']:.2f} "
+        "| ≥ 0.8 |"
+    )
+    print(
+        f"| service/10 ÷ floor, CPU per check | "
+        f"{ratios['service10_vs_floor_cpu_per_check']:.2f} | ≤ 1.25 |"
+    )
+    print(
+        f"| service/100k ÷ service/10, checks/s | "
+        f"{ratios['service100k_vs_service10_checks_per_s']:.2f} | within 10% |"
+    )
+    print(
+        f"| service/100k ÷ service/10, p99 @1000/s | "
+        f"{ratios['service100k_vs_service10_fixed_p99']:.2f} | |"
+    )
+    print()
+    for name, cmd in figures["meta"]["commands"].items():
+        print(f"{name}: `{cmd}`")
+    return figures
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="fewer requests, 10k not 100k hosts")
+    args = parser.parse_args()
+    main(args.runs, args.quick)
