@@ -91,8 +91,8 @@ def _parse(data: bytes, lookup: WorkloadLookup | None) -> ParsedCheck | BadReque
     # from tls_session when the filter sets include_tls_session, else from
     # destination.service, which Envoy fills with the SNI under TLS passthrough.
     sni = sni or attrs.destination.service or None
-    if too_long := _too_long(principal=principal, sni=sni):
-        return BadRequest(too_long, NETWORK_FILTER)
+    if max(len(principal), len(sni or "")) > MAX_FIELD_CHARS:
+        return BadRequest(_too_long(principal=principal, sni=sni), NETWORK_FILTER)
     workload = lookup(source_ip) if lookup is not None and source_ip else None
     return ParsedCheck(
         identity=Identity(principal=principal, source_ip=source_ip, workload=workload),
@@ -111,15 +111,17 @@ def _http(
 ) -> ParsedCheck | BadRequest:
     http = attrs.request.http
     headers = http.headers
-    header_map = http.header_map.headers
     traceparent = tracestate = None
-    count = len(headers) + len(header_map)
-    if count > MAX_HEADERS:
-        return BadRequest(f"{count} request headers exceed {MAX_HEADERS}", HTTP_FILTER)
     if headers:
+        if len(headers) > MAX_HEADERS:
+            return BadRequest(f"{len(headers)} request headers exceed {MAX_HEADERS}", HTTP_FILTER)
         traceparent = headers.get("traceparent")
         tracestate = headers.get("tracestate")
-    elif header_map:  # the filter's encode_raw_headers form
+    elif http.HasField("header_map"):  # the filter's encode_raw_headers form
+        header_map = http.header_map.headers
+        if len(header_map) > MAX_HEADERS:
+            return BadRequest(f"{len(header_map)} request headers exceed {MAX_HEADERS}",
+                              HTTP_FILTER)
         for h in header_map:
             key = h.key.lower()
             if key == "traceparent":
@@ -132,10 +134,9 @@ def _http(
     if tracestate is not None and len(tracestate) > MAX_TRACE_HEADER_CHARS:
         tracestate = None
 
-    host = http.host or None
-    if too_long := _too_long(
-        principal=principal, sni=sni, host=host, path=http.path, method=http.method
-    ):
+    host, path, method = http.host, http.path, http.method
+    if max(len(principal), len(host), len(path), len(method), len(sni or "")) > MAX_FIELD_CHARS:
+        too_long = _too_long(principal=principal, sni=sni, host=host, path=path, method=method)
         return BadRequest(too_long, HTTP_FILTER, traceparent, tracestate)
     if not port:  # no listener address: fall back on the scheme's port
         port = {"https": 443, "http": 80}.get(http.scheme, 0)
@@ -146,9 +147,9 @@ def _http(
             port=port,
             protocol=Protocol.HTTP,
             sni=sni,
-            http_host=host,
-            method=http.method or None,
-            path=http.path or None,
+            http_host=host or None,
+            method=method or None,
+            path=path or None,
         ),
         filter=HTTP_FILTER,
         traceparent=traceparent,

@@ -35,7 +35,12 @@ _WT_VARINT = 0
 _WT_LEN = 2
 
 
+_SMALL = [bytes([n]) for n in range(0x80)]  # one-byte varints: nearly every length here
+
+
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -48,9 +53,12 @@ def _tag(field: int, wire_type: int) -> bytes:
     return _varint(field << 3 | wire_type)
 
 
+_LEN_TAGS = {f: _tag(f, _WT_LEN) for f in range(1, 6)}
+
+
 def _ld(field: int, payload: bytes) -> bytes:
     """A length-delimited field: sub-message, string or bytes."""
-    return _tag(field, _WT_LEN) + _varint(len(payload)) + payload
+    return _LEN_TAGS[field] + _varint(len(payload)) + payload
 
 
 def _str(field: int, text: str) -> bytes:
@@ -58,10 +66,13 @@ def _str(field: int, text: str) -> bytes:
     return _ld(field, text.encode("utf-8", "replace"))
 
 
+_OVERWRITE_IF_EXISTS_OR_ADD = _tag(3, _WT_VARINT) + _varint(2)  # HeaderValueOption.append_action
+
+
 def _header(key: str, value: str) -> bytes:
     """core.v3.HeaderValueOption with append_action OVERWRITE_IF_EXISTS_OR_ADD,
     so that a client cannot smuggle in a decision id of its own."""
-    return _ld(1, _str(1, key) + _str(2, value)) + _tag(3, _WT_VARINT) + _varint(2)
+    return _ld(1, _str(1, key) + _str(2, value)) + _OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def _struct_entry(key: str, value: str) -> bytes:
@@ -76,28 +87,36 @@ _STATUS_OK = _ld(_F_STATUS, b"")  # google.rpc.Status{code: 0}: all defaults
 _STATUS_DENIED = _ld(_F_STATUS, _tag(1, _WT_VARINT) + _varint(GRPC_PERMISSION_DENIED))
 _HTTP_403 = _ld(1, _tag(1, _WT_VARINT) + _varint(DENY_HTTP_STATUS))  # HttpStatus
 _CONTENT_TYPE_JSON = _ld(2, _header("content-type", "application/json"))
+_ID_KEY = _str(1, DECISION_ID_HEADER)
+_ID_META_KEY = _str(1, META_DECISION_ID)
 
-# The entries for the reason and verdict strings, which take few values.
+
+def _id_header(decision_id: str) -> bytes:
+    return _ld(1, _ID_KEY + _str(2, decision_id)) + _OVERWRITE_IF_EXISTS_OR_ADD
+
+# Encoded entries for values that repeat: verdicts, reasons and rules. Bounded
+# so that a policy with very many rules cannot grow it without limit.
 _ENTRY_CACHE: dict[tuple[str, str], bytes] = {}
+_ENTRY_CACHE_MAX = 4096
 
 
 def _cached_entry(key: str, value: str) -> bytes:
     entry = _ENTRY_CACHE.get((key, value))
     if entry is None:
         entry = _struct_entry(key, value)
-        if len(_ENTRY_CACHE) < 256:
+        if len(_ENTRY_CACHE) < _ENTRY_CACHE_MAX:
             _ENTRY_CACHE[(key, value)] = entry
     return entry
 
 
 def _metadata(decision: Decision) -> bytes:
     fields = (
-        _struct_entry(META_DECISION_ID, decision.decision_id)
+        _ld(1, _ID_META_KEY + _ld(2, _str(3, decision.decision_id)))
         + _cached_entry(META_VERDICT, decision.verdict.value)
         + _cached_entry(META_REASON, decision.reason.value)
     )
     if decision.rule:
-        fields += _struct_entry(META_RULE, decision.rule)
+        fields += _cached_entry(META_RULE, decision.rule)
     return _ld(_F_METADATA, fields)
 
 
@@ -124,13 +143,15 @@ def build_check_response(decision: Decision, filter_kind: str) -> bytes:
     unreadable request gets the HTTP parts too, since either filter may have
     sent it and the network filter ignores them.
     """
-    id_header = _header(DECISION_ID_HEADER, decision.decision_id)
     if decision.allowed:
         if filter_kind == NETWORK_FILTER:
             return _STATUS_OK + _metadata(decision)
-        return _STATUS_OK + _ld(_F_OK, _ld(2, id_header)) + _metadata(decision)
+        return (
+            _STATUS_OK + _ld(_F_OK, _ld(2, _id_header(decision.decision_id))) + _metadata(decision)
+        )
     if filter_kind == NETWORK_FILTER:
         return _STATUS_DENIED + _metadata(decision)
+    id_header = _id_header(decision.decision_id)
     denied = _HTTP_403 + _CONTENT_TYPE_JSON + _ld(2, id_header) + _str(3, deny_body(decision))
     return _STATUS_DENIED + _ld(_F_DENIED, denied) + _metadata(decision)
 
