@@ -56,6 +56,7 @@ VARIANTS: list[tuple[str, dict[str, Any], str]] = [
             "clusterPolicy": {"enabled": True, "policy": {"deny": ["api.stealyourmoney.com"]}},
             "namespaceSelector": "egress-authz.io/enabled=true",
             "workers": 8,
+            "writeIstioRegistry": False,
             "podAntiAffinity": "hard",
             "env": [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://collector:4317"}],
         },
@@ -304,6 +305,8 @@ class TestDeployment:
         ]
         assert args[args.index("--namespace-selector") + 1] == "team in (a,b)"
         assert args[args.index("--workers") + 1] == "4"
+        assert "--no-write" not in args
+        assert "--no-write" in container(render(chart, {"writeIstioRegistry": False}))["args"]
 
     def test_serve_accepts_args(self, chart: helm.Chart) -> None:
         """`egress-authz serve` parses the Deployment's args in every variant (dry parse)."""

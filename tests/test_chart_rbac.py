@@ -55,12 +55,12 @@ def grants(rules: Iterable[dict[str, Any]]) -> set[Grant]:
 
 def expected_grants() -> tuple[set[Grant], set[Grant]]:
     """(cluster-wide, own-namespace) grants from the code's permissions table."""
-    from authz.kube import permissions
+    from authz.kube.permissions import PERMISSIONS, Scope
 
     cluster: set[Grant] = set()
     namespaced: set[Grant] = set()
-    for entry in permissions.PERMISSIONS:
-        target = namespaced if entry.namespaced else cluster
+    for entry in PERMISSIONS:
+        target = {Scope.CLUSTER: cluster, Scope.SERVICE_NAMESPACE: namespaced}[entry.scope]
         for verb in entry.verbs:
             target.add((entry.group, entry.resource, verb))
     return cluster, namespaced
