@@ -254,3 +254,36 @@ class TestScale:
         assert len([o for o in objs if o["kind"] == "ServiceEntry"]) == 1000
         print(f"\nkube scale: load {loaded:.2f}s, render {rendered:.2f}s, {len(objs)} objects")
         assert loaded < 20 and rendered < 10
+
+
+class TestServeKube:
+    def test_serve_kube_against_the_emulator(self, emu: KubeEmulator, tmp_path: Any) -> None:
+        """`serve --kube --kubeconfig ...` loads the policies, writes the registry, and hands
+        the Lease back on shutdown."""
+        import threading
+
+        import yaml
+
+        from authz.commands.serve import build_arg_parser, serve
+
+        emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "e",
+            "clusters": [{"name": "e", "cluster": {"server": emu.url}}],
+            "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}]}))
+        args = build_arg_parser().parse_args([
+            "--kube", "--kubeconfig", str(kubeconfig), "--namespace", SVC_NS,
+            "--grpc-address", "127.0.0.1:0", "--admin-address", ""])
+        stop = threading.Event()
+        t = threading.Thread(target=serve, args=(args, stop), daemon=True)
+        t.start()
+        try:
+            emu.wait_for(lambda: ses(emu, "shop") == {"egress-authz-dns-443": ["api.kadath.io"]},
+                         timeout=10)
+        finally:
+            stop.set()
+            t.join(10)
+        lease = emu.get("coordination.k8s.io/v1", "Lease", SVC_NS, "egress-authz")
+        assert lease is not None and not lease["spec"].get("holderIdentity")
