@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from typing import Any
 import grpc
 
 from authz.testing.envoy import free_port
-from authz.testing.floor import CHECK_METHOD, FloorServer
+from authz.testing.floor import CHECK_METHOD, FloorProcess, FloorServer
 from authz.testing.loadgen import (
     H2LoadResult,
     cpu_seconds,
@@ -176,6 +175,7 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
     fixed_seconds = 2 if quick else 5
     sizes = {"10": 10, "100k": 10_000 if quick else 100_000}
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         work = Path(tmp)
         request, port = record_check_request(work / "record")
@@ -185,9 +185,9 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
         write_pods(pods)
 
         floor_port = free_port()
-        floor = ServiceFloor(floor_port)
+        floor = FloorProcess(floor_port)
         services: dict[str, ServiceProcess] = {}
-        servers = [Server("floor", floor_port, floor.pid)]
+        servers = [Server("floor", floor_port, lambda: floor.pid)]
         try:
             floor.start()
             for label, n in sizes.items():
@@ -227,36 +227,8 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
                 svc.stop()
             floor.stop()
 
-    return report(servers, runs, sizes, saturate_n, fixed_seconds, len(request))
-
-
-class ServiceFloor:
-    """The floor server in its own process, so its CPU is its own."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.proc: Any = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "authz.testing.floor", "--address", f"127.0.0.1:{self.port}"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        if "serving" not in line:
-            raise RuntimeError(f"floor server did not start: {line}")
-
-    def pid(self) -> int:
-        return int(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+    load = (load_before, os.getloadavg()[0])
+    return report(servers, runs, sizes, saturate_n, fixed_seconds, len(request), load)
 
 
 def report(
@@ -266,6 +238,7 @@ def report(
     saturate_n: int,
     fixed_seconds: int,
     request_bytes: int,
+    load: tuple[float, float],
 ) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for s in servers:
@@ -294,6 +267,8 @@ def report(
         "saturation_requests": saturate_n,
         "fixed_rate_seconds": fixed_seconds,
         "request_bytes": request_bytes,
+        "loadavg_1min_before_after": load,
+        "cpus": os.cpu_count(),
         "commands": {
             "saturation": servers[0].saturated[0][0].command,
             "fixed_rate": servers[0].fixed[0][0].command,
@@ -338,6 +313,7 @@ def report(
     print()
     for name, cmd in figures["meta"]["commands"].items():
         print(f"{name}: `{cmd}`")
+    print(f"1-min load average before/after: {load[0]:.2f}/{load[1]:.2f} on {os.cpu_count()} CPUs")
     return figures
 
 

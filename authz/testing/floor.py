@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 import threading
 from concurrent import futures
@@ -91,6 +92,55 @@ class FloorServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class FloorProcess:
+    """The floor server in a process of its own, so that its CPU time is its own."""
+
+    def __init__(self, port: int, workers: int = 16) -> None:
+        self.port = port
+        self.workers = workers
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 15.0) -> FloorProcess:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "authz.testing.floor",
+                "--address",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                str(self.workers),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stderr is not None
+        line = self.process.stderr.readline()  # the ready line, or a traceback's first
+        if "serving Check" not in line:
+            self.stop()
+            raise RuntimeError(f"floor server did not start: {line}")
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise RuntimeError("floor server not running")
+        return self.process.pid
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
