@@ -9,6 +9,7 @@ is measured rather than guessed from wall time.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -59,7 +60,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[rank]
 
 
@@ -159,16 +160,27 @@ def run_h2load(
             cmd += ["--rps", str(rps_per_client)]
         cmd.append(url)
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-        out = done.stdout
         if done.returncode != 0:
-            raise LoadError(f"h2load failed ({done.returncode}):\n{out}\n{done.stderr}")
-        latencies_ms = []
-        statuses: dict[str, int] = {}
-        for line in log.read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 3:
-                statuses[parts[1]] = statuses.get(parts[1], 0) + 1
-                latencies_ms.append(int(parts[2]) / 1000)
+            raise LoadError(f"h2load failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        command = (
+            shlex.join(cmd)
+            .replace(str(body_file), body_file.name)
+            .replace(f"--log-file={log}", "--log-file=requests.tsv")
+            .replace(h2load, "h2load")
+        )
+        return parse_h2load(done.stdout, log.read_text(), command)
+
+
+def parse_h2load(out: str, log_text: str, command: str = "") -> H2LoadResult:
+    """h2load's summary for counts and rate; its --log-file rows (start µs,
+    HTTP status, µs to end of response) for the latency percentiles, which
+    the summary does not give. HTTP 2xx is all h2load checks: a gRPC error
+    is a 200 with a grpc-status trailer, so callers check one answer first."""
+    latencies_ms = []
+    for line in log_text.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3:
+            latencies_ms.append(int(parts[2]) / 1000)
     m = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
     r = re.search(
         r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out
@@ -184,10 +196,7 @@ def run_h2load(
         rps=float(m.group(3)),
         p50_ms=percentile(latencies_ms, 50),
         p99_ms=percentile(latencies_ms, 99),
-        command=shlex.join(cmd)
-        .replace(str(body_file), body_file.name)
-        .replace(f"--log-file={log}", "--log-file=requests.tsv")
-        .replace(h2load, "h2load"),
+        command=command,
     )
 
 
@@ -230,9 +239,13 @@ def run_wrk(
         cmd += ["-H", h]
     cmd.append(url)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    out = done.stdout
     if done.returncode != 0:
-        raise LoadError(f"wrk failed ({done.returncode}):\n{out}\n{done.stderr}")
+        raise LoadError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return parse_wrk(done.stdout, shlex.join(cmd).replace(wrk, "wrk"))
+
+
+def parse_wrk(out: str, command: str = "") -> WrkResult:
+    """wrk --latency output: rate, totals, the 50%/99% rows, error counts."""
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
     p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
@@ -248,5 +261,5 @@ def run_wrk(
         p99_ms=_ms(p99.group(1)),
         non_2xx=int(non2xx.group(1)) if non2xx else 0,
         socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
-        command=shlex.join(cmd).replace(wrk, "wrk"),
+        command=command,
     )
