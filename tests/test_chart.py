@@ -345,10 +345,10 @@ class TestDeployment:
         """A PDB with one replica would block every node drain, so it is not rendered."""
         assert one(render(chart), "PodDisruptionBudget")["spec"]["minAvailable"] == 1
         assert not by_kind(render(chart, {"replicaCount": 1}), "PodDisruptionBudget")
-        assert by_kind(
-            render(chart, {"replicaCount": 1, "autoscaling": {"enabled": True}}),
-            "PodDisruptionBudget",
-        )
+        autoscaled = {"replicaCount": 1, "autoscaling": {"enabled": True, "minReplicas": 2}}
+        assert by_kind(render(chart, autoscaled), "PodDisruptionBudget")
+        autoscaled["autoscaling"]["minReplicas"] = 1
+        assert not by_kind(render(chart, autoscaled), "PodDisruptionBudget")
 
 
 class TestService:
