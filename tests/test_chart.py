@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -605,3 +606,42 @@ class TestDockerfile:
             *sources, _dest = args.split()
             for source in sources:
                 assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+
+
+class TestInstallGuide:
+    """docs/install.md stays true to the chart and the repository."""
+
+    TEXT = (ROOT / "docs" / "install.md").read_text()
+
+    def test_every_set_flag_is_a_valid_value(self, chart: helm.Chart) -> None:
+        """Each `--set`/`--set-json` in the guide passes values.schema.json and renders."""
+        flags = re.findall(r"--set(-json)? '?([A-Za-z][\w.]*=[^'\s`]+)'?", self.TEXT)
+        assert len(flags) >= 6
+        for is_json, assignment in flags:
+            if assignment.endswith("=..."):
+                continue  # a placeholder for the reader's own value
+            parse = helm.parse_set_json if is_json else helm.parse_set_string
+            values = parse(assignment)
+            chart.validate_schema(values)
+            render(chart, values)
+
+    def test_value_table_names_real_values(self, chart: helm.Chart) -> None:
+        """Every value in the guide's table exists in values.yaml."""
+        defaults = chart.values
+        table = self.TEXT.split("Values you are most likely to set:", 1)[1].split("\n\n", 2)[1]
+        keys = re.findall(r"^\| `([\w.]+)`", table, flags=re.MULTILINE)
+        assert "replicaCount" in keys
+        for key in keys:
+            node: Any = defaults
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"docs name unknown value {key}"
+                node = node[part]
+
+    def test_referenced_files_exist(self) -> None:
+        """Every repository path the guide points at exists."""
+        # Files (with an extension) and the chart; `istio/gateway` etc. are Istio's Helm charts.
+        paths = set(re.findall(r"(?<![\w/])((?:istio|charts|docs)/[\w/-]+\.\w+)", self.TEXT))
+        paths |= set(re.findall(r"(?<![\w/])(charts/egress-authz)\b", self.TEXT))
+        assert "istio/mesh-config.yaml" in paths
+        for path in paths:
+            assert (ROOT / path).exists(), path
