@@ -3,10 +3,11 @@
 The gRPC server hands each DecisionRecord to `DecisionRecorder.record()`,
 which does only cheap, bounded work inline (metrics, the ring buffer the
 admin endpoint reads, one append to a bounded queue). One background thread
-then writes the JSON-lines decision log and, when an exporter is configured
-through the standard OTEL_* variables, the OpenTelemetry span. Full queues
-drop and count in `egress_authz_trace_records_dropped_total`; nothing here
-waits for a reader or a collector.
+then explains denials, writes the JSON-lines decision log and hands kept
+decisions to a span sink (authz/spans.py: OpenTelemetry, configured by the
+standard OTEL_* variables). Full queues drop and count in
+`egress_authz_trace_records_dropped_total`; nothing here waits for a reader
+or a collector.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import queue
 import random
 import sys
@@ -23,18 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any
-
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SpanExporter,
-)
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import SpanKind
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from typing import IO, Any, Protocol
 
 from .metrics import CHECK_SECONDS, CHECKS, TRACE_DROPPED
 from .model import Verdict
@@ -42,8 +31,6 @@ from .records import DecisionRecord
 
 log = logging.getLogger(__name__)
 
-SPAN_NAME = "egress-authz.check"
-ATTRIBUTE_PREFIX = "egress_authz."
 
 # The decision log's fields, in output order: a public contract (README,
 # "Decision log"). Every line carries every key; absent values are null.
@@ -240,10 +227,28 @@ class RingBuffer:
 # The recorder
 
 
+class Spans(Protocol):
+    """Where kept decisions become spans (authz.spans: in this process or a child)."""
+
+    def emit(self, rec: DecisionRecord, fields: Mapping[str, Any], line: str) -> None:
+        """One span; `fields` are the log fields (trace_id decided), `line` their JSON."""
+
+    def end_batch(self) -> None:
+        """The recorder drained its queue: push out anything buffered."""
+
+    def flush(self, timeout: float = 5.0) -> bool: ...
+
+    def shutdown(self, timeout: float = 5.0) -> None: ...
+
+
+def new_trace_id() -> str:
+    return f"{random.getrandbits(128) or 1:032x}"
+
+
 class DecisionRecorder:
     """The Recorder `serve` plugs into the gRPC server.
 
-    `spans` is a SpanSink (from `span_sink_from_env()`), or None when no
+    `spans` comes from `authz.spans.spans_from_env()`, or is None when no
     exporter is configured: then no span is ever built.
     """
 
@@ -251,7 +256,7 @@ class DecisionRecorder:
         self,
         settings: TracingSettings | None = None,
         *,
-        spans: SpanSink | None = None,
+        spans: Spans | None = None,
         log_stream: IO[str] | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -344,6 +349,8 @@ class DecisionRecorder:
                 self._write(lines)
                 lines = []
         self._write(lines)
+        if self.spans is not None:
+            self.spans.end_batch()
 
     def _process(self, rec: DecisionRecord) -> str:
         d = rec.decision
@@ -353,14 +360,19 @@ class DecisionRecorder:
             # superseded policy snapshots alive through its closure.
             _ = d.explanation
             d.explainer = None
-        trace_id = None
-        if self.spans is not None and self._keep_span(rec):
-            trace_id = self.spans.emit(rec)
         self.ring.publish(rec)
-        if not self.settings.decision_log:
+        span = self.spans is not None and self._keep_span(rec)
+        if not span and not self.settings.decision_log:
             return ""
-        fields = record_fields(rec, trace_id)
-        return json.dumps(fields, separators=(",", ":"), ensure_ascii=False) + "\n"
+        fields = record_fields(rec)
+        if span and fields["trace_id"] is None:
+            # Chosen here, not by the SDK, so the log line names the trace
+            # its span lands in, wherever the span is built.
+            fields["trace_id"] = new_trace_id()
+        line = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+        if span and self.spans is not None:
+            self.spans.emit(rec, fields, line)
+        return line + "\n" if self.settings.decision_log else ""
 
     def _keep_span(self, rec: DecisionRecord) -> bool:
         if rec.decision.verdict is not Verdict.ALLOW:
@@ -378,182 +390,3 @@ class DecisionRecorder:
         except (OSError, ValueError):
             # A closed or broken stdout must not stop spans and the ring.
             TRACE_DROPPED.inc("log", amount=float(len(lines)))
-
-
-# ---------------------------------------------------------------------------
-# OpenTelemetry: one SERVER span per kept decision, exported in batches.
-
-
-class TracingConfigError(ValueError):
-    """The OTEL_* environment asks for something this service cannot export to."""
-
-
-# Attribute names: egress_authz.<log field>, so that a span and its log line
-# read the same; the span's own start, end and trace id replace time,
-# latency_us and trace_id. The rpc.* keys are the semantic conventions for
-# what this span is: the server side of one ext_authz Check call.
-_SPAN_FIELDS = tuple(f for f in LOG_FIELDS if f not in ("time", "latency_us", "trace_id"))
-_RPC_ATTRIBUTES = {
-    "rpc.system": "grpc",
-    "rpc.service": "envoy.service.auth.v3.Authorization",
-    "rpc.method": "Check",
-}
-
-
-def span_attributes(rec: DecisionRecord) -> dict[str, str | int | bool]:
-    fields = record_fields(rec)
-    attrs: dict[str, str | int | bool] = dict(_RPC_ATTRIBUTES)
-    for name in _SPAN_FIELDS:
-        value = fields[name]
-        if value is not None:  # OpenTelemetry attributes may not be null
-            attrs[ATTRIBUTE_PREFIX + name] = value
-    attrs[ATTRIBUTE_PREFIX + "allowed"] = rec.decision.allowed
-    return attrs
-
-
-class _CountingBatchSpanProcessor(BatchSpanProcessor):
-    """A BatchSpanProcessor that counts the spans its full queue pushes out.
-
-    The SDK drops silently (one log line); the operator should see it in
-    /metrics like every other drop. It reads the SDK's private queue, so a
-    future SDK without it simply stops counting.
-    """
-
-    def on_end(self, span: ReadableSpan) -> None:
-        pending = getattr(getattr(self, "_batch_processor", None), "_queue", None)
-        full = isinstance(pending, collections.deque) and len(pending) == pending.maxlen
-        if full:
-            TRACE_DROPPED.inc("span")
-        super().on_end(span)
-
-
-class SpanSink:
-    """Builds one span per kept record and hands it to the batch processor."""
-
-    def __init__(self, provider: TracerProvider) -> None:
-        self.provider = provider
-        self.tracer = provider.get_tracer("egress-authz")
-        self._propagator = TraceContextTextMapPropagator()
-
-    def emit(self, rec: DecisionRecord) -> str:
-        """Record the span; return its trace id (hex) for the log line."""
-        context = None
-        if rec.traceparent:
-            carrier = {"traceparent": rec.traceparent}
-            if rec.tracestate:
-                carrier["tracestate"] = rec.tracestate
-            # An invalid header extracts to an empty context: the span is a root.
-            context = self._propagator.extract(carrier)
-        span = self.tracer.start_span(
-            SPAN_NAME,
-            context=context,
-            kind=SpanKind.SERVER,
-            attributes=span_attributes(rec),
-            start_time=rec.start_unix_ns,
-        )
-        span.end(end_time=rec.start_unix_ns + rec.duration_ns)
-        return format(span.get_span_context().trace_id, "032x")
-
-    def flush(self, timeout: float = 5.0) -> bool:
-        return bool(self.provider.force_flush(int(timeout * 1000)))
-
-    def shutdown(self, timeout: float = 5.0) -> None:
-        self.provider.shutdown()
-
-
-def _resource(environ: Mapping[str, str]) -> Resource:
-    resource = Resource.create({})  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
-    name = str(resource.attributes.get("service.name", ""))
-    if name.startswith("unknown_service"):
-        resource = resource.merge(Resource({"service.name": "egress-authz"}))
-    return resource
-
-
-def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter:
-    protocol = (
-        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "grpc"  # what the Python SDK's `otlp` exporter means; README says so
-    ).strip()
-    # The exporters read their endpoint, headers, certificates and timeout
-    # from the same OTEL_EXPORTER_OTLP_* variables themselves.
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        return GrpcExporter()
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpExporter,
-        )
-
-        return HttpExporter()
-    raise TracingConfigError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: use grpc or http/protobuf"
-    )
-
-
-def exporters_from_env(environ: Mapping[str, str] | None = None) -> list[SpanExporter]:
-    """The span exporters the OTEL_* variables ask for; [] means tracing is off.
-
-    Unlike the SDK's auto-configuration, an unset OTEL_TRACES_EXPORTER only
-    means OTLP when an OTLP endpoint is set: a service started with no
-    telemetry settings must not spend time building spans for nobody.
-    """
-    env = os.environ if environ is None else environ
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return []
-    names = env.get("OTEL_TRACES_EXPORTER")
-    if names is None:
-        endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        if not any(env.get(k) for k in endpoints):
-            return []
-        names = "otlp"
-    out: list[SpanExporter] = []
-    for name in (n.strip().lower() for n in names.split(",")):
-        if name in ("", "none"):
-            continue
-        if name == "otlp":
-            out.append(_otlp_exporter(env))
-        elif name == "console":
-            out.append(ConsoleSpanExporter(out=sys.stderr))  # stdout is the decision log
-        else:
-            raise TracingConfigError(
-                f"OTEL_TRACES_EXPORTER={name!r} is not supported: use otlp, console or none"
-            )
-    return out
-
-
-def span_sink(
-    exporters: list[SpanExporter],
-    environ: Mapping[str, str] | None = None,
-    *,
-    max_queue_size: int | None = None,
-    schedule_delay_millis: float | None = None,
-) -> SpanSink | None:
-    """A SpanSink batching to `exporters`, or None when there are none."""
-    if not exporters:
-        return None
-    env = os.environ if environ is None else environ
-    # The recorder has already chosen which decisions get a span (all denials
-    # and audits, a share of allows), so the SDK samples everything it is
-    # given, unless the operator set OTEL_TRACES_SAMPLER on purpose. A
-    # parent-based default would lose denials whose caller did not sample.
-    sampler = None if env.get("OTEL_TRACES_SAMPLER") else ALWAYS_ON
-    provider = TracerProvider(sampler=sampler, resource=_resource(env))
-    for exporter in exporters:
-        provider.add_span_processor(
-            _CountingBatchSpanProcessor(
-                exporter,
-                max_queue_size=max_queue_size,
-                schedule_delay_millis=schedule_delay_millis,
-                # A small queue needs batches no larger than itself (the SDK insists).
-                max_export_batch_size=min(512, max_queue_size) if max_queue_size else None,
-            )
-        )
-    return SpanSink(provider)
-
-
-def span_sink_from_env(environ: Mapping[str, str] | None = None) -> SpanSink | None:
-    return span_sink(exporters_from_env(environ), environ)

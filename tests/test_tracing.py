@@ -30,17 +30,14 @@ from authz.model import (
     Workload,
 )
 from authz.records import DecisionRecord
+from authz.spans import SPAN_NAME, TracingConfigError, exporters_from_env, span_sink
 from authz.tracing import (
     LOG_FIELDS,
-    SPAN_NAME,
     DecisionRecorder,
     RingBuffer,
-    TracingConfigError,
     TracingSettings,
-    exporters_from_env,
     record_detail,
     record_fields,
-    span_sink,
     trace_id_of,
 )
 
@@ -520,3 +517,152 @@ class TestExportersFromEnv:
         assert sink is not None
         assert sink.provider.resource.attributes["service.name"] == "egress-gw-authz"
         sink.shutdown()
+
+
+class CollectorStub:
+    """An OTLP/gRPC collector on 127.0.0.1 that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        self.spans: list[Any] = []  # opentelemetry.proto.trace.v1.Span
+        self.resources: list[Any] = []
+        self._lock = threading.Lock()
+
+        def export(data: bytes, context: object) -> bytes:
+            req = ExportTraceServiceRequest.FromString(data)
+            with self._lock:
+                for rs in req.resource_spans:
+                    self.resources.append(rs.resource)
+                    for ss in rs.scope_spans:
+                        self.spans.extend(ss.spans)
+            return b""  # ExportTraceServiceResponse{}: all accepted
+
+        handler = grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService",
+            {"Export": grpc.unary_unary_rpc_method_handler(export)},
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "OTEL_SERVICE_NAME": "egress-authz-test",
+        }
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while len(self.spans) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return list(self.spans)
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def _attrs(span: Any) -> dict[str, Any]:
+    out = {}
+    for kv in span.attributes:
+        which = kv.value.WhichOneof("value")
+        out[kv.key] = getattr(kv.value, which) if which else None
+    return out
+
+
+class TestSpanPipe:
+    def test_child_exports_spans_over_otlp(self) -> None:
+        """serve's path: spans go through the child process to an OTLP/gRPC collector,
+        with the caller's trace as parent and the log line's trace id."""
+        import os
+
+        from authz.spans import SpanPipe
+
+        stub = CollectorStub()
+        log = io.StringIO()
+        try:
+            pipe = SpanPipe({**os.environ, **stub.env})
+            recorder = DecisionRecorder(
+                TracingSettings(flush_interval=0.01), spans=pipe, log_stream=log
+            ).start()
+            child = make_record(traceparent=TRACEPARENT, start_unix_ns=1_700_000_000 * 10**9)
+            root = make_record(verdict=Verdict.ALLOW)
+            recorder.record(child)
+            recorder.record(root)
+            recorder.close()  # closes the pipe: the child flushes and exits
+            spans = stub.wait_for(2)
+        finally:
+            stub.stop()
+        assert pipe.proc.returncode == 0
+        assert len(spans) == 2
+        by_id = {_attrs(s)["egress_authz.decision_id"]: s for s in spans}
+        s = by_id[child.decision.decision_id]
+        assert s.name == SPAN_NAME and s.kind == 2  # SPAN_KIND_SERVER
+        assert s.trace_id.hex() == TRACE_ID and s.parent_span_id.hex() == PARENT_SPAN
+        assert s.start_time_unix_nano == 1_700_000_000 * 10**9
+        assert s.end_time_unix_nano - s.start_time_unix_nano == child.duration_ns
+        assert _attrs(s)["egress_authz.verdict"] == "deny"
+        lines = {json.loads(x)["decision_id"]: json.loads(x) for x in log.getvalue().splitlines()}
+        r = by_id[root.decision.decision_id]
+        assert r.parent_span_id == b""
+        assert r.trace_id.hex() == lines[root.decision.decision_id]["trace_id"]
+        names = [
+            kv.value.string_value
+            for res in stub.resources
+            for kv in res.attributes
+            if kv.key == "service.name"
+        ]
+        assert set(names) == {"egress-authz-test"}
+
+    def test_stalled_child_drops_never_blocks(self) -> None:
+        """With the exporter process frozen, record() stays fast and the spans that
+        do not fit in the pipe are dropped and counted."""
+        import os
+        import signal
+
+        from authz.spans import SpanPipe
+
+        stub = CollectorStub()
+        pipe = SpanPipe({**os.environ, **stub.env})
+        os.kill(pipe.proc.pid, signal.SIGSTOP)
+        try:
+            recorder = DecisionRecorder(
+                TracingSettings(flush_interval=0.001, queue_size=1000),
+                spans=pipe,
+                log_stream=io.StringIO(),
+            ).start()
+            before = TRACE_DROPPED.value("span")
+            r = make_record()
+            worst = 0
+            for i in range(20_000):
+                t0 = time.perf_counter_ns()
+                recorder.record(r)
+                worst = max(worst, time.perf_counter_ns() - t0)
+                if i % 200 == 0:
+                    time.sleep(0.005)  # paced so that the recorder keeps up: the pipe fills
+            deadline = time.monotonic() + 20
+            while recorder.pending and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # The 1 MiB pipe holds ~1,500 lines; the rest must have been dropped.
+            assert TRACE_DROPPED.value("span") - before > 10_000
+            assert worst < 50_000_000  # ns: no call waited on the frozen child
+        finally:
+            os.kill(pipe.proc.pid, signal.SIGCONT)
+            recorder.close()
+            stub.stop()
+
+    def test_config(self) -> None:
+        """No OTEL_* means no child at all; an unsupported exporter fails at once."""
+        from authz.spans import spans_from_env
+
+        assert spans_from_env({}) is None
+        with pytest.raises(TracingConfigError):
+            spans_from_env({"OTEL_TRACES_EXPORTER": "jaeger"})

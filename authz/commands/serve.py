@@ -183,15 +183,13 @@ def build_workload_sources(
 
 def build_recorder(args: argparse.Namespace) -> Recorder:
     """What records each decision: metrics, ring buffer, decision log, spans."""
-    from authz.tracing import (
-        DecisionRecorder,
-        TracingConfigError,
-        TracingSettings,
-        span_sink_from_env,
-    )
+    from authz.spans import TracingConfigError, spans_from_env
+    from authz.tracing import DecisionRecorder, TracingSettings
 
     try:
-        spans = span_sink_from_env()  # None unless OTEL_* asks for an exporter
+        # None unless OTEL_* asks for an exporter; else a child process builds
+        # and exports the spans, off this process's GIL.
+        spans = spans_from_env()
     except TracingConfigError as e:
         raise UsageError(str(e)) from e
     settings = TracingSettings(

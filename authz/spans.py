@@ -1,0 +1,413 @@
+"""OpenTelemetry spans for recorded decisions, built off the serving process.
+
+The recorder (authz/tracing.py) hands each kept decision here. Building an
+SDK span and encoding it to OTLP costs a few hundred microseconds of Python,
+as much as half a Check, and in the serving process it would hold the GIL
+against the Check path. So `serve` runs a child process (`python -m
+authz.spans`) that reads one compact line per span from a pipe and does the
+SDK work there; the serving process pays one non-blocking pipe write, and
+drops (counted) when the pipe is full. `SpanSink` is the same span building
+in-process, for tests and for the child itself.
+
+Export follows the standard variables: OTEL_TRACES_EXPORTER (otlp, console,
+none), OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT / _PROTOCOL / _HEADERS / ...,
+OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER,
+OTEL_BSP_*. With none of them set, there are no spans at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from .metrics import TRACE_DROPPED
+from .records import DecisionRecord
+from .tracing import LOG_FIELDS
+
+log = logging.getLogger(__name__)
+
+SPAN_NAME = "egress-authz.check"
+ATTRIBUTE_PREFIX = "egress_authz."
+PIPE_BUF = 4096  # POSIX: writes up to this size to a pipe are all-or-nothing
+_PIPE_SIZE = 1 << 20  # ask Linux for a 1 MiB pipe: ~1,500 spans of burst
+_F_SETPIPE_SZ = 1031
+
+
+class TracingConfigError(ValueError):
+    """The OTEL_* environment asks for something this service cannot export to."""
+
+
+# Attribute names: egress_authz.<log field>, so that a span and its log line
+# read the same; the span's own start, end and trace id replace time,
+# latency_us and trace_id. The rpc.* keys are the semantic conventions for
+# what this span is: the server side of one ext_authz Check call.
+_SPAN_FIELDS = tuple(f for f in LOG_FIELDS if f not in ("time", "latency_us", "trace_id"))
+_RPC_ATTRIBUTES = {
+    "rpc.system": "grpc",
+    "rpc.service": "envoy.service.auth.v3.Authorization",
+    "rpc.method": "Check",
+}
+
+
+def span_attributes(fields: Mapping[str, Any], allowed: bool) -> dict[str, str | int | bool]:
+    attrs: dict[str, str | int | bool] = dict(_RPC_ATTRIBUTES)
+    for name in _SPAN_FIELDS:
+        value = fields.get(name)
+        if value is not None:  # OpenTelemetry attributes may not be null
+            attrs[ATTRIBUTE_PREFIX + name] = value
+    attrs[ATTRIBUTE_PREFIX + "allowed"] = allowed
+    return attrs
+
+
+class _CountingBatchSpanProcessor(BatchSpanProcessor):
+    """A BatchSpanProcessor that counts the spans its full queue pushes out.
+
+    The SDK drops with one log line; the operator should see it in /metrics
+    like every other drop (in-process use). It reads the SDK's private
+    queue, so a future SDK without it simply stops counting.
+    """
+
+    def on_end(self, span: ReadableSpan) -> None:
+        pending = getattr(getattr(self, "_batch_processor", None), "_queue", None)
+        if isinstance(pending, collections.deque) and len(pending) == pending.maxlen:
+            TRACE_DROPPED.inc("span")
+        super().on_end(span)
+
+
+class _ChosenTraceIds(IdGenerator):
+    """Root spans get the trace id the recorder already wrote in the log line."""
+
+    def __init__(self) -> None:
+        self.random = RandomIdGenerator()
+        self.next_trace_id = 0
+
+    def generate_span_id(self) -> int:
+        return self.random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        return self.next_trace_id or self.random.generate_trace_id()
+
+
+class SpanSink:
+    """Builds one SERVER span per kept decision, batched to the exporters.
+
+    Called from one thread only (the recorder's, or the child's main loop).
+    """
+
+    def __init__(self, provider: TracerProvider, ids: _ChosenTraceIds) -> None:
+        self.provider = provider
+        self.tracer = provider.get_tracer("egress-authz")
+        self._ids = ids
+        self._propagator = TraceContextTextMapPropagator()
+
+    def emit(self, rec: DecisionRecord, fields: Mapping[str, Any], line: str = "") -> None:
+        self.emit_raw(
+            fields,
+            rec.start_unix_ns,
+            rec.duration_ns,
+            rec.traceparent,
+            rec.tracestate,
+            rec.decision.allowed,
+        )
+
+    def emit_raw(
+        self,
+        fields: Mapping[str, Any],
+        start_ns: int,
+        duration_ns: int,
+        traceparent: str | None,
+        tracestate: str | None,
+        allowed: bool,
+    ) -> None:
+        context = None
+        if traceparent:
+            carrier = {"traceparent": traceparent}
+            if tracestate:
+                carrier["tracestate"] = tracestate
+            # An invalid header extracts to an empty context: the span is a root.
+            context = self._propagator.extract(carrier)
+        trace_id = fields.get("trace_id")
+        self._ids.next_trace_id = int(trace_id, 16) if trace_id else 0
+        span = self.tracer.start_span(
+            SPAN_NAME,
+            context=context,
+            kind=SpanKind.SERVER,
+            attributes=span_attributes(fields, allowed),
+            start_time=start_ns,
+        )
+        span.end(end_time=start_ns + duration_ns)
+
+    def end_batch(self) -> None:
+        return None  # the BatchSpanProcessor batches on its own
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        return bool(self.provider.force_flush(int(timeout * 1000)))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.provider.shutdown()
+
+
+class SpanPipe:
+    """The serving process's end: one line per span to the `authz.spans` child.
+
+    A line is `[start_ns, duration_ns, traceparent, tracestate, allowed]`, a
+    tab, and the decision-log JSON the recorder made anyway. Lines are
+    gathered into writes of at most PIPE_BUF bytes, which a pipe takes whole
+    or refuses; a refused write (the child is behind) drops its lines and
+    counts them under sink="span". Nothing here ever blocks.
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "authz.spans"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,  # stdout is the parent's decision log
+            env=dict(os.environ if env is None else env),
+        )
+        assert self.proc.stdin is not None
+        self._fd = self.proc.stdin.fileno()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self._fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        os.set_blocking(self._fd, False)
+        self._chunk: list[bytes] = []
+        self._chunk_size = 0
+        self._dead = False
+
+    def emit(self, rec: DecisionRecord, fields: Mapping[str, Any], line: str) -> None:
+        header = json.dumps(
+            [
+                rec.start_unix_ns,
+                rec.duration_ns,
+                rec.traceparent,
+                rec.tracestate,
+                rec.decision.allowed,
+            ],
+            separators=(",", ":"),
+        )
+        data = f"{header}\t{line}\n".encode()
+        if len(data) > PIPE_BUF:
+            # Only a huge path or principal gets here; the span keeps their start.
+            short = dict(
+                fields,
+                path=(fields.get("path") or "")[:256] or None,
+                principal=(fields.get("principal") or "")[:256] or None,
+            )
+            data = f"{header}\t{json.dumps(short, separators=(',', ':'))}\n".encode()
+            if len(data) > PIPE_BUF:
+                TRACE_DROPPED.inc("span")
+                return
+        if self._chunk_size + len(data) > PIPE_BUF:
+            self.end_batch()
+        self._chunk.append(data)
+        self._chunk_size += len(data)
+
+    def end_batch(self) -> None:
+        if not self._chunk:
+            return
+        chunk, lines = b"".join(self._chunk), len(self._chunk)
+        self._chunk, self._chunk_size = [], 0
+        if self._dead:
+            TRACE_DROPPED.inc("span", amount=float(lines))
+            return
+        try:
+            os.write(self._fd, chunk)
+        except BlockingIOError:
+            TRACE_DROPPED.inc("span", amount=float(lines))
+        except OSError as e:  # the child is gone (EPIPE): spans stop, Checks do not
+            self._dead = True
+            TRACE_DROPPED.inc("span", amount=float(lines))
+            log.error("span exporter process exited (%s); no more spans are exported", e)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        self.end_batch()
+        return not self._dead
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Hand over what is left, close the pipe, let the child flush and exit."""
+        self.end_batch()
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("span exporter did not finish within %.1fs; stopping it", timeout)
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# Configuration from the environment
+
+
+def _resource() -> Resource:
+    resource = Resource.create({})  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+    name = str(resource.attributes.get("service.name", ""))
+    if name.startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "egress-authz"}))
+    return resource
+
+
+def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter:
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"  # what the Python SDK's `otlp` exporter means; README says so
+    ).strip()
+    # The exporters read their endpoint, headers, certificates and timeout
+    # from the same OTEL_EXPORTER_OTLP_* variables themselves.
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpExporter,
+        )
+
+        return HttpExporter()
+    raise TracingConfigError(
+        f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: use grpc or http/protobuf"
+    )
+
+
+def exporter_names(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The exporters the OTEL_* variables ask for; [] means tracing is off.
+
+    Unlike the SDK's auto-configuration, an unset OTEL_TRACES_EXPORTER only
+    means OTLP when an OTLP endpoint is set: a service started with no
+    telemetry settings must not spend anything on spans for nobody.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    names = env.get("OTEL_TRACES_EXPORTER")
+    if names is None:
+        endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        if not any(env.get(k) for k in endpoints):
+            return []
+        names = "otlp"
+    out = []
+    for name in (n.strip().lower() for n in names.split(",")):
+        if name in ("", "none"):
+            continue
+        if name not in ("otlp", "console"):
+            raise TracingConfigError(
+                f"OTEL_TRACES_EXPORTER={name!r} is not supported: use otlp, console or none"
+            )
+        if name == "otlp":
+            _check_protocol(env)
+        out.append(name)
+    return out
+
+
+def _check_protocol(env: Mapping[str, str]) -> None:
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL"
+    )
+    if protocol and protocol.strip() not in ("grpc", "http/protobuf"):
+        raise TracingConfigError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: use grpc or http/protobuf"
+        )
+
+
+def exporters_from_env(environ: Mapping[str, str] | None = None) -> list[SpanExporter]:
+    env = os.environ if environ is None else environ
+    out: list[SpanExporter] = []
+    for name in exporter_names(env):
+        if name == "otlp":
+            out.append(_otlp_exporter(env))
+        else:
+            out.append(ConsoleSpanExporter(out=sys.stderr))  # stdout is the decision log
+    return out
+
+
+def span_sink(
+    exporters: list[SpanExporter],
+    environ: Mapping[str, str] | None = None,
+    *,
+    max_queue_size: int | None = None,
+    schedule_delay_millis: float | None = None,
+) -> SpanSink | None:
+    """An in-process SpanSink batching to `exporters`, or None when there are none."""
+    if not exporters:
+        return None
+    env = os.environ if environ is None else environ
+    # The recorder has already chosen which decisions get a span (all denials
+    # and audits, a share of allows), so the SDK samples everything it is
+    # given, unless the operator set OTEL_TRACES_SAMPLER on purpose. A
+    # parent-based default would lose denials whose caller did not sample.
+    sampler = None if env.get("OTEL_TRACES_SAMPLER") else ALWAYS_ON
+    ids = _ChosenTraceIds()
+    provider = TracerProvider(sampler=sampler, resource=_resource(), id_generator=ids)
+    for exporter in exporters:
+        provider.add_span_processor(
+            _CountingBatchSpanProcessor(
+                exporter,
+                max_queue_size=max_queue_size,
+                schedule_delay_millis=schedule_delay_millis,
+                # A small queue needs batches no larger than itself (the SDK insists).
+                max_export_batch_size=min(512, max_queue_size) if max_queue_size else None,
+            )
+        )
+    return SpanSink(provider, ids)
+
+
+def spans_from_env(environ: Mapping[str, str] | None = None) -> SpanPipe | None:
+    """What `serve` records spans with: a SpanPipe to a child exporter, or None.
+
+    The configuration is checked here, so that a bad OTEL_* setting stops
+    `serve` at startup with a clear message instead of in the child.
+    """
+    if not exporter_names(environ):
+        return None
+    return SpanPipe(environ)
+
+
+# ---------------------------------------------------------------------------
+# The child: `python -m authz.spans`, started by SpanPipe
+
+
+def child_main() -> int:
+    # Ctrl-C in a terminal reaches the whole process group; the child ends
+    # when the parent closes the pipe, after flushing what it holds.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.WARNING,
+        format="%(asctime)s egress-authz[spans] %(levelname)s %(message)s",
+    )
+    sink = span_sink(exporters_from_env())
+    if sink is None:
+        return 0
+    for raw in sys.stdin.buffer:
+        try:
+            head, _, line = raw.decode("utf-8").partition("\t")
+            start_ns, duration_ns, traceparent, tracestate, allowed = json.loads(head)
+            sink.emit_raw(json.loads(line), start_ns, duration_ns, traceparent, tracestate, allowed)
+        except Exception:  # one bad line must not end the exporter
+            log.exception("bad span line")
+    sink.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())
