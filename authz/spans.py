@@ -30,11 +30,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.trace.sampling import Decision as SamplingDecision
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .metrics import TRACE_DROPPED
@@ -91,31 +93,26 @@ class _CountingBatchSpanProcessor(BatchSpanProcessor):
         super().on_end(span)
 
 
-class _ChosenTraceIds(IdGenerator):
-    """Root spans get the trace id the recorder already wrote in the log line."""
-
-    def __init__(self) -> None:
-        self.random = RandomIdGenerator()
-        self.next_trace_id = 0
-
-    def generate_span_id(self) -> int:
-        return self.random.generate_span_id()
-
-    def generate_trace_id(self) -> int:
-        return self.next_trace_id or self.random.generate_trace_id()
-
-
 class SpanSink:
-    """Builds one SERVER span per kept decision, batched to the exporters.
+    """Builds one SERVER span per kept decision and hands it to the batch processors.
 
-    Called from one thread only (the recorder's, or the child's main loop).
+    The span is made finished, as a ReadableSpan, rather than started and
+    ended through a Tracer: the decision is over by the time it is recorded,
+    and this skips the SDK's per-attribute validation of a live span (our
+    attributes are plain strings, ints and bools). The sampler from
+    OTEL_TRACES_SAMPLER is still asked. Called from one thread only (the
+    recorder's, or the child's main loop).
     """
 
-    def __init__(self, provider: TracerProvider, ids: _ChosenTraceIds) -> None:
-        self.provider = provider
-        self.tracer = provider.get_tracer("egress-authz")
-        self._ids = ids
+    def __init__(self, provider: TracerProvider, processors: list[SpanProcessor]) -> None:
+        self.provider = provider  # holds the resource and the sampler from the env
+        self.processors = processors
+        self._resource = provider.resource
+        self._sampler = provider.sampler
+        self._scope = InstrumentationScope("egress-authz")
+        self._ids = RandomIdGenerator()
         self._propagator = TraceContextTextMapPropagator()
+        self._sampled = TraceFlags(TraceFlags.SAMPLED)
 
     def emit(self, rec: DecisionRecord, fields: Mapping[str, Any], line: str = "") -> None:
         self.emit_raw(
@@ -136,32 +133,60 @@ class SpanSink:
         tracestate: str | None,
         allowed: bool,
     ) -> None:
-        context = None
+        parent_context = None
+        parent: SpanContext | None = None
         if traceparent:
             carrier = {"traceparent": traceparent}
             if tracestate:
                 carrier["tracestate"] = tracestate
-            # An invalid header extracts to an empty context: the span is a root.
-            context = self._propagator.extract(carrier)
-        trace_id = fields.get("trace_id")
-        self._ids.next_trace_id = int(trace_id, 16) if trace_id else 0
-        span = self.tracer.start_span(
-            SPAN_NAME,
-            context=context,
-            kind=SpanKind.SERVER,
-            attributes=span_attributes(fields, allowed),
-            start_time=start_ns,
+            parent_context = self._propagator.extract(carrier)
+            parent = get_current_span(parent_context).get_span_context()
+            if not parent.is_valid:  # a malformed header: the span is a root
+                parent, parent_context = None, None
+        if parent is not None:
+            trace_id = parent.trace_id
+        else:
+            # The recorder chose it and wrote it in the log line already.
+            chosen = fields.get("trace_id")
+            trace_id = int(chosen, 16) if chosen else self._ids.generate_trace_id()
+        attributes = span_attributes(fields, allowed)
+        sampling = self._sampler.should_sample(
+            parent_context, trace_id, SPAN_NAME, SpanKind.SERVER, attributes
         )
-        span.end(end_time=start_ns + duration_ns)
+        if sampling.decision is not SamplingDecision.RECORD_AND_SAMPLE:
+            return  # RECORD_ONLY spans are never exported: not worth building
+        if sampling.attributes:
+            attributes.update(sampling.attributes)
+        context = SpanContext(
+            trace_id,
+            self._ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=self._sampled,
+            trace_state=sampling.trace_state,
+        )
+        span = ReadableSpan(
+            name=SPAN_NAME,
+            context=context,
+            parent=parent,
+            resource=self._resource,
+            attributes=attributes,
+            kind=SpanKind.SERVER,
+            instrumentation_scope=self._scope,
+            start_time=start_ns,
+            end_time=start_ns + duration_ns,
+        )
+        for processor in self.processors:
+            processor.on_end(span)
 
     def end_batch(self) -> None:
         return None  # the BatchSpanProcessor batches on its own
 
     def flush(self, timeout: float = 5.0) -> bool:
-        return bool(self.provider.force_flush(int(timeout * 1000)))
+        return all(p.force_flush(int(timeout * 1000)) for p in self.processors)
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        self.provider.shutdown()
+        for processor in self.processors:
+            processor.shutdown()
 
 
 class SpanPipe:
@@ -273,11 +298,9 @@ def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter:
     # The exporters read their endpoint, headers, certificates and timeout
     # from the same OTEL_EXPORTER_OTLP_* variables themselves.
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
+        from .otlp import FastOTLPSpanExporter
 
-        return GrpcExporter()
+        return FastOTLPSpanExporter()
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as HttpExporter,
@@ -356,19 +379,18 @@ def span_sink(
     # given, unless the operator set OTEL_TRACES_SAMPLER on purpose. A
     # parent-based default would lose denials whose caller did not sample.
     sampler = None if env.get("OTEL_TRACES_SAMPLER") else ALWAYS_ON
-    ids = _ChosenTraceIds()
-    provider = TracerProvider(sampler=sampler, resource=_resource(), id_generator=ids)
-    for exporter in exporters:
-        provider.add_span_processor(
-            _CountingBatchSpanProcessor(
-                exporter,
-                max_queue_size=max_queue_size,
-                schedule_delay_millis=schedule_delay_millis,
-                # A small queue needs batches no larger than itself (the SDK insists).
-                max_export_batch_size=min(512, max_queue_size) if max_queue_size else None,
-            )
+    provider = TracerProvider(sampler=sampler, resource=_resource())
+    processors: list[SpanProcessor] = [
+        _CountingBatchSpanProcessor(
+            exporter,
+            max_queue_size=max_queue_size,
+            schedule_delay_millis=schedule_delay_millis,
+            # A small queue needs batches no larger than itself (the SDK insists).
+            max_export_batch_size=min(512, max_queue_size) if max_queue_size else None,
         )
-    return SpanSink(provider, ids)
+        for exporter in exporters
+    ]
+    return SpanSink(provider, processors)
 
 
 def spans_from_env(environ: Mapping[str, str] | None = None) -> SpanPipe | None:

@@ -666,3 +666,67 @@ class TestSpanPipe:
         assert spans_from_env({}) is None
         with pytest.raises(TracingConfigError):
             spans_from_env({"OTEL_TRACES_EXPORTER": "jaeger"})
+
+
+class TestFastEncoder:
+    def _spans(self) -> Sequence[ReadableSpan]:
+        exporter = InMemorySpanExporter()
+        sink = span_sink([exporter], {})
+        assert sink is not None
+        for r in (
+            make_record(),
+            make_record(verdict=Verdict.ALLOW, traceparent=TRACEPARENT, tracestate="a=b,c=d"),
+            make_record(protocol=Protocol.HTTP, port=80, method="GET", path="/ünï/" + "x" * 300),
+            make_record(verdict=Verdict.AUDIT, mode=Mode.AUDIT, duration_ns=0),
+        ):
+            f = record_fields(r)
+            f["trace_id"] = f["trace_id"] or "1" * 32
+            sink.emit(r, f)
+        sink.flush()
+        return exporter.get_finished_spans()
+
+    def test_same_bytes_as_the_sdk(self) -> None:
+        """Our encoder's request parses to exactly what the SDK's encoder builds."""
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        from authz.otlp import encode_request
+
+        spans = self._spans()
+        raw = encode_request(spans)
+        assert raw is not None
+        for _ in range(2):  # the second pass hits the KeyValue cache
+            assert ExportTraceServiceRequest.FromString(raw) == encode_spans(spans)
+            raw = encode_request(spans)
+
+    def test_unusual_spans_fall_back(self) -> None:
+        """A span with events (not ours) is left to the SDK encoder."""
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from authz.otlp import FastOTLPSpanExporter, encode_request
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        with provider.get_tracer("t").start_as_current_span("x") as span:
+            span.add_event("e", {"list": [1, 2]})
+        spans = exporter.get_finished_spans()
+        assert encode_request(spans) is None
+        fast = FastOTLPSpanExporter(endpoint="http://127.0.0.1:1", insecure=True)
+        assert fast._translate_data(spans) == encode_spans(spans)
+        fast.shutdown()
+
+    def test_sampler_from_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """OTEL_TRACES_SAMPLER set on purpose is obeyed (here: nothing is kept)."""
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+        exporter = InMemorySpanExporter()
+        sink = span_sink([exporter], {"OTEL_TRACES_SAMPLER": "always_off"})
+        assert sink is not None
+        sink.emit(make_record(), record_fields(make_record()))
+        sink.flush()
+        assert exporter.get_finished_spans() == ()
