@@ -1,0 +1,173 @@
+"""`egress-authz demo`: bring the stack up, run the calls, show the verdicts,
+the `traces` view and one `explain`, then shut down (or stay up).
+
+Exit status: 0 when every call got its expected verdict and reason, 1 when
+one did not, 2 when the stack could not start (a port taken, no Envoy).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from . import table
+from .calls import Outcome, run_calls
+from .scenario import CALLS, EXPLAIN_CALL, HOSTS, PODS
+from .stack import DemoError, DemoStack, Ports, ensure_pod_addresses
+
+Say = Callable[[str], None]
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_START_FAILED = 2
+STEPS = 5
+
+
+@dataclass(frozen=True)
+class Options:
+    keep_running: bool = False
+    port_base: int | None = None
+    workdir: Path | None = None  # default: a fresh temporary directory, removed after
+
+
+class Interrupted(Exception):
+    """SIGTERM (or SIGINT) arrived: unwind so that everything is stopped."""
+
+
+@contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into an exception in the main thread, so that
+    the `finally` blocks stop every process the demo started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals can only be handled there; a caller off it (a test) stops us itself
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(options: Options, out: TextIO = sys.stdout) -> int:
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    started = time.monotonic()
+    stack: DemoStack | None = None
+    with _signals_unwind():
+        try:
+            try:
+                ensure_pod_addresses()
+                ports = Ports.choose(options.port_base)
+            except DemoError as e:
+                say(f"egress-authz demo: {e}")
+                return EXIT_START_FAILED
+            stack = DemoStack(ports, options.workdir)
+            try:
+                _start(stack, say)
+            except DemoError as e:
+                say(f"\negress-authz demo: could not start.\n{e}")
+                return EXIT_START_FAILED
+            say(f"[{STEPS}/{STEPS}] running {len(CALLS)} calls through the mesh")
+            outcomes = run_calls(stack, CALLS)
+            code = _report(stack, outcomes, say)
+            say(f"\ndemo finished in {time.monotonic() - started:.1f}s")
+            if options.keep_running:
+                _print_try_it(stack, say)
+                _wait_forever()
+            return code
+        except (Interrupted, KeyboardInterrupt):
+            say("\ninterrupted: stopping everything the demo started")
+            return 130
+        finally:
+            if stack is not None:
+                stack.stop()
+                if options.workdir is None:
+                    stack.remove_files()
+
+
+def _start(stack: DemoStack, say: Say) -> None:
+    say(f"[1/{STEPS}] writing certificates, policies and Pod manifests to {stack.workdir}")
+    stack.write_files()
+    say(f"[2/{STEPS}] starting stand-in hosts {', '.join(HOSTS)} on 127.0.0.1")
+    stack.start_hosts()
+    p = stack.ports
+    say(
+        f"[3/{STEPS}] starting egress-authz serve (Check 127.0.0.1:{p.authz}, admin "
+        f"{stack.admin_url}), the gateway Envoy (mTLS 127.0.0.1:{p.gateway_tls} TLS, "
+        f":{p.gateway_http} HTTP) and {len(PODS)} sidecar Envoys"
+    )
+    begun = time.monotonic()
+    stack.start_service_and_envoys(
+        lambda name: say(f"      ready: {name} ({time.monotonic() - begun:.1f}s)")
+    )
+    say(f"[4/{STEPS}] pods: " + ", ".join(f"{pod.workload} at {pod.ip}" for pod in PODS))
+
+
+def _report(stack: DemoStack, outcomes: Sequence[Outcome], say: Say) -> int:
+    say("")
+    say(table.render(outcomes))
+    say("")
+    say(table.legend())
+    failed = [o for o in outcomes if not o.as_expected]
+    say("")
+    say(
+        f"{len(outcomes) - len(failed)}/{len(outcomes)} calls got the expected verdict; "
+        "denied calls never reached their host"
+        if not failed
+        else f"{len(failed)} of {len(outcomes)} calls did NOT get the expected verdict"
+    )
+    reached = {h: s.accepts for h, s in stack.stand_ins.items()}
+    say("connections the stand-in hosts accepted: "
+        + ", ".join(f"{h} {n}" for h, n in reached.items()))
+
+    say("")
+    _run_cli(say, ["traces", "--server", stack.admin_url, "--limit", str(len(outcomes))])
+    explained = outcomes[EXPLAIN_CALL].decision_id
+    if explained:
+        say("")
+        _run_cli(say, ["explain", "--server", stack.admin_url, explained])
+    return EXIT_OK if not failed and explained else EXIT_MISMATCH
+
+
+def _run_cli(say: Say, args: list[str]) -> int:
+    """The real CLI in its own process, as a user would run it."""
+    say("$ egress-authz " + " ".join(args))
+    done = subprocess.run(
+        [sys.executable, "-m", "authz", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    text = (done.stdout + done.stderr).rstrip()
+    if text:
+        say(text)
+    return done.returncode
+
+
+def _print_try_it(stack: DemoStack, say: Say) -> None:
+    from .tryit import instructions
+
+    say("")
+    say(instructions(stack))
+
+
+def _wait_forever() -> None:
+    event = threading.Event()
+    while not event.wait(3600):
+        pass

@@ -1,0 +1,256 @@
+"""Everything the demo runs, started in order and stopped in reverse.
+
+    app ─TLS/HTTP─▶ sidecar Envoy (per pod, binds the pod IP)
+                      ─mTLS, SNI = host─▶ gateway Envoy ─▶ stand-in host
+                                              │ Check (gRPC)
+                                              ▼
+                                   egress-authz serve (+ admin API)
+
+The service and the Envoys start concurrently (each waits for its own
+readiness; the Envoys do not need the service to be up to start), which is
+most of what keeps the demo under its 30-second budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from authz.testing.envoy import Envoy, EnvoyError, free_port
+from authz.testing.pki import Credential, TestCA
+from authz.testing.service import ServiceProcess
+
+from .policies import write_policies
+from .scenario import HOSTS, PODS, Pod, pods_manifest
+from .upstreams import StandInHost
+
+TEMPLATES = Path(__file__).resolve().parent
+GATEWAY_NAMESPACE = "istio-system"
+GATEWAY_SERVICE_ACCOUNT = "istio-egressgateway-service-account"
+HOST_PORT_KEYS = {"api.kadath.io": "KADATH_PORT", "api.leng.com": "LENG_PORT",
+                  "api.stealyourmoney.com": "STEAL_PORT"}
+
+
+class DemoError(RuntimeError):
+    """Something the user can act on: the message says what and what to do."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    gateway_http: int
+    gateway_tls: int
+    authz: int
+    admin: int
+    gateway_admin: int
+    sidecars: dict[str, tuple[int, int, int]]  # pod name -> (tls, http, admin)
+    hosts: dict[str, int]
+
+    @classmethod
+    def choose(cls, base: int | None) -> Ports:
+        """Free ports from the kernel, or a fixed block from `base` (checked free)."""
+        count = 5 + 3 * len(PODS) + len(HOSTS)
+        if base:
+            numbers = list(range(base, base + count))
+            for n in numbers:
+                ensure_free(n)
+        else:
+            numbers = [free_port() for _ in range(count)]
+        it = iter(numbers)
+        return cls(
+            gateway_http=next(it),
+            gateway_tls=next(it),
+            authz=next(it),
+            admin=next(it),
+            gateway_admin=next(it),
+            sidecars={p.name: (next(it), next(it), next(it)) for p in PODS},
+            hosts={h: next(it) for h in HOSTS},
+        )
+
+
+def ensure_free(port: int, host: str = "127.0.0.1") -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise DemoError(
+                f"port {host}:{port} is taken ({e.strerror}); stop what uses it, choose "
+                "another --port-base, or leave --port-base out to use free ports"
+            ) from e
+
+
+def ensure_pod_addresses() -> None:
+    """Each pod speaks from its own 127.0.0.x; Linux routes all of 127/8 to lo."""
+    for pod in PODS:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((pod.ip, 0))
+            except OSError as e:
+                raise DemoError(
+                    f"cannot bind the pod address {pod.ip} ({e.strerror}): the demo needs "
+                    "the whole 127.0.0.0/8 on loopback, as Linux has it"
+                ) from e
+
+
+class DemoStack:
+    def __init__(self, ports: Ports, workdir: Path | None = None) -> None:
+        self.ports = ports
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="egress-authz-demo-"))
+        self.policy_dir = self.workdir / "policies"
+        self.workloads_file = self.workdir / "pods.yaml"
+        self.access_log = self.workdir / "gateway-access.log"
+        self.service_log = self.workdir / "egress-authz.log"
+        self.ca: TestCA | None = None
+        self.identities: dict[str, Credential] = {}
+        self.stand_ins: dict[str, StandInHost] = {}
+        self.service: ServiceProcess | None = None
+        self.gateway: Envoy | None = None
+        self.sidecars: dict[str, Envoy] = {}
+        self._stack = contextlib.ExitStack()
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.admin}"
+
+    @property
+    def ca_path(self) -> Path:
+        assert self.ca is not None
+        return self.ca.ca_path
+
+    def identity(self, pod: Pod) -> Credential:
+        return self.identities[pod.name]
+
+    # ------------------------------------------------------------ start-up
+
+    def write_files(self) -> None:
+        """Certificates, the policy directory and the Pod manifests."""
+        self.ca = TestCA(self.workdir / "pki")
+        for pod in PODS:
+            self.identities[pod.name] = self.ca.workload(pod.namespace, pod.service_account)
+        self.gateway_identity = self.ca.workload(GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT)
+        write_policies(
+            self.policy_dir, {443: self.ports.gateway_tls, 80: self.ports.gateway_http}
+        )
+        self.workloads_file.write_text(pods_manifest())
+
+    def start_hosts(self) -> None:
+        assert self.ca is not None
+        for host in HOSTS:
+            stand_in = StandInHost(host, self.ca.server(host), self.ports.hosts[host])
+            self._stack.callback(stand_in.stop)
+            self.stand_ins[host] = stand_in.start()
+
+    def start_service_and_envoys(self, on_ready: Callable[[str], None]) -> None:
+        """egress-authz serve, the gateway and the sidecars, side by side."""
+        self.service = ServiceProcess(
+            self.policy_dir,
+            self.ports.authz,
+            workloads=self.workloads_file,
+            admin_port=self.ports.admin,
+            log_path=self.service_log,
+            # The decision log goes to stdout, which the harness discards;
+            # the table and `traces` show the decisions instead.
+            extra_args=["--log-level", "warning"],
+        )
+        self._stack.callback(self.service.stop)
+        self.gateway = self._gateway()
+        self._stack.callback(self.gateway.stop)
+        for pod in PODS:
+            sidecar = self._sidecar(pod)
+            self._stack.callback(sidecar.stop)
+            self.sidecars[pod.name] = sidecar
+
+        starters: dict[str, Callable[[], object]] = {
+            "egress-authz serve": self.service.start,
+            "gateway Envoy": self.gateway.start,
+            **{f"sidecar of {p.workload}": self.sidecars[p.name].start for p in PODS},
+        }
+        with ThreadPoolExecutor(max_workers=len(starters)) as pool:
+            futures: dict[str, Future[object]] = {
+                name: pool.submit(start) for name, start in starters.items()
+            }
+            errors = []
+            for name, future in futures.items():
+                try:
+                    future.result()
+                    on_ready(name)
+                except Exception as e:  # every failure is reported, not just the first
+                    errors.append((name, e))
+        if errors:
+            raise DemoError("\n\n".join(_explain_start_failure(n, e) for n, e in errors))
+
+    def _gateway(self) -> Envoy:
+        values: dict[str, object] = {
+            "ADMIN_PORT": self.ports.gateway_admin,
+            "HTTP_PORT": self.ports.gateway_http,
+            "TLS_PORT": self.ports.gateway_tls,
+            "AUTHZ_PORT": self.ports.authz,
+            "GATEWAY_CERT": self.gateway_identity.cert_path,
+            "GATEWAY_KEY": self.gateway_identity.key_path,
+            "CA_CERT": self.ca_path,
+            "ACCESS_LOG": self.access_log,
+        }
+        values.update({HOST_PORT_KEYS[h]: port for h, port in self.ports.hosts.items()})
+        return Envoy(TEMPLATES / "gateway.yaml", values, name="gateway", workdir=self.workdir,
+                     log_level="warning")
+
+    def _sidecar(self, pod: Pod) -> Envoy:
+        tls_port, http_port, admin_port = self.ports.sidecars[pod.name]
+        cred = self.identity(pod)
+        return Envoy(
+            TEMPLATES / "sidecar.yaml",
+            {
+                "ADMIN_PORT": admin_port,
+                "TLS_LISTEN_PORT": tls_port,
+                "HTTP_LISTEN_PORT": http_port,
+                "GATEWAY_TLS_PORT": self.ports.gateway_tls,
+                "GATEWAY_HTTP_PORT": self.ports.gateway_http,
+                "POD_IP": pod.ip,
+                "WORKLOAD_CERT": cred.cert_path,
+                "WORKLOAD_KEY": cred.key_path,
+                "CA_CERT": self.ca_path,
+                "GATEWAY_SAN": self.gateway_identity.uri,
+            },
+            name=f"sidecar-{pod.name}",
+            workdir=self.workdir,
+            log_level="warning",
+        )
+
+    # ------------------------------------------------------------ shutdown
+
+    def stop(self) -> None:
+        """Stop everything started so far, newest first; safe to call twice."""
+        self._stack.close()
+
+    def remove_files(self) -> None:
+        if self._own_dir:
+            import shutil
+
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[DemoStack]:
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+def _explain_start_failure(name: str, error: BaseException) -> str:
+    text = str(error)
+    if "Address already in use" in text or "address already in use" in text:
+        return f"{name} could not listen: a port is taken.\n{_tail(text)}"
+    if isinstance(error, EnvoyError):
+        return f"{name} could not start (Envoy at authz.testing.envoy.envoy_binary()):\n" + _tail(
+            text
+        )
+    return f"{name} could not start:\n{_tail(text)}"
+
+
+def _tail(text: str, lines: int = 12) -> str:
+    return "\n".join("    " + line for line in text.strip().splitlines()[-lines:])
