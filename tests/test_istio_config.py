@@ -376,3 +376,18 @@ class TestE2EScript:
             "set -euo pipefail",
         ):
             assert needed in text
+
+
+class TestNotesMatchIstioDir:
+    """The mesh config the chart's NOTES.txt prints is the one shipped in istio/."""
+
+    def test_same_mesh_config(self) -> None:
+        """Same provider and traffic policy as istio/istiod-values.yaml (for the default release)."""
+        with helm.Chart.load(CHART_DIR) as chart:
+            manifests = chart.render(name="egress-authz", namespace="egress-authz")
+        notes = next(text for path, text in manifests.items() if path.endswith("NOTES.txt"))
+        block = notes.split("     meshConfig:", 1)[1].split("\n\n", 1)[0]
+        printed = yaml.safe_load("meshConfig:" + block)["meshConfig"]
+        [istiod] = load_all(ISTIO_DIR / "istiod-values.yaml")
+        shipped = {k: v for k, v in istiod["meshConfig"].items() if k != "accessLogFile"}
+        assert printed == shipped
