@@ -65,6 +65,75 @@ GRPC_PROVIDER_SCHEMA: dict[str, Any] = {
     },
 }
 
+# The parts of IstioOperator (install.istio.io/v1alpha1) that mesh-config.yaml
+# uses, field names as Istio's IstioOperatorSpec defines them; unknown keys are
+# refused so a typo cannot hide (istioctl would reject it at install).
+ISTIO_OPERATOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "spec"],
+    "properties": {
+        "apiVersion": {"const": "install.istio.io/v1alpha1"},
+        "kind": {"const": "IstioOperator"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "profile": {"type": "string"},
+                "meshConfig": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "accessLogFile": {"type": "string"},
+                        "outboundTrafficPolicy": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"mode": {"enum": ["REGISTRY_ONLY", "ALLOW_ANY"]}},
+                        },
+                        "extensionProviders": {"type": "array", "items": GRPC_PROVIDER_SCHEMA},
+                    },
+                },
+                "components": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "egressGateways": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["name", "enabled"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "namespace": {"type": "string"},
+                                    "enabled": {"type": "boolean"},
+                                    "label": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "string"},
+                                    },
+                                    "k8s": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "service": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "type": {"enum": ["ClusterIP"]},
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
 # The seed scenario: (principal's service account, pod labels, host, allowed?, reason).
 SEED_SCENARIO = [
     ("connector", "function=api-connector", "api.kadath.io", True, "allowed"),
@@ -199,6 +268,11 @@ class TestMeshConfig:
         assert grpc["service"] == host
         grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
         assert grpc["port"] == grpc_port["port"]
+
+    def test_istio_operator_shape(self) -> None:
+        """mesh-config.yaml uses only IstioOperator fields, spelt as Istio spells them."""
+        [operator] = load_all(ISTIO_DIR / "mesh-config.yaml")
+        jsonschema.validate(operator, ISTIO_OPERATOR_SCHEMA)
 
     @pytest.mark.parametrize("flavour", ["mesh-config.yaml", "istiod-values.yaml"])
     def test_registry_only(self, flavour: str) -> None:
