@@ -31,6 +31,7 @@ class Outcome:
     saw: str  # what the client saw, for people
     through: bool  # the stand-in host answered
     decision: dict[str, Any] | None  # the admin API's record of the Check
+    connections: int = 0  # TCP connections the stand-in hosts accepted during the call
 
     @property
     def verdict(self) -> str:
@@ -51,7 +52,13 @@ class Outcome:
             self.verdict == c.expect_verdict
             and self.reason == c.expect_reason
             and self.through == c.expect_through
+            and not self.leaked
         )
+
+    @property
+    def leaked(self) -> bool:
+        """A denied call that still opened a connection to an external host."""
+        return not self.call.expect_through and self.connections > 0
 
 
 def run_calls(stack: DemoStack, calls: tuple[Call, ...]) -> list[Outcome]:
@@ -59,10 +66,15 @@ def run_calls(stack: DemoStack, calls: tuple[Call, ...]) -> list[Outcome]:
     seen = {d["decision_id"] for d in _recent(admin)}
     outcomes = []
     for call in calls:
+        before = _accepts(stack)
         saw, through = _call(stack, call)
         decision = _new_decision(admin, seen)
-        outcomes.append(Outcome(call, saw, through, decision))
+        outcomes.append(Outcome(call, saw, through, decision, _accepts(stack) - before))
     return outcomes
+
+
+def _accepts(stack: DemoStack) -> int:
+    return sum(s.accepts for s in stack.stand_ins.values())
 
 
 def _call(stack: DemoStack, call: Call) -> tuple[str, bool]:

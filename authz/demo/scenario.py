@@ -73,10 +73,16 @@ class Call:
         return self.expect_verdict in ("allow", "audit")
 
     @property
-    def who(self) -> str:
+    def note(self) -> str | None:
+        """What a RAW_HTTP call does differently, for a footnote under the table."""
         if self.certificate_of is not None and self.certificate_of != self.pod:
-            return f"{self.pod.workload} with {self.certificate_of.workload}'s cert"
-        return self.pod.workload
+            return (
+                f"the {self.pod.workload} pod ({self.pod.ip}) presents "
+                f"{self.certificate_of.workload}'s certificate"
+            )
+        if self.sni is not None and self.sni != self.host:
+            return f"mTLS SNI {self.sni}, HTTP Host {self.host}"
+        return None
 
 
 CALLS = (
@@ -90,9 +96,9 @@ CALLS = (
         certificate_of=API_CONNECTOR,
     ),
     Call("domain fronting", CART, STEAL, Via.RAW_HTTP, "deny", "sni-host-mismatch", sni=LENG),
-    Call("allowed (audit ns)", ANALYTICS, KADATH, Via.HTTP, "allow", "allowed", path="/v1/events"),
-    Call("audited, let through", ANALYTICS, LENG, Via.HTTP, "audit", "host-not-allowed"),
-    Call("audit can't lift deny", ANALYTICS, STEAL, Via.TLS, "deny", "cluster-denied"),
+    Call("allowed in audit ns", ANALYTICS, KADATH, Via.HTTP, "allow", "allowed", path="/v1/events"),
+    Call("audit: let through", ANALYTICS, LENG, Via.HTTP, "audit", "host-not-allowed"),
+    Call("audit keeps cluster deny", ANALYTICS, STEAL, Via.TLS, "deny", "cluster-denied"),
 )
 
 # The call whose decision `egress-authz explain` is shown for: a denial that

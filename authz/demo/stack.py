@@ -17,7 +17,7 @@ import contextlib
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,12 +170,13 @@ class DemoStack:
             "gateway Envoy": self.gateway.start,
             **{f"sidecar of {p.workload}": self.sidecars[p.name].start for p in PODS},
         }
+        errors: list[tuple[str, BaseException]] = []
         with ThreadPoolExecutor(max_workers=len(starters)) as pool:
-            futures: dict[str, Future[object]] = {
-                name: pool.submit(start) for name, start in starters.items()
+            futures: dict[Future[object], str] = {
+                pool.submit(start): name for name, start in starters.items()
             }
-            errors = []
-            for name, future in futures.items():
+            for future in as_completed(futures):
+                name = futures[future]
                 try:
                     future.result()
                     on_ready(name)
