@@ -174,6 +174,17 @@ def chart_objects() -> Iterator[list[dict[str, Any]]]:
     ]
 
 
+@pytest.fixture(scope="module")
+def written() -> list[dict[str, Any]]:
+    """What the service would write to the cluster for the example policies."""
+    from authz.loader import build_policy_set, load_path
+    from authz.render import render
+
+    loaded = load_path(ISTIO_DIR / "examples")
+    assert not loaded.problems
+    return render(build_policy_set(loaded.policies))
+
+
 def mesh_configs() -> dict[str, dict[str, Any]]:
     """meshConfig as written in each install flavour."""
     [operator] = load_all(ISTIO_DIR / "mesh-config.yaml")
@@ -465,3 +476,45 @@ class TestNotesMatchIstioDir:
         [istiod] = load_all(ISTIO_DIR / "istiod-values.yaml")
         shipped = {k: v for k, v in istiod["meshConfig"].items() if k != "accessLogFile"}
         assert printed == shipped
+
+
+class TestAssembledMesh:
+    """The seed policies, rendered the way the service writes them, fit the chart and istio/."""
+
+    @requires_istio_schemas
+    def test_written_objects_validate(self, written: list[dict[str, Any]]) -> None:
+        """Every object the service would write for the examples passes the CRD schemas."""
+        assert written
+        for obj in written:
+            validate_istio(obj)
+
+    def test_routes_bind_to_existing_gateways(
+        self, written: list[dict[str, Any]], chart_objects: list[dict[str, Any]]
+    ) -> None:
+        """Each VirtualService names only `mesh`, the chart's Gateway or one the service writes."""
+        gateways = {
+            f"{o['metadata']['namespace']}/{o['metadata']['name']}"
+            for o in written + chart_objects
+            if o["kind"] == "Gateway"
+        }
+        services = [o for o in written if o["kind"] == "VirtualService"]
+        assert {o["spec"]["hosts"][0] for o in services} == {"api.kadath.io", "api.leng.com"}
+        for vs in services:
+            for name in vs["spec"]["gateways"]:
+                assert name == "mesh" or name in gateways, (vs["metadata"]["name"], name)
+
+    def test_gateway_service_is_the_installed_one(self, written: list[dict[str, Any]]) -> None:
+        """DestinationRules point at the egress gateway Service istio/ installs."""
+        [operator] = load_all(ISTIO_DIR / "mesh-config.yaml")
+        [gateway] = operator["spec"]["components"]["egressGateways"]
+        host = f"{gateway['name']}.{gateway['namespace']}.svc.cluster.local"
+        rules = [o for o in written if o["kind"] == "DestinationRule"]
+        assert rules and all(r["spec"]["host"] == host for r in rules)
+        for obj in written:
+            if obj["kind"] == "Gateway":
+                assert obj["spec"]["selector"].items() <= gateway["label"].items()
+
+    def test_cluster_denied_host_is_never_registered(self, written: list[dict[str, Any]]) -> None:
+        """api.stealyourmoney.com (cluster deny) gets no ServiceEntry, so no sidecar can dial it."""
+        hosts = {h for o in written if o["kind"] == "ServiceEntry" for h in o["spec"]["hosts"]}
+        assert hosts == {"api.kadath.io", "api.leng.com"}
