@@ -14,10 +14,10 @@
 # engine, so it is kept correct by review against Istio's documentation and by
 # tests/test_istio_config.py (syntax, and that it uses the shipped files).
 #
-# The external hosts are fake: a TLS server in the unmeshed namespace
-# `outside`, which the cluster DNS answers for api.kadath.io, api.leng.com and
-# api.stealyourmoney.com (a CoreDNS `hosts` block). The egress gateway resolves
-# and dials them exactly as it would real internet hosts.
+# The external hosts are fake: a TLS server pod in the unmeshed namespace
+# `outside`, whose pod IP the cluster DNS answers for api.kadath.io,
+# api.leng.com and api.stealyourmoney.com (a CoreDNS `hosts` block). The egress
+# gateway resolves and dials them exactly as it would real internet hosts.
 #
 # Usage: istio/e2e-kind.sh            (from anywhere; keeps the cluster)
 #        CLUSTER=name istio/e2e-kind.sh
@@ -117,22 +117,17 @@ spec:
       volumes:
         - {name: conf, configMap: {name: fake-internet}}
         - {name: tls, secret: {secretName: fake-internet}}
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: fake-internet
-  namespace: outside
-spec:
-  selector: {app: fake-internet}
-  ports:
-    - {name: https, port: 443}
-    - {name: http, port: 80}
 EOF
 k -n outside rollout status deployment/fake-internet --timeout=120s
-fake_ip="$(k -n outside get service fake-internet -o jsonpath='{.spec.clusterIP}')"
+# The fake hosts resolve to the pod's IP, deliberately with no Service in front:
+# a Service's ClusterIP gets its own listener in every sidecar, which would route
+# around the egress gateway; a bare pod IP is as foreign to the mesh as the internet.
+fake_ip="$(k -n outside get pod -l app=fake-internet --field-selector=status.phase=Running \
+  -o jsonpath='{.items[0].status.podIP}')"
 corefile="$(k -n kube-system get configmap coredns -o jsonpath='{.data.Corefile}')"
-if ! grep -q "${FAKE_HOSTS[0]}" <<<"$corefile"; then
+if ! grep -q "${fake_ip} ${FAKE_HOSTS[*]}" <<<"$corefile"; then
+  # Drop the hosts block of an earlier run (the pod IP may have changed), then add ours.
+  corefile="$(awk '/^    hosts \{/ {skip=1} !skip {print} skip && /^    \}/ {skip=0}' <<<"$corefile")"
   block="    hosts {\n        ${fake_ip} ${FAKE_HOSTS[*]}\n        fallthrough\n    }"
   corefile="$(awk -v block="$block" '{print} /^\.:53 \{/ && !done {print block; done=1}' <<<"$corefile")"
   k -n kube-system create configmap coredns --from-literal=Corefile="$corefile" \
@@ -190,9 +185,11 @@ expect storefront    api.kadath.io          deny
 expect storefront    api.leng.com           deny
 expect api-connector api.stealyourmoney.com deny
 
-step "decisions (egress-authz traces, run inside the service's pod)"
-k -n "$NAMESPACE" exec deploy/egress-authz -- \
-  egress-authz traces --server "http://127.0.0.1:9090" --since 10m || true
+step "decisions (egress-authz traces, inside each replica: each knows the Checks it answered)"
+for pod in $(k -n "$NAMESPACE" get pod -l app.kubernetes.io/name=egress-authz -o name); do
+  echo "-- $pod"
+  k -n "$NAMESPACE" exec "$pod" -- egress-authz traces --server "http://127.0.0.1:9090" --since 10m || true
+done
 
 if [[ "$failures" -gt 0 ]]; then
   echo
