@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serving processes sharing the gRPC port with SO_REUSEPORT (default: 1)",
     )
     net.add_argument(
-        "--threads", type=_positive, default=8, metavar="N",
+        "--threads", type=_positive, default=4, metavar="N",
         help="gRPC threads per process (default: %(default)s)",
     )
     net.add_argument(

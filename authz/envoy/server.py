@@ -37,9 +37,10 @@ CHECK_METHOD = f"/{SERVICE_NAME}/Check"
 class ServerSettings:
     address: str = "127.0.0.1:9000"
     """host:port to listen on; port 0 picks a free port (tests)."""
-    threads: int = 8
+    threads: int = 4
     """Threads answering Checks in this process. A Check holds the GIL nearly
-    all the time, so more threads add queueing, not throughput."""
+    all the time, so more threads add GIL contention, not throughput: with
+    h2load here, 2-4 threads beat 8 and 16 (see docs/benchmarks.md)."""
     reuse_port: bool = False
     """SO_REUSEPORT, for --workers: several processes accept on one port.
     Off otherwise, so that a second server on a busy port fails loudly
