@@ -444,6 +444,16 @@ class TestE2EScript:
         assert bash
         subprocess.run([bash, "-n", str(self.SCRIPT)], check=True)
 
+    def test_shellcheck(self) -> None:
+        """shellcheck finds nothing (where it is installed; it is not a project dependency)."""
+        shellcheck = shutil.which("shellcheck")
+        if shellcheck is None:
+            pytest.skip("shellcheck is not installed")
+        result = subprocess.run(
+            [shellcheck, "-x", str(self.SCRIPT)], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stdout
+
     def test_header_says_why_it_is_not_in_ci(self) -> None:
         """The header tells the reader it needs Docker, kind, istioctl, helm, and is not run in CI."""
         head = self.SCRIPT.read_text().split("\n\n", 1)[0]
