@@ -36,4 +36,6 @@ USER 10001:10001
 # 9000: ext_authz gRPC + grpc.health.v1; 9090: admin HTTP (/healthz, /readyz, /metrics).
 EXPOSE 9000 9090
 ENTRYPOINT ["egress-authz"]
-CMD ["serve", "--grpc-address", "0.0.0.0:9000", "--admin-address", "0.0.0.0:9090"]
+# No default command: serve needs a policy source (--kube in a cluster, as the Helm
+# chart runs it, or --policies DIR with a mounted directory).
+CMD ["--help"]
