@@ -68,13 +68,18 @@ _RPC_ATTRIBUTES = {
 }
 
 
+_SPAN_KEYS = tuple((f, ATTRIBUTE_PREFIX + f) for f in _SPAN_FIELDS)
+_ALLOWED_KEY = ATTRIBUTE_PREFIX + "allowed"
+
+
 def span_attributes(fields: Mapping[str, Any], allowed: bool) -> dict[str, str | int | bool]:
     attrs: dict[str, str | int | bool] = dict(_RPC_ATTRIBUTES)
-    for name in _SPAN_FIELDS:
-        value = fields.get(name)
+    get = fields.get
+    for name, key in _SPAN_KEYS:
+        value = get(name)
         if value is not None:  # OpenTelemetry attributes may not be null
-            attrs[ATTRIBUTE_PREFIX + name] = value
-    attrs[ATTRIBUTE_PREFIX + "allowed"] = allowed
+            attrs[key] = value
+    attrs[_ALLOWED_KEY] = allowed
     return attrs
 
 

@@ -83,9 +83,18 @@ class TracingSettings:
 # all read these, so the three always agree on names.
 
 
+_second_text: tuple[int, str] = (-1, "")
+
+
 def _rfc3339(unix_ns: int) -> str:
-    moment = datetime.fromtimestamp(unix_ns / 1e9, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """UTC with milliseconds; the text of the second is reused (one per line adds up)."""
+    global _second_text
+    second, ms = divmod(unix_ns // 1_000_000, 1000)
+    cached_second, text = _second_text
+    if second != cached_second:
+        text = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _second_text = (second, text)
+    return f"{text}{ms:03d}Z"
 
 
 def trace_id_of(traceparent: str | None) -> str | None:
