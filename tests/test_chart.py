@@ -232,6 +232,19 @@ class TestRenderAndValidate:
         assert not findings, findings
         assert not report["errors"], report["errors"]
 
+    def test_variants_cover_every_template(self, chart: helm.Chart) -> None:
+        """Each template renders an object in at least one variant, so each is validated above."""
+        covered: set[str] = set()
+        for _, values, namespace in VARIANTS:
+            manifests = chart.render(values=values, name=RELEASE, namespace=namespace)
+            covered |= {
+                path.rsplit("/", 1)[-1]
+                for path, text in manifests.items()
+                if path.endswith(".yaml") and any(doc for doc in yaml.safe_load_all(text))
+            }
+        templates = {p.name for p in (CHART_DIR / "templates").glob("*.yaml")}
+        assert templates - covered == set()
+
     def test_every_object_is_namespaced_explicitly(self, chart: helm.Chart) -> None:
         """Namespaced objects name their namespace: `helm template | kubectl apply` works."""
         cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}
