@@ -44,6 +44,11 @@ def source_files() -> list[Path]:
     return files
 
 
+def policy_sources() -> list[Path]:
+    """The policy files, relative to the repository, for people to read."""
+    return [f.relative_to(REPO) for f in source_files()]
+
+
 def write_policies(target: Path, port_aliases: dict[int, int]) -> list[Path]:
     """Copy every policy file into `target`; `port_aliases` maps a mesh port
     (443) to the loopback port that stands for it. Returns the files written."""
@@ -54,7 +59,7 @@ def write_policies(target: Path, port_aliases: dict[int, int]) -> list[Path]:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
         for doc in docs:
             _alias_ports(doc, port_aliases, src)
-        header = [line for line in _leading_comments(text)]
+        header = _leading_comments(text)
         aliases = ", ".join(f"{mesh} -> {real}" for mesh, real in port_aliases.items())
         header += [
             "#",

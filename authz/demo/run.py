@@ -7,6 +7,7 @@ one did not, 2 when the stack could not start (a port taken, no Envoy).
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from typing import TextIO
 
 from . import table
 from .calls import Outcome, run_calls
+from .policies import policy_sources
 from .scenario import CALLS, EXPLAIN_CALL, HOSTS, PODS
 from .stack import DemoError, DemoStack, Ports, ensure_envoy, ensure_pod_addresses
 
@@ -63,8 +65,13 @@ def _signals_unwind() -> Iterator[None]:
 
 
 def main(options: Options, out: TextIO = sys.stdout) -> int:
+    sink = [out]
+
     def say(text: str) -> None:
-        print(text, file=out, flush=True)
+        try:
+            print(text, file=sink[0], flush=True)
+        except BrokenPipeError:  # `egress-authz demo | head`: carry on quietly, still clean up
+            sink[0] = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the run
 
     started = time.monotonic()
     stack: DemoStack | None = None
@@ -84,7 +91,7 @@ def main(options: Options, out: TextIO = sys.stdout) -> int:
             except DemoError as e:
                 say(f"\negress-authz demo: could not start.\n{e}")
                 return EXIT_START_FAILED
-            say(f"[{STEPS}/{STEPS}] running {len(CALLS)} calls through the mesh")
+            say(f"[4/{STEPS}] running {len(CALLS)} calls through the mesh")
             outcomes = run_calls(stack, CALLS)
             code = _report(stack, outcomes, say)
             say(f"\ndemo finished in {time.monotonic() - started:.1f}s")
@@ -113,19 +120,22 @@ def _ignore_interrupts() -> None:
 def _start(stack: DemoStack, say: Say) -> None:
     say(f"[1/{STEPS}] writing certificates, policies and Pod manifests to {stack.workdir}")
     stack.write_files()
-    say(f"[2/{STEPS}] starting stand-in hosts {', '.join(HOSTS)} on 127.0.0.1")
+    say("      policies: " + ", ".join(str(f) for f in policy_sources()))
+    for pod in PODS:
+        labels = ", ".join(f"{k}={v}" for k, v in pod.labels.items())
+        say(f"      pod {pod.workload:<20} {pod.ip:<10} {labels}")
+    say(f"[2/{STEPS}] starting HTTPS stand-ins for {', '.join(HOSTS)} on 127.0.0.1")
     stack.start_hosts()
-    p = stack.ports
-    say(
-        f"[3/{STEPS}] starting egress-authz serve (Check 127.0.0.1:{p.authz}, admin "
-        f"{stack.admin_url}), the gateway Envoy (mTLS 127.0.0.1:{p.gateway_tls} TLS, "
-        f":{p.gateway_http} HTTP) and {len(PODS)} sidecar Envoys"
-    )
+    say(f"[3/{STEPS}] starting egress-authz serve, the gateway Envoy and {len(PODS)} sidecars")
     begun = time.monotonic()
     stack.start_service_and_envoys(
         lambda name: say(f"      ready: {name} ({time.monotonic() - begun:.1f}s)")
     )
-    say(f"[4/{STEPS}] pods: " + ", ".join(f"{pod.workload} at {pod.ip}" for pod in PODS))
+    p = stack.ports
+    say(
+        f"      gateway mTLS listeners 127.0.0.1:{p.gateway_tls} (TLS, stands for 443) and "
+        f":{p.gateway_http} (HTTP, for 80); Check 127.0.0.1:{p.authz}; admin {stack.admin_url}"
+    )
 
 
 def _report(stack: DemoStack, outcomes: Sequence[Outcome], say: Say) -> int:
@@ -140,6 +150,9 @@ def _report(stack: DemoStack, outcomes: Sequence[Outcome], say: Say) -> int:
     else:
         say(f"{len(outcomes)}/{len(outcomes)} calls got the expected verdict; the stand-in hosts "
             "saw connections only from the calls let through")
+    say("")
+    say(f"[5/{STEPS}] the same decisions as the service recorded them (`traces`), and why "
+        "one was denied (`explain`)")
     say("")
     _run_cli(say, ["traces", "--server", stack.admin_url, "--limit", str(len(outcomes))])
     explained = outcomes[EXPLAIN_CALL].decision_id
