@@ -53,7 +53,16 @@ VARIANTS: list[tuple[str, dict[str, Any], str]] = [
         {
             "autoscaling": {"enabled": True},
             "serviceMonitor": {"enabled": True},
-            "networkPolicy": {"enabled": True, "namespaces": ["shop", "billing"]},
+            "networkPolicy": {
+                "enabled": True,
+                "namespaces": ["shop", "billing"],
+                "extraEgress": [
+                    {
+                        "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+                        "ports": [{"protocol": "TCP", "port": 443}],
+                    }
+                ],
+            },
             "clusterPolicy": {"enabled": True, "policy": {"deny": ["api.stealyourmoney.com"]}},
             "namespaceSelector": "egress-authz.io/enabled=true",
             "workers": 8,
