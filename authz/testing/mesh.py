@@ -71,7 +71,7 @@ class LoopbackMesh:
             log_level=envoy_log_level,
         )
         self._identities: dict[tuple[str, str], Credential] = {}
-        self._sidecars: dict[tuple[str, str, str], Envoy] = {}
+        self._sidecars: dict[tuple[str, str, str, str], Envoy] = {}
 
     @property
     def ca_path(self) -> str:
@@ -115,29 +115,44 @@ class LoopbackMesh:
             self._identities[key] = self.ca.workload(namespace, service_account)
         return self._identities[key]
 
-    def sidecar(self, namespace: str, service_account: str, pod_ip: str) -> Envoy:
-        """The sidecar of one pod (started on first use, then reused)."""
-        key = (namespace, service_account, pod_ip)
+    def sidecar(
+        self, namespace: str, service_account: str, pod_ip: str, kind: str = "tls"
+    ) -> Envoy:
+        """The sidecar of one pod (started on first use, then reused).
+
+        kind "tls": the app's TLS goes through untouched (sidecar-tls.yaml);
+        kind "http": the app speaks plain HTTP to it (sidecar-http.yaml), e.g.
+        `curl -H 'Host: api.kadath.io' http://127.0.0.1:<LISTEN_PORT>/`.
+        """
+        if kind not in ("tls", "http"):
+            raise ValueError(f"sidecar kind must be tls or http, not {kind!r}")
+        key = (namespace, service_account, pod_ip, kind)
         if key not in self._sidecars:
             cred = self.identity(namespace, service_account)
             sidecar = Envoy(
-                "sidecar-tls.yaml",
+                f"sidecar-{kind}.yaml",
                 {
                     "LISTEN_PORT": free_port(),
-                    "GATEWAY_TLS_PORT": self.tls_port,
+                    "GATEWAY_TLS_PORT" if kind == "tls" else "GATEWAY_HTTP_PORT": (
+                        self.tls_port if kind == "tls" else self.http_port
+                    ),
                     "POD_IP": pod_ip,
                     "WORKLOAD_CERT": cred.cert_path,
                     "WORKLOAD_KEY": cred.key_path,
                     "CA_CERT": self.ca.ca_path,
                     "GATEWAY_SAN": self.gateway_identity.uri,
                 },
-                name=f"sidecar-{namespace}-{service_account}-{pod_ip}",
+                name=f"sidecar-{kind}-{namespace}-{service_account}-{pod_ip}",
                 workdir=self.workdir,
                 log_level=self.envoy_log_level,
             )
             sidecar.start()
             self._sidecars[key] = sidecar
         return self._sidecars[key]
+
+    @staticmethod
+    def listen_port(sidecar: Envoy) -> int:
+        return int(str(sidecar.values["LISTEN_PORT"]))
 
     # -------------------------------------------------------------- traffic
 
@@ -179,7 +194,7 @@ class LoopbackMesh:
         """The app's own TLS connection to `host`, through its sidecar."""
         sidecar = self.sidecar(namespace, service_account, pod_ip)
         return tls_via_sidecar(
-            int(str(sidecar.values["LISTEN_PORT"])),
+            self.listen_port(sidecar),
             host,
             ca_path=self.ca_path,
             payload=payload,

@@ -8,6 +8,7 @@ client and the loopback upstream saw, never by asking the service. The world
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -76,6 +77,25 @@ class TestHTTPPath:
             DECISION_HEADER: "forged",
         }
         assert world.http(FRONTEND, "api.kadath.io", headers=forged).status == 403
+
+    def test_through_the_http_sidecar(self, world: World) -> None:
+        """The mesh's own HTTP path: plain HTTP to the pod's sidecar, which adds the mTLS."""
+        sidecar = world.mesh.sidecar("shop", "cart", CART_FINANCE.ip, kind="http")
+        port = world.mesh.listen_port(sidecar)
+
+        def get(host: str) -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/via-sidecar", headers={"Host": host})
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            finally:
+                conn.close()
+
+        assert get("api.kadath.io")[0] == 200
+        status, body = get("denied.example")
+        assert status == 403
+        assert json.loads(body)["reason"] == "host-not-allowed"
 
     def test_access_log_carries_the_decision_id(self, world: World) -> None:
         """The gateway's access log line joins the decision through dynamic metadata."""
