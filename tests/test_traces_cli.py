@@ -327,6 +327,9 @@ class TestSuggest:
         assert policy["mode"] == "audit"
         assert policy["rules"][0]["hosts"] == ["hooks.kadath.io"]
         assert policy["rules"][0]["protocols"] == ["HTTP"] and policy["rules"][0]["ports"] == [80]
+        # only what was seen: the method and the path, not every path of the host
+        assert policy["rules"][0]["http"] == {"methods": ["GET"], "paths": ["/v2/x"]}
+        assert _suggested_policies(out).problems == []
 
     def test_nothing_to_suggest(
         self, service: Service, traffic: dict[str, str], capsys: Any
@@ -364,3 +367,14 @@ class TestSuggestWildcards:
         text = suggest_configmap(self.DECISIONS, "shop", name="s", wildcards=True)
         assert self._hosts(text) == ["api.leng.com", "x.co.uk", "y.co.uk", "*.kadath.io"]
         assert _suggested_policies(text).problems == []
+
+
+class TestSuggestPaths:
+    def test_many_paths_become_their_common_prefix(self) -> None:
+        """Up to ten observed paths are listed (query dropped); more fold into a prefix."""
+        from authz.commands.suggest import _path_prefixes
+
+        assert _path_prefixes({"/v1/a?x=1", "/v1/b"}) == ["/v1/a", "/v1/b"]
+        many = {f"/api/v2/items/{i}" for i in range(20)}
+        assert _path_prefixes(many) == ["/api/v2/items/"]
+        assert _path_prefixes({f"/{i}" for i in range(20)}) == ["/"]

@@ -10,6 +10,7 @@ untrusted identities...) are listed in a comment, never turned into rules.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +33,7 @@ FIXABLE = frozenset(
 # Labels that differ between Pods of one workload; never worth suggesting.
 _VOLATILE_LABELS = ("pod-template-hash", "controller-revision-hash", "pod-template-generation")
 MAX_DECISIONS = 100_000
+MAX_PATHS = 10  # more distinct paths than this for one host: propose their common prefix
 
 
 def add_parser(subparsers: Any) -> None:
@@ -98,8 +100,10 @@ def rule_lines(
     hosts: Iterable[str],
     ports: Iterable[int],
     protocols: Iterable[str],
+    methods: Iterable[str] = (),
+    paths: Iterable[str] = (),
 ) -> list[str]:
-    return [
+    lines = [
         f"- name: {name}",
         "  workloads:",
         f"    serviceAccounts: {_flow(sorted(accounts))}",
@@ -107,6 +111,28 @@ def rule_lines(
         f"  ports: {_flow(sorted(ports))}",
         f"  protocols: {_flow(sorted(protocols))}",
     ]
+    methods, paths = sorted(methods), sorted(paths)
+    if methods or paths:
+        lines.append("  http:")
+        if methods:
+            lines.append(f"    methods: {_flow(methods)}")
+        if paths:
+            lines.append("    paths: [" + ", ".join(json.dumps(p) for p in paths) + "]")
+    return lines
+
+
+def _path_prefixes(paths: set[str]) -> list[str]:
+    """Observed paths (query dropped) as prefixes; many become their common prefix."""
+    clean = {p.split("?", 1)[0] or "/" for p in paths}
+    if len(clean) <= MAX_PATHS:
+        return sorted(clean)
+    parts = [p.split("/") for p in clean]
+    common: list[str] = []
+    for segment in zip(*parts, strict=False):
+        if len(set(segment)) != 1:
+            break
+        common.append(segment[0])
+    return ["/".join(common) + "/" if len(common) > 1 else "/"]
 
 
 def _rule_name(account: str, index: int) -> str:
@@ -182,17 +208,20 @@ def suggest_configmap(
         if d not in usable
     )
     # service account -> host -> (ports, protocols)
-    seen: dict[str, dict[str, tuple[set[int], set[str]]]] = defaultdict(dict)
+    # service account -> host -> (ports, protocols, HTTP methods, HTTP paths)
+    seen: dict[str, dict[str, tuple[set[int], set[str], set[str], set[str]]]] = defaultdict(dict)
     labels_seen: dict[str, list[Mapping[str, str]]] = defaultdict(list)
-    methods_seen: dict[str, set[str]] = defaultdict(set)
     for d in usable:
         account = str(d.get("service_account") or "")
-        ports, protocols = seen[account].setdefault(str(d["host"]), (set(), set()))
-        ports.add(int(d.get("port") or 443))
-        protocols.add(str(d.get("protocol") or "TLS"))
+        entry = seen[account].setdefault(str(d["host"]), (set(), set(), set(), set()))
+        entry[0].add(int(d.get("port") or 443))
+        entry[1].add(str(d.get("protocol") or "TLS"))
+        # HTTP requests are allowed for the methods and paths seen only: a rule
+        # without `http` would open every method and path of the host.
+        if d.get("protocol") == "HTTP":
+            entry[2].add(str(d.get("method") or "GET").upper())
+            entry[3].add(str(d.get("path") or "/"))
         labels_seen[account].append(d.get("labels") or {})
-        if d.get("method"):
-            methods_seen[account].add(str(d["method"]))
     modes = {d.get("mode") for d in usable}
     existing = sorted(
         {
@@ -223,9 +252,16 @@ def suggest_configmap(
         body.append("# Switch to enforce once `egress-authz traces --verdict audit` stays empty.")
     body.append("rules:" if seen else "rules: []")
     for account in sorted(seen):
-        groups: dict[tuple[tuple[int, ...], tuple[str, ...]], set[str]] = defaultdict(set)
-        for host, (ports, protocols) in seen[account].items():
-            groups[(tuple(sorted(ports)), tuple(sorted(protocols)))].add(host)
+        Key = tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+        groups: dict[Key, set[str]] = defaultdict(set)
+        for host, (ports, protocols, methods, paths) in seen[account].items():
+            key = (
+                tuple(sorted(ports)),
+                tuple(sorted(protocols)),
+                tuple(sorted(methods)),
+                tuple(_path_prefixes(paths)) if paths else (),
+            )
+            groups[key].add(host)
         common = _common_labels(labels_seen[account])
         body.append(f"  # {namespace}/{account}")
         if common:
@@ -233,16 +269,14 @@ def suggest_configmap(
                 "  # labels on every Pod seen (add matchLabels to narrow): "
                 + ", ".join(f"{k}={v}" for k, v in common.items())
             )
-        if methods_seen[account]:
-            body.append(f"  # HTTP methods seen: {', '.join(sorted(methods_seen[account]))}")
-        for i, ((ports_t, protocols_t), hosts) in enumerate(sorted(groups.items())):
+        for i, ((ports_t, protocols_t, methods_t, paths_t), hosts) in enumerate(
+            sorted(groups.items())
+        ):
             chosen = _wildcard(hosts) if wildcards else sorted(hosts)
-            body.extend(
-                "  " + line
-                for line in rule_lines(
-                    _rule_name(account, i), [account], chosen, ports_t, protocols_t
-                )
+            lines = rule_lines(
+                _rule_name(account, i), [account], chosen, ports_t, protocols_t, methods_t, paths_t
             )
+            body.extend("  " + line for line in lines)
 
     doc = [
         *head,
