@@ -343,6 +343,21 @@ class TestServeProcess:
         # denies both, since failure_mode_allow is false.
         assert set(errors) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
+    def test_shutdown_delay_answers_while_not_serving(self, policies: Path) -> None:
+        """--shutdown-delay: after SIGTERM, health says NOT_SERVING but Checks are answered."""
+        port = free_port()
+        proc, _ = start_serve(policies, port, "--shutdown-delay", "1.5")
+        client = Client(port)
+        try:
+            assert client.serving() == health_pb2.HealthCheckResponse.SERVING
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: client.serving() == health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert client.check(check_request()).status.code == 0
+            assert proc.wait(timeout=15) == 0
+        finally:
+            client.close()
+            proc.kill()
+
     def test_workers_share_the_port(self, policies: Path) -> None:
         """--workers 2: two processes answer on one port (decision ids name the process)."""
         port = free_port()
@@ -359,6 +374,25 @@ class TestServeProcess:
                 if len(prefixes) == 2:
                     break
             assert len(prefixes) == 2
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+
+    def test_dead_worker_is_restarted(self, policies: Path) -> None:
+        """The supervisor replaces a worker that dies; the port keeps answering."""
+        port = free_port()
+        proc, _ = start_serve(policies, port, "--workers", "2")
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            before = set(children.read_text().split())
+            assert len(before) == 2
+            victim = int(sorted(before)[0])
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: len(set(children.read_text().split()) - before) == 1, 10)
+            for _ in range(10):
+                client = Client(port)
+                assert client.check(check_request()).status.code == 0
+                client.close()
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0

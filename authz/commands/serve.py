@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -81,6 +82,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--threads", type=_positive, default=4, metavar="N",
         help="gRPC threads per process (default: %(default)s)",
+    )
+    net.add_argument(
+        "--shutdown-delay", type=float, default=0.0, metavar="SECONDS",
+        help="on SIGTERM, keep answering Checks this long while health says NOT_SERVING, "
+        "so that Envoy and Kubernetes move traffic away first (default: %(default)s)",
     )
     net.add_argument(
         "--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
@@ -316,6 +322,10 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         print(f"egress-authz: serving Check on {address} ({loaded})", file=sys.stderr, flush=True)
 
     stop.wait()
+    if args.shutdown_delay > 0:
+        server.health.enter_graceful_shutdown()  # NOT_SERVING, while still answering
+        log.info("shutting down: answering for %.1fs more while NOT_SERVING", args.shutdown_delay)
+        time.sleep(args.shutdown_delay)
     log.info("shutting down: draining in-flight Checks (up to %.1fs)", args.shutdown_grace)
     server.stop(args.shutdown_grace)
     for source in policy_sources:

@@ -100,7 +100,7 @@ def supervise(args: argparse.Namespace, argv_for: ArgvFor) -> int:
             procs[i], fd = _spawn(argv_for, i)
             os.close(fd)  # nobody waits for a restarted worker's report
     log.info("stopping %d workers", n)
-    return _terminate(procs, grace=args.shutdown_grace)
+    return _terminate(procs, grace=args.shutdown_delay + args.shutdown_grace)
 
 
 def _terminate(procs: list[subprocess.Popen[bytes]], grace: float) -> int:
