@@ -22,7 +22,7 @@ from .scenario import Call, Via
 from .stack import DemoStack
 
 CALL_TIMEOUT = 5.0
-DECISION_WAIT = 3.0  # the recorder flushes every 50 ms; this is generous
+DECISION_WAIT = 5.0  # the recorder flushes every 50 ms; this allows for a busy machine
 
 
 @dataclass
@@ -68,7 +68,7 @@ def run_calls(stack: DemoStack, calls: tuple[Call, ...]) -> list[Outcome]:
     for call in calls:
         before = _accepts(stack)
         saw, through = _call(stack, call)
-        decision = _new_decision(admin, seen)
+        decision = _new_decision(admin, seen, call)
         outcomes.append(Outcome(call, saw, through, decision, _accepts(stack) - before))
     return outcomes
 
@@ -156,13 +156,18 @@ def _recent(admin: AdminClient) -> list[dict[str, Any]]:
         return []
 
 
-def _new_decision(admin: AdminClient, seen: set[str]) -> dict[str, Any] | None:
+def _new_decision(admin: AdminClient, seen: set[str], call: Call) -> dict[str, Any] | None:
+    """The first decision recorded since the previous call for this call's pod
+    address (so that a record arriving late is never given to the next call)."""
     deadline = time.monotonic() + DECISION_WAIT
     while True:
-        new = [d for d in _recent(admin) if d["decision_id"] not in seen]
+        new: list[dict[str, Any]] = [
+            d for d in reversed(_recent(admin))  # oldest first
+            if d["decision_id"] not in seen and d.get("source_ip") == call.pod.ip
+        ]
         if new:
-            seen.update(d["decision_id"] for d in new)
-            return new[-1]  # newest first: the oldest new one is this call's
+            seen.add(new[0]["decision_id"])
+            return new[0]
         if time.monotonic() > deadline:
             return None
         time.sleep(0.02)

@@ -32,6 +32,7 @@ EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_START_FAILED = 2
 STEPS = 5
+LOOPBACK = ("127.0.0.1", "localhost")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def main(options: Options, out: TextIO = sys.stdout) -> int:
             sink[0] = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the run
 
     started = time.monotonic()
+    _bypass_proxies()
     stack: DemoStack | None = None
     code: int | None = None
     with _signals_unwind():
@@ -109,6 +111,15 @@ def main(options: Options, out: TextIO = sys.stdout) -> int:
                 stack.stop()
                 if options.workdir is None:
                     stack.remove_files()
+
+
+def _bypass_proxies() -> None:
+    """Everything the demo talks to is on loopback. With http_proxy set (common
+    on company laptops) urllib and gRPC would send even 127.0.0.1 requests to
+    the proxy: the Envoy readiness probes, the admin API, `traces`."""
+    for key in ("no_proxy", "NO_PROXY"):
+        current = [h for h in os.environ.get(key, "").split(",") if h]
+        os.environ[key] = ",".join([*current, *(h for h in LOOPBACK if h not in current)])
 
 
 def _ignore_interrupts() -> None:

@@ -33,17 +33,17 @@ def examples(stack: DemoStack) -> list[Example]:
     return [
         Example(
             f"{CART.workload} -> https://{LENG} (the app's own TLS via its sidecar): allowed",
-            ("curl", "-sS", "--cacert", ca,
+            ("curl", "-sS", "--noproxy", "*", "--cacert", ca,
              "--connect-to", f"{LENG}:443:127.0.0.1:{cart_tls}", f"https://{LENG}/"),
         ),
         Example(
             f"{CART.workload} -> https://{KADATH}: denied, the connection is closed",
-            ("curl", "-sS", "--cacert", ca,
+            ("curl", "-sS", "--noproxy", "*", "--cacert", ca,
              "--connect-to", f"{KADATH}:443:127.0.0.1:{cart_tls}", f"https://{KADATH}/"),
         ),
         Example(
             f"{CART.workload} -> http://{KADATH} (plain HTTP via its sidecar): 403 and why",
-            ("curl", "-sS", "--connect-to", f"{KADATH}:80:127.0.0.1:{cart_http}",
+            ("curl", "-sS", "--noproxy", "*", "--connect-to", f"{KADATH}:80:127.0.0.1:{cart_http}",
              f"http://{KADATH}/"),
         ),
         Example(
@@ -56,7 +56,7 @@ def examples(stack: DemoStack) -> list[Example]:
             f"as the sidecar of {ANALYTICS.workload}: mTLS with its certificate, from its pod "
             f"IP, straight to the gateway's HTTP listener (-k: the gateway is named by a "
             f"SPIFFE id, which curl cannot check)",
-            ("curl", "-sS", "-k", "--interface", ANALYTICS.ip,
+            ("curl", "-sS", "--noproxy", "*", "-k", "--interface", ANALYTICS.ip,
              "--cert", str(analytics.cert_path), "--key", str(analytics.key_path),
              "--connect-to", f"{KADATH}:443:127.0.0.1:{stack.ports.gateway_http}",
              f"https://{KADATH}/v1/events"),
