@@ -2,7 +2,9 @@
 
 The Helm chart's ClusterRole/Role are built from this table and a test checks they match;
 authz.kube.client refuses any call not listed here, so the table cannot drift from the
-code. Server-side apply is a PATCH, so it needs `patch` (RBAC authorizes the request verb).
+code. Server-side apply is a PATCH, so it needs `patch`; an apply that creates the object
+is authorized as `create` as well (Kubernetes API concepts, "Patch and apply"), so the
+kinds we apply also need `create` although no request of ours is a POST.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _p(group: str, version: str, resource: str, kind: str, verbs: str, scope: Sc
     return Permission(group, version, resource, kind, frozenset(verbs.split()), scope, why)
 
 
-_ISTIO_WRITE = "list watch patch delete"
+_ISTIO_WRITE = "list watch create patch delete"
 PERMISSIONS: tuple[Permission, ...] = (
     _p("", "v1", "configmaps", "ConfigMap", "list watch", Scope.CLUSTER,
        "policy ConfigMaps in every namespace, and the cluster tier"),
@@ -71,6 +73,18 @@ def require(kind: str, verb: str) -> Permission:
     if perm is None or verb not in perm.verbs:
         raise NotPermitted(f"{verb} {kind} is not in authz.kube.permissions.PERMISSIONS")
     return perm
+
+
+APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
+
+
+def verbs_of(method: str, content_type: str, *, collection: bool, watch: bool = False
+             ) -> set[str]:
+    """Every RBAC verb one HTTP request may be authorized as: an apply is also a create."""
+    verb = verb_of(method, collection=collection, watch=watch)
+    if verb == "patch" and content_type.startswith(APPLY_CONTENT_TYPE):
+        return {"patch", "create"}
+    return {verb}
 
 
 def verb_of(method: str, *, collection: bool, watch: bool = False) -> str:
