@@ -45,10 +45,16 @@ class Run:
         return "\n".join(lines[first:last])
 
 
+# A proxy that does not exist: the demo must never send loopback traffic to
+# one (company laptops set these), so every run here has them set.
+PROXY_ENV = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY")}
+
+
 def run_demo(*args: str, timeout: float = RUN_TIMEOUT) -> Run:
     began = time.monotonic()
     done = subprocess.run(
-        [*DEMO, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+        [*DEMO, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False,
+        env={**os.environ, **PROXY_ENV},
     )
     return Run(done.returncode, done.stdout + done.stderr, time.monotonic() - began)
 
