@@ -34,10 +34,14 @@ class LoadResult:
 
 def policy_files(path: Path) -> list[Path]:
     if path.is_dir():
+        # Skip every dot-named file or folder: a ConfigMap mounted as a volume
+        # holds each file three times (`..data/`, `..<timestamp>/`, the link).
         return sorted(
             p
             for p in path.rglob("*")
-            if p.is_file() and p.suffix in YAML_SUFFIXES and not p.name.startswith(".")
+            if p.is_file()
+            and p.suffix in YAML_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
     return [path]
 

@@ -219,6 +219,18 @@ class TestLoader:
         result = load_path(tmp_path)
         assert len(result.policies) == 1 and "defined more than once" in result.problems[0]
 
+    def test_mounted_configmap_volume_read_once(self, tmp_path: Path) -> None:
+        """A ConfigMap volume's `..data` and `..<timestamp>` copies are not read again."""
+        doc = ("kind: ConfigMap\nmetadata: {name: p, namespace: shop, labels: "
+               "{egress-authz.io/policy: 'true'}}\ndata: {policy.yaml: ''}\n")
+        stamp = tmp_path / "..2026_11_27_04_00_00.1"
+        stamp.mkdir()
+        (stamp / "policy.yaml").write_text(doc)
+        (tmp_path / "..data").symlink_to(stamp.name)
+        (tmp_path / "policy.yaml").symlink_to("..data/policy.yaml")
+        result = load_path(tmp_path)
+        assert result.problems == [] and len(result.policies) == 1
+
     def test_broken_configmap_does_not_hide_others(self, tmp_path: Path) -> None:
         """Each ConfigMap is validated alone: the good ones still load."""
         (tmp_path / "p.yaml").write_text(
