@@ -62,12 +62,18 @@ class Ports:
     def choose(cls, base: int | None) -> Ports:
         """Free ports from the kernel, or a fixed block from `base` (checked free)."""
         count = 5 + 3 * len(PODS) + len(HOSTS)
-        if base:
+        if base is not None:
+            if not 1024 <= base <= 65535 - count:
+                raise DemoError(f"--port-base must be between 1024 and {65535 - count}")
             numbers = list(range(base, base + count))
             for n in numbers:
                 ensure_free(n)
         else:
-            numbers = [free_port() for _ in range(count)]
+            # The kernel may hand the same free port out twice in a row.
+            unique: dict[int, None] = {}
+            while len(unique) < count:
+                unique[free_port()] = None
+            numbers = list(unique)
         it = iter(numbers)
         return cls(
             gateway_http=next(it),
@@ -82,6 +88,8 @@ class Ports:
 
 def ensure_free(port: int, host: str = "127.0.0.1") -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As Envoy binds: a port left in TIME_WAIT is free, a listening one is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
