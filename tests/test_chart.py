@@ -717,3 +717,15 @@ class TestInstallGuide:
         assert "istio/mesh-config.yaml" in paths
         for path in paths:
             assert (ROOT / path).exists(), path
+
+
+class TestPackage:
+    """`helm package` produces an archive that installs the same objects."""
+
+    def test_package_renders_like_the_directory(self, chart: helm.Chart, tmp_path: Path) -> None:
+        """The .tgz holds every template and the schema; its default render equals the tree's."""
+        archive = helm.package(CHART_DIR, destination=tmp_path)
+        assert Path(archive).name == "egress-authz-0.1.0.tgz"
+        with helm.Chart.load(archive) as packaged:
+            assert packaged.schema == chart.schema
+            assert render(packaged) == render(chart)
