@@ -71,7 +71,8 @@ class TracingSettings:
     queue_size: int = 10_000
     """Records waiting for the log/span thread; beyond it records are dropped and counted."""
     allow_ratio: float = 1.0
-    """Share of allow verdicts that get a span; deny and audit always get one."""
+    """Share of allow verdicts that get a span; deny and audit always get one, and so
+    does an allow whose caller's traceparent is sampled."""
     decision_log: bool = True
     """Write one JSON line per decision to the log stream (stdout by default)."""
     flush_interval: float = 0.05
@@ -109,6 +110,16 @@ def trace_id_of(traceparent: str | None) -> str | None:
     except ValueError:
         return None
     return parts[1].lower()
+
+
+def _sampled(traceparent: str | None) -> bool:
+    """Whether a W3C traceparent carries the sampled flag (version 00 layout)."""
+    if not traceparent or len(traceparent) < 55 or trace_id_of(traceparent) is None:
+        return False
+    try:
+        return bool(int(traceparent[53:55], 16) & 1)
+    except ValueError:
+        return False
 
 
 def record_fields(rec: DecisionRecord, trace_id: str | None = None) -> dict[str, Any]:
@@ -386,6 +397,8 @@ class DecisionRecorder:
     def _keep_span(self, rec: DecisionRecord) -> bool:
         if rec.decision.verdict is not Verdict.ALLOW:
             return True  # denials and audit verdicts are what people come to read
+        if _sampled(rec.traceparent):
+            return True  # the caller records this trace: leaving our span out breaks it
         ratio = self.settings.allow_ratio
         return ratio >= 1.0 or (ratio > 0.0 and self._rng() < ratio)
 

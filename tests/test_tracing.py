@@ -367,6 +367,18 @@ class TestSpans:
         assert verdicts == ["audit", "deny"]
         assert len(log.getvalue().splitlines()) == 4  # the log keeps every decision
 
+    def test_sampled_caller_keeps_allow(self) -> None:
+        """An allow is traced whatever the ratio when the caller's trace is sampled."""
+        recorder, exporter, _ = recorder_with_spans(
+            TracingSettings(allow_ratio=0.0, flush_interval=0.01)
+        )
+        recorder.record(make_record(verdict=Verdict.ALLOW, traceparent=TRACEPARENT))
+        unsampled = f"00-{TRACE_ID}-{PARENT_SPAN}-00"
+        recorder.record(make_record(verdict=Verdict.ALLOW, traceparent=unsampled))
+        recorder.close()
+        assert isinstance(exporter, InMemorySpanExporter)
+        assert len(exporter.get_finished_spans()) == 1
+
     def test_allow_ratio(self) -> None:
         """A ratio keeps that share of allows (rng decides)."""
         exporter = InMemorySpanExporter()
