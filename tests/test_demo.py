@@ -21,8 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from authz.demo import policies
 from authz.demo.scenario import CALLS, EXPLAIN_CALL, PODS
+from authz.demo.stack import DemoError, DemoStack, Ports
 from authz.demo.table import COLUMNS
+from authz.loader import load_path
+from authz.model import Mode
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [sys.executable, "-m", "authz", "demo"]
@@ -218,6 +222,51 @@ class TestKeepRunning:
         assert not workdir.exists()
         for port in ports:
             assert not _listening(port), f"something still listens on {port}"
+
+
+class TestPolicyCopies:
+    ALIASES = {443: 40443, 80: 40080}
+
+    def test_copies_load_with_the_loopback_ports_beside_the_mesh_ports(
+        self, tmp_path: Path
+    ) -> None:
+        """istio/examples + the demo's audit policy load cleanly; 443/80 gain their stand-ins."""
+        written = policies.write_policies(tmp_path, self.ALIASES)
+        assert {p.name for p in written} == {
+            "cluster-policy.yaml", "shop-policy.yaml", "marketing-policy.yaml"
+        }
+        loaded = load_path(tmp_path)
+        assert loaded.problems == []
+        by_ns = {p.source.namespace: p for p in loaded.policies}
+        assert {r.name: set(r.ports) for r in by_ns["shop"].rules} == {
+            "api-connector-to-kadath": {443, 40443},
+            "finance-to-leng": {443, 40443},
+        }
+        assert [set(r.ports) for r in by_ns["marketing"].rules] == [{80, 40080}]
+        assert by_ns["marketing"].mode is Mode.AUDIT
+        assert "api.stealyourmoney.com" in by_ns["egress-authz"].deny
+
+    def test_copies_say_where_they_came_from(self, tmp_path: Path) -> None:
+        """A user editing a copy reads its origin and why the ports differ."""
+        policies.write_policies(tmp_path, self.ALIASES)
+        text = (tmp_path / "shop-policy.yaml").read_text()
+        assert "Copied from istio/examples/shop-policy.yaml" in text
+        assert "443 -> 40443" in text
+
+    def test_a_policy_that_does_not_load_stops_the_demo(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A broken policy file is reported before anything starts, not as wrong verdicts."""
+        extra = tmp_path / "extra"
+        extra.mkdir()
+        (extra / "bad.yaml").write_text(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bad, namespace: shop, labels: "
+            "{egress-authz.io/policy: 'true'}}\ndata:\n  policy.yaml: |\n    rules: [{name: x}]\n"
+        )
+        monkeypatch.setattr(policies, "DEMO_POLICY_DIR", extra)
+        stack = DemoStack(Ports.choose(None), tmp_path / "work")
+        with pytest.raises(DemoError, match="policies do not load"):
+            stack.write_files()
 
 
 class TestStartFailures:

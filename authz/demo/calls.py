@@ -97,9 +97,12 @@ def _tls(stack: DemoStack, call: Call) -> tuple[str, bool]:
     )
     if result.reply is None:
         return "connection closed", False
-    status = result.reply.split(b"\r\n", 1)[0].decode(errors="replace")
-    code = status.split(" ")[1] if status.count(" ") >= 1 else status
-    return f"{code} from {call.host}", True
+    head, _, body = result.reply.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return f"not HTTP: {result.reply[:40]!r}", True
+    return _describe(status, body)
 
 
 def _http(stack: DemoStack, call: Call) -> tuple[str, bool]:

@@ -46,7 +46,11 @@ def source_files() -> list[Path]:
 
 def policy_sources() -> list[Path]:
     """The policy files, relative to the repository, for people to read."""
-    return [f.relative_to(REPO) for f in source_files()]
+    return [_shown(f) for f in source_files()]
+
+
+def _shown(path: Path) -> Path:
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 def write_policies(target: Path, port_aliases: dict[int, int]) -> list[Path]:
@@ -63,7 +67,7 @@ def write_policies(target: Path, port_aliases: dict[int, int]) -> list[Path]:
         aliases = ", ".join(f"{mesh} -> {real}" for mesh, real in port_aliases.items())
         header += [
             "#",
-            f"# Copied from {src.relative_to(REPO)} by `egress-authz demo`; edit it and the",
+            f"# Copied from {_shown(src)} by `egress-authz demo`; edit it and the",
             "# service reloads it. The loopback gateway listens on unprivileged ports, so",
             f"# rules list them next to the mesh ports they stand for ({aliases}):",
             "# a rule you add needs them too.",

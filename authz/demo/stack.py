@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from authz.loader import load_path
 from authz.testing.envoy import Envoy, EnvoyError, envoy_binary, free_port
 from authz.testing.pki import Credential, TestCA
 from authz.testing.service import ServiceProcess
@@ -171,6 +172,12 @@ class DemoStack:
         write_policies(
             self.policy_dir, {443: self.ports.gateway_tls, 80: self.ports.gateway_http}
         )
+        # serve would start with a broken file and deny its namespace (fail
+        # closed); the demo would then only show wrong verdicts. Say why here.
+        loaded = load_path(self.policy_dir)
+        if loaded.problems:
+            problems = _tail("\n".join(loaded.problems))
+            raise DemoError(f"the demo's policies do not load:\n{problems}")
         self.workloads_file.write_text(pods_manifest())
 
     def start_hosts(self) -> None:
