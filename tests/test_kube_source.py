@@ -136,7 +136,9 @@ class TestResilience:
         emu.start()
         emu.wait_for(lambda: replica.allows("web", "api.leng.com")
                      and not replica.allows("shop", "api.kadath.io"), timeout=5)
-        assert all(r.lists >= 2 for r in source.reflectors if r.kind == "ConfigMap")
+        # The policy watch missed changes and must have relisted; the cluster-tier watch
+        # may resume from a bookmark newer than the compaction, which is no loss.
+        assert any(r.lists >= 2 for r in source.reflectors if r.kind == "ConfigMap")
         assert WATCH_RECONNECTS.value("ConfigMap") > before
         emu.drop_watches()  # a plain drop: re-watch from the last resourceVersion
         emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
