@@ -2,9 +2,9 @@
 
 What the client saw (the stand-in's answer, a 403 with its reason, or a
 closed connection) comes from the call itself; the verdict and reason come
-from the service's admin API, matched by "the decision recorded since the
-previous call" (calls run one at a time and nothing else talks to the
-service, so that match is exact).
+from the service's admin API: the first decision recorded for the call's pod
+address since the previous call. Calls run one at a time and nothing else
+talks to the service, so that match is exact.
 """
 
 from __future__ import annotations
