@@ -137,3 +137,22 @@ class TestRbac:
         """rbac.create=false renders no role or binding (for clusters that manage RBAC apart)."""
         kinds = {o["kind"] for o in render(chart, "egress-authz", {"rbac": {"create": False}})}
         assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+
+
+class TestInstallGuideRbac:
+    """The permissions table in docs/install.md is the code's table."""
+
+    def test_docs_table_equals_code(self) -> None:
+        """Each documented (scope, group, resource, verb) is granted by the code, and back."""
+        text = (ROOT / "docs" / "install.md").read_text()
+        table = text.split("| scope | API group | resources | verbs |", 1)[1].split("\n\n", 1)[0]
+        cluster: set[Grant] = set()
+        namespaced: set[Grant] = set()
+        for row in table.strip().splitlines()[1:]:
+            scope, groups, resources, verbs = (c.strip() for c in row.strip("|").split("|"))
+            target = cluster if scope == "cluster" else namespaced
+            for group in groups.split(", "):
+                for resource in resources.split(", "):
+                    for verb in verbs.split(", "):
+                        target.add(("" if group == "core" else group, resource, verb))
+        assert (cluster, namespaced) == expected_grants()
