@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from authz.client import AdminClient, AdminError
 from authz.loader import load_path
 from authz.testing.envoy import Envoy, EnvoyError, envoy_binary, free_port
 from authz.testing.pki import Credential, TestCA
@@ -226,6 +227,19 @@ class DemoStack:
                     errors.append((name, e))
         if errors:
             raise DemoError("\n\n".join(_explain_start_failure(n, e) for n, e in errors))
+        self._check_admin()
+
+    def _check_admin(self) -> None:
+        # serve keeps answering Checks when its admin port is taken (Envoy
+        # needs Check, not admin), but the demo reads every verdict there.
+        try:
+            AdminClient(self.admin_url, timeout=3.0).decisions(limit=1)
+        except AdminError as e:
+            assert self.service is not None
+            raise DemoError(
+                f"egress-authz serve is up, but its admin endpoint {self.admin_url} does not "
+                f"answer; the service said:\n{_tail(self.service.output_tail())}"
+            ) from e
 
     def _gateway(self) -> Envoy:
         values: dict[str, object] = {
