@@ -369,6 +369,10 @@ class TestDeployment:
             "platform-egress",
             "--gateway-namespace",
             "istio-egress",
+            "--shutdown-delay",
+            "5",
+            "--shutdown-grace",
+            "5",
         ]
 
     def test_optional_args(self, chart: helm.Chart) -> None:
@@ -398,6 +402,14 @@ class TestDeployment:
             assert isinstance(parsed, argparse.Namespace)
             assert parsed.command == "serve"
         assert not rejected, "\n".join(rejected)
+
+    def test_shutdown_fits_grace_period(self, chart: helm.Chart) -> None:
+        """Delay plus grace must end before Kubernetes kills the pod; otherwise the render fails."""
+        pod = one(render(chart), "Deployment")["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] > 5 + 5
+        too_long = {"shutdown": {"delaySeconds": 20, "graceSeconds": 10}}
+        with pytest.raises(helm.HelmError, match="terminationGracePeriodSeconds must exceed"):
+            chart.render(values=too_long, name=RELEASE, namespace=NAMESPACE)
 
     def test_hpa_replaces_replicas(self, chart: helm.Chart) -> None:
         """With autoscaling the Deployment leaves replicas to the HPA, which targets it."""
