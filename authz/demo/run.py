@@ -109,8 +109,7 @@ def main(options: Options, out: TextIO = sys.stdout) -> int:
             if stack is not None:
                 _ignore_interrupts()  # a second Ctrl-C must not cut the clean-up short
                 stack.stop()
-                if options.workdir is None:
-                    stack.remove_files()
+                stack.remove_files()
 
 
 def _bypass_proxies() -> None:

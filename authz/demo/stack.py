@@ -30,14 +30,14 @@ from authz.testing.pki import Credential, TestCA
 from authz.testing.service import ServiceProcess
 
 from .policies import write_policies
-from .scenario import HOSTS, PODS, Pod, pods_manifest
+from .scenario import HOSTS, KADATH, LENG, PODS, STEAL, Pod, pods_manifest
 from .upstreams import StandInHost
 
 TEMPLATES = Path(__file__).resolve().parent
 GATEWAY_NAMESPACE = "istio-system"
 GATEWAY_SERVICE_ACCOUNT = "istio-egressgateway-service-account"
-HOST_PORT_KEYS = {"api.kadath.io": "KADATH_PORT", "api.leng.com": "LENG_PORT",
-                  "api.stealyourmoney.com": "STEAL_PORT"}
+# The gateway template's placeholder for each stand-in's port.
+HOST_PORT_KEYS = {KADATH: "KADATH_PORT", LENG: "LENG_PORT", STEAL: "STEAL_PORT"}
 
 
 ENVOY_HINT = (
@@ -283,6 +283,10 @@ class DemoStack:
     def stop(self) -> None:
         """Stop everything started so far, newest first; safe to call twice."""
         self._stack.close()
+
+    @property
+    def removes_files(self) -> bool:
+        return self._own_dir
 
     def remove_files(self) -> None:
         if self._own_dir:

@@ -89,4 +89,6 @@ def instructions(stack: DemoStack) -> str:
         "",
         f"Logs: {stack.service_log}, {stack.access_log}, Envoys under {stack.workdir}",
     ]
+    if stack.removes_files:
+        lines.append("(all of it is removed when the demo stops; --workdir DIR keeps it)")
     return "\n".join(lines)
