@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from authz.demo import policies
+from authz.demo import policies, table
+from authz.demo.calls import Outcome
 from authz.demo.scenario import CALLS, EXPLAIN_CALL, PODS
 from authz.demo.stack import DemoError, DemoStack, Ports
 from authz.demo.table import COLUMNS
@@ -66,7 +67,7 @@ def run_demo(*args: str, timeout: float = RUN_TIMEOUT) -> Run:
 def table_rows(out: str) -> list[dict[str, str]]:
     """The verdict table, cut at the header's column starts."""
     lines = out.splitlines()
-    header_at = next(i for i, line in enumerate(lines) if line.startswith("#   CASE"))
+    header_at = next(i for i, line in enumerate(lines) if re.match(r"#\s+CASE\s", line))
     header = lines[header_at]
     starts = [header.index(name) for name in COLUMNS]
     rows = []
@@ -267,6 +268,38 @@ class TestPolicyCopies:
         stack = DemoStack(Ports.choose(None), tmp_path / "work")
         with pytest.raises(DemoError, match="policies do not load"):
             stack.write_files()
+
+
+class TestTable:
+    """The CHECK column turns red flags into words (no Envoy needed)."""
+
+    def outcome(
+        self, n: int, verdict: str, reason: str, *, through: bool, connections: int = 0
+    ) -> Outcome:
+        decision = {"verdict": verdict, "reason": reason, "decision_id": f"id{n}"}
+        return Outcome(CALLS[n], "x", through, decision, connections)
+
+    def test_expected_rows_say_ok(self) -> None:
+        """A row whose verdict, reason and reach are as scripted says ok."""
+        o = self.outcome(2, "deny", "host-not-allowed", through=False)
+        assert table_rows(table.render([o]))[0]["CHECK"] == "ok"
+
+    def test_a_wrong_verdict_names_the_expected_one(self) -> None:
+        """A different verdict or reason: the row says what was expected."""
+        out = table.render([self.outcome(2, "allow", "allowed", through=True)])
+        assert table_rows(out)[0]["CHECK"] == "EXPECTED deny host-not-allowed"
+
+    def test_a_denied_call_that_reached_its_host_is_flagged(self) -> None:
+        """Deny recorded but a stand-in accepted a connection during the call: flagged."""
+        o = self.outcome(2, "deny", "host-not-allowed", through=False, connections=1)
+        assert not o.as_expected
+        assert table_rows(table.render([o]))[0]["CHECK"] == "REACHED THE HOST"
+
+    def test_a_missing_decision_is_not_ok(self) -> None:
+        """No record in the admin API: the row cannot pass."""
+        o = Outcome(CALLS[0], "200 from api.kadath.io", True, None)
+        assert not o.as_expected
+        assert table_rows(table.render([o]))[0]["REASON"] == "(no decision recorded)"
 
 
 class TestStartFailures:
