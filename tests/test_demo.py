@@ -221,8 +221,39 @@ class TestKeepRunning:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0  # the verdicts were as expected
         assert not workdir.exists()
+        assert _processes_mentioning(str(workdir)) == []
         for port in ports:
             assert not _listening(port), f"something still listens on {port}"
+
+
+@pytest.mark.envoy
+@pytest.mark.timeout(RUN_TIMEOUT)
+class TestInterruptedStart:
+    def test_sigint_while_starting_stops_everything(self) -> None:
+        """Ctrl-C while the Envoys and the service start: all of them stop, files go, exit 130."""
+        proc = subprocess.Popen(
+            [*DEMO], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            env={**os.environ, **PROXY_ENV},
+        )
+        try:
+            assert proc.stdout is not None
+            workdir = None
+            for line in proc.stdout:
+                if m := re.search(r"Pod manifests to (\S+)", line):
+                    workdir = m.group(1)
+                if line.startswith("[3/5]"):
+                    break
+            assert workdir is not None
+            proc.send_signal(signal.SIGINT)
+            rest = proc.stdout.read()
+            assert proc.wait(timeout=30) == 130, rest
+            assert "interrupted: stopping everything the demo started" in rest
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert not Path(workdir).exists()
+        assert _processes_mentioning(workdir) == []
 
 
 class TestPolicyCopies:
@@ -337,6 +368,20 @@ def _sh(command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", "-c", command], capture_output=True, text=True, timeout=15, check=False
     )
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that name `text` (Envoys and serve name the workdir)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # exited while we looked
+        joined = b" ".join(args).decode(errors="replace")
+        if text in joined:
+            found.append(joined)
+    return found
 
 
 def _listening(port: int) -> bool:
