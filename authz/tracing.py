@@ -296,7 +296,9 @@ class DecisionRecorder:
     def record(self, record: DecisionRecord) -> None:
         try:
             d = record.decision
-            CHECKS.inc(d.verdict.value, d.reason.value, d.namespace)
+            # The StrEnum members themselves: equal to and hashed like their values,
+            # and `.value` costs half a microsecond each on this path.
+            CHECKS.inc(d.verdict, d.reason, d.namespace)
             CHECK_SECONDS.observe(record.duration_ns / 1e9)
             self.ring.append(record)
             if len(self._pending) >= self.settings.queue_size:
