@@ -87,7 +87,12 @@ def bench_record(n: int = 200_000) -> dict[str, float]:
 
 
 class CollectorStub:
-    """OTLP/gRPC TraceService that accepts and discards (counting spans)."""
+    """OTLP/gRPC TraceService that accepts and discards.
+
+    A real collector runs elsewhere; this one shares the 2 cores, so it only
+    parses every 20th request (to count spans, estimated for the rest by
+    bytes) and otherwise just counts bytes.
+    """
 
     def __init__(self) -> None:
         import grpc
@@ -95,16 +100,23 @@ class CollectorStub:
             ExportTraceServiceRequest,
         )
 
-        self.spans = 0
         self.requests = 0
+        self.bytes = 0
+        self._sampled_spans = 0
+        self._sampled_bytes = 0
         self._lock = threading.Lock()
 
         def export(data: bytes, context: object) -> bytes:
-            req = ExportTraceServiceRequest.FromString(data)
-            n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
             with self._lock:
-                self.spans += n
                 self.requests += 1
+                self.bytes += len(data)
+                sample = self.requests % 20 == 1
+            if sample:
+                req = ExportTraceServiceRequest.FromString(data)
+                n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+                with self._lock:
+                    self._sampled_spans += n
+                    self._sampled_bytes += len(data)
             return b""  # an empty ExportTraceServiceResponse: all accepted
 
         handler = grpc.method_handlers_generic_handler(
@@ -115,6 +127,13 @@ class CollectorStub:
         self.server.add_generic_rpc_handlers((handler,))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
+
+    @property
+    def spans(self) -> int:
+        """Spans received, estimated from the parsed sample's bytes per span."""
+        if not self._sampled_bytes:
+            return 0
+        return round(self.bytes * self._sampled_spans / self._sampled_bytes)
 
     def stop(self) -> None:
         self.server.stop(0)
@@ -243,7 +262,7 @@ def bench_service() -> dict[str, object]:
         "median": med,
         "ratio_otlp_vs_off": paired["otlp"],
         "ratio_otlp01_vs_off": paired["otlp-0.1"],
-        "spans_received": stub.spans,
+        "spans_received_estimate": stub.spans,
         "exports_received": stub.requests,
         "dropped": dropped,
     }
@@ -276,7 +295,7 @@ def main() -> dict[str, object]:
     assert isinstance(ratio, float)
     print(
         f"\notlp / off = {ratio:.2f} (goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'}); "
-        f"spans received by the stub: {service['spans_received']}; "
+        f"spans received by the stub: ~{service['spans_received_estimate']}; "
         f"records dropped: {service['dropped']}"
     )
     return result
