@@ -18,9 +18,18 @@ from typing import Any
 
 from .pki import Credential
 
-# What Istio's sidecar puts in the outer SNI towards the gateway on the HTTP
-# path: the gateway's route, not the external host (see gateway.yaml).
-GATEWAY_HTTP_SNI = "outbound_.80_._.istio-egressgateway.istio-system.svc.cluster.local"
+# What Istio's sidecar puts in the outer SNI towards the gateway when no
+# DestinationRule sets `sni`: the gateway's cluster name, never a Host.
+ISTIO_DEFAULT_GATEWAY_SNI = "outbound_.80_._.istio-egressgateway.istio-system.svc.cluster.local"
+
+
+def sni_for(host: str) -> str:
+    """The SNI a sidecar sends for `host` under `egress-authz render`'s
+    DestinationRules: the host without a :port."""
+    if host.startswith("["):
+        return host
+    name, sep, port = host.rpartition(":")
+    return name if sep and port.isdigit() else host
 
 
 @dataclass
@@ -65,16 +74,18 @@ def http_via_gateway(
     headers: dict[str, str] | None = None,
     source_ip: str = "127.0.0.1",
     gateway_ip: str = "127.0.0.1",
-    sni: str = GATEWAY_HTTP_SNI,
+    sni: str | None = None,
     timeout: float = 5.0,
 ) -> HTTPResult:
-    """One HTTP request with Host `host`, over mTLS to the gateway."""
+    """One HTTP request with Host `host`, over mTLS to the gateway.
+
+    The mTLS SNI is `sni`, by default the host (as the sidecar sends it)."""
     ctx = mtls_context(credential, ca_path)
     raw = socket.create_connection(
         (gateway_ip, port), timeout=timeout, source_address=(source_ip, 0)
     )
     try:
-        tls = ctx.wrap_socket(raw, server_hostname=sni)
+        tls = ctx.wrap_socket(raw, server_hostname=sni if sni is not None else sni_for(host))
     except BaseException:
         raw.close()
         raise

@@ -166,9 +166,11 @@ class LoopbackMesh:
         path: str = "/",
         method: str = "GET",
         headers: dict[str, str] | None = None,
+        sni: str | None = None,
         timeout: float = 5.0,
     ) -> HTTPResult:
-        """An HTTP request for `host` from that workload, over mTLS to the gateway."""
+        """An HTTP request for `host` from that workload, over mTLS to the gateway
+        (SNI: `sni`, by default the host, as the sidecar sends it)."""
         return http_via_gateway(
             self.http_port,
             host,
@@ -178,6 +180,7 @@ class LoopbackMesh:
             method=method,
             headers=headers,
             source_ip=source_ip,
+            sni=sni,
             timeout=timeout,
         )
 

@@ -8,6 +8,7 @@ floor server, so it does not depend on the service.
 
 from __future__ import annotations
 
+import http.client
 from collections.abc import Iterator
 
 import pytest
@@ -99,9 +100,28 @@ class TestHTTPFilter:
         assert headers[":authority"] == "API.kadath.io:8443"
         assert "x-request-id" in headers
 
-    def test_no_tls_session(self, http_check: CheckRequest) -> None:
-        """include_tls_session is off on the HTTP filter: the outer SNI is not the host."""
-        assert http_check.attributes.tls_session is None
+    def test_tls_session_carries_the_outer_sni(self, http_check: CheckRequest) -> None:
+        """include_tls_session on the HTTP filter: the mTLS SNI as the client sent it."""
+        assert http_check.attributes.tls_session is not None
+        assert http_check.attributes.tls_session.sni == "API.kadath.io"
+
+
+class TestHTTPSidecar:
+    def test_auto_sni_makes_the_sni_the_host(self, mesh: LoopbackMesh, probe: FloorServer) -> None:
+        """Through sidecar-http.yaml the outer SNI is the Host without its :port (case kept)."""
+        sidecar = mesh.sidecar("shop", "cart", "127.0.0.2", kind="http")
+        conn = http.client.HTTPConnection("127.0.0.1", mesh.listen_port(sidecar), timeout=5)
+        try:
+            conn.request("GET", "/", headers={"Host": "API.Kadath.io:8443"})
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+        attrs = last_request(probe).attributes
+        assert attrs.tls_session is not None
+        assert attrs.tls_session.sni == "API.Kadath.io"
+        assert attrs.request.http.host == "API.Kadath.io:8443"
+        assert attrs.source.address.socket_address.address == "127.0.0.2"
+        assert attrs.source.principal == CART
 
 
 class TestNetworkFilter:

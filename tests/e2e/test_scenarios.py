@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from authz.testing.clients import ISTIO_DEFAULT_GATEWAY_SNI
 from authz.testing.pki import spiffe_id
 
 from .conftest import (
@@ -68,6 +69,22 @@ class TestHTTPPath:
         assert deny_body(denied)["reason"] == "host-not-allowed"
         assert world.http(FRONTEND, "cdn.kadath.io").status == 200
         assert world.http(CART_FINANCE, "cdn.kadath.io").status == 403
+
+    def test_sni_host_mismatch_is_denied(self, world: World) -> None:
+        """Domain fronting: mTLS SNI api.kadath.io, Host payments.kadath.io, both allowed
+        to this pod on their own, together denied."""
+        fronted = world.http(CART_FINANCE, "payments.kadath.io", sni="api.kadath.io")
+        assert fronted.status == 403
+        assert deny_body(fronted)["reason"] == "sni-host-mismatch"
+        assert world.http(CART_FINANCE, "payments.kadath.io").status == 200
+
+    def test_istio_default_sni_is_a_mismatch(self, world: World) -> None:
+        """Without `egress-authz render`'s per-host DestinationRules the sidecar's SNI is
+        the gateway's cluster name: the gateway config in istio/envoy then denies HTTP
+        (that name, with its underscores, is not even a valid host)."""
+        result = world.http(CART_FINANCE, "api.kadath.io", sni=ISTIO_DEFAULT_GATEWAY_SNI)
+        assert result.status == 403
+        assert deny_body(result)["reason"] in {"sni-host-mismatch", "invalid-host"}
 
     def test_headers_cannot_claim_an_identity(self, world: World) -> None:
         """A forged X-Forwarded-For or client-cert header does not make frontend a cart pod."""
