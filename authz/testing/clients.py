@@ -37,7 +37,6 @@ class HTTPResult:
     status: int
     headers: dict[str, str]
     body: bytes
-    reused: bool = False
 
     def json(self) -> Any:
         return json.loads(self.body)

@@ -195,6 +195,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             service.stop()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On a failure, attach what the service and the gateway said: the first
+    thing anyone debugging an end-to-end failure asks for."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    world = getattr(item, "funcargs", {}).get("world")
+    if report.failed and isinstance(world, World):
+        report.sections.append(("egress-authz serve (stderr tail)", world.service.output_tail()))
+        report.sections.append(("gateway Envoy (log tail)", world.mesh.gateway.log_tail()))
+        access = world.mesh.access_log
+        if access.exists():
+            tail = "\n".join(access.read_text().splitlines()[-20:])
+            report.sections.append(("gateway access log (tail)", tail))
+
+
 def eventually(
     probe: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition"
 ) -> float:
