@@ -198,6 +198,26 @@ class Service:
         self.proc.wait(10)
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def h2load(port: int, data: Path, seconds: int) -> float:
     out = subprocess.run(
         [
@@ -235,10 +255,21 @@ def bench_service() -> dict[str, object]:
             Service("otlp-0.1", tmp, ["--trace-allow-ratio", "0.1"], otlp),
         ]
         rates: dict[str, list[float]] = {s.name: [] for s in services}
+        # CPU per Check is steadier than throughput on a shared machine: the
+        # serving process's own, and its span exporter child's.
+        cpu_us: dict[str, list[float]] = {s.name: [] for s in services}
+        child_us: dict[str, list[float]] = {s.name: [] for s in services}
         try:
             for _ in range(ROUNDS):
                 for s in services:
-                    rates[s.name].append(h2load(s.port, data, SECONDS))
+                    kids = children_of(s.proc.pid)
+                    before = cpu_seconds(s.proc.pid), sum(cpu_seconds(k) for k in kids)
+                    rate = h2load(s.port, data, SECONDS)
+                    after = cpu_seconds(s.proc.pid), sum(cpu_seconds(k) for k in kids)
+                    checks = rate * (SECONDS + 1)  # + the warm-up second, at about that rate
+                    rates[s.name].append(rate)
+                    cpu_us[s.name].append((after[0] - before[0]) / checks * 1e6)
+                    child_us[s.name].append((after[1] - before[1]) / checks * 1e6)
             time.sleep(1)  # the last batches reach the stub
             dropped = {
                 s.name: s.metric("egress_authz_trace_records_dropped_total") for s in services
@@ -254,7 +285,12 @@ def bench_service() -> dict[str, object]:
         name: statistics.median(a / b for a, b in zip(rates[name], rates["off"], strict=True))
         for name in rates
     }
+    cpu = {k: statistics.median(v) for k, v in cpu_us.items()}
+    child = {k: statistics.median(v) for k, v in child_us.items()}
     return {
+        "cpu_us_per_check": cpu,
+        "exporter_cpu_us_per_check": child,
+        "cpu_ratio_off_vs_otlp": cpu["off"] / cpu["otlp"],
         "paired_ratio_vs_off": paired,
         "rounds": ROUNDS,
         "seconds": SECONDS,
@@ -291,6 +327,16 @@ def main() -> dict[str, object]:
     for name in ("minimal", "off", "otlp", "otlp-0.1"):
         runs = ", ".join(f"{r:.0f}" for r in rates[name])
         print(f"| {name} | {med[name]:.0f} | {runs} | {paired[name]:.2f} |")
+    cpu = service["cpu_us_per_check"]
+    child = service["exporter_cpu_us_per_check"]
+    assert isinstance(cpu, dict) and isinstance(child, dict)
+    print(
+        "\n| CPU µs per Check (median) | serving process | span exporter process | total |"
+        "\n|---|---|---|---|"
+    )
+    for name in ("minimal", "off", "otlp", "otlp-0.1"):
+        total = cpu[name] + child[name]
+        print(f"| {name} | {cpu[name]:.0f} | {child[name]:.0f} | {total:.0f} |")
     ratio = service["ratio_otlp_vs_off"]
     assert isinstance(ratio, float)
     print(
