@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from authz.testing.clients import HTTPResult, TLSResult
 from authz.testing.envoy import free_port
 from authz.testing.mesh import LoopbackMesh
 from authz.testing.service import ServiceProcess
@@ -153,7 +154,7 @@ class World:
     def write_reload_policy(self, hosts: tuple[str, ...]) -> None:
         self.reload_file.write_text(reload_policy(self.ports, hosts))
 
-    def http(self, pod: Pod, host: str, **kw: Any) -> Any:
+    def http(self, pod: Pod, host: str, **kw: Any) -> HTTPResult:
         return self.mesh.http(
             host,
             namespace=pod.namespace,
@@ -162,7 +163,7 @@ class World:
             **kw,
         )
 
-    def tls(self, pod: Pod, host: str, **kw: Any) -> Any:
+    def tls(self, pod: Pod, host: str, **kw: Any) -> TLSResult:
         return self.mesh.tls(
             host, namespace=pod.namespace, service_account=pod.service_account, pod_ip=pod.ip, **kw
         )

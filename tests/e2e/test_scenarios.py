@@ -12,10 +12,11 @@ import http.client
 import json
 import threading
 import time
+from typing import Any
 
 import pytest
 
-from authz.testing.clients import ISTIO_DEFAULT_GATEWAY_SNI
+from authz.testing.clients import ISTIO_DEFAULT_GATEWAY_SNI, HTTPResult
 from authz.testing.pki import spiffe_id
 
 from .conftest import (
@@ -32,8 +33,8 @@ pytestmark = [pytest.mark.envoy, pytest.mark.timeout(90)]
 DECISION_HEADER = "x-egress-authz-decision-id"
 
 
-def deny_body(result: object) -> dict[str, object]:
-    body: dict[str, object] = json.loads(result.body)  # type: ignore[attr-defined]
+def deny_body(result: HTTPResult) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(result.body)
     return body
 
 
