@@ -603,7 +603,7 @@ class TestSpanPipe:
         try:
             pipe = SpanPipe({**os.environ, **stub.env})
             recorder = DecisionRecorder(
-                TracingSettings(flush_interval=0.01), spans=pipe, log_stream=log
+                TracingSettings(allow_ratio=1.0, flush_interval=0.01), spans=pipe, log_stream=log
             ).start()
             child = make_record(traceparent=TRACEPARENT, start_unix_ns=1_700_000_000 * 10**9)
             root = make_record(verdict=Verdict.ALLOW)

@@ -98,9 +98,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     rec = p.add_argument_group("decision recording (see authz/tracing.py; spans need OTEL_* env)")
     rec.add_argument(
-        "--trace-allow-ratio", type=_ratio, default=1.0, metavar="R",
-        help="share of allowed Checks that get an OpenTelemetry span; denials and audit "
-        "verdicts always get one (default: %(default)s)",
+        "--trace-allow-ratio", type=_ratio, default=0.1, metavar="R",
+        help="share of allowed Checks that get an OpenTelemetry span; denials, audit "
+        "verdicts and allows whose caller's traceparent is sampled always get one "
+        "(default: %(default)s)",
     )
     rec.add_argument(
         "--decision-buffer", type=_positive, default=10_000, metavar="N",
