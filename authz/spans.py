@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -204,21 +205,45 @@ class SpanPipe:
     counts them under sink="span". Nothing here ever blocks.
     """
 
+    RESTART_AFTER = 10.0  # seconds between attempts to restart an exporter that died
+
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self._env = dict(os.environ if env is None else env)
+        self._chunk: list[bytes] = []
+        self._chunk_size = 0
+        self._dead_since: float | None = None
+        self._start()
+
+    def _start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "authz.spans"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,  # stdout is the parent's decision log
-            env=dict(os.environ if env is None else env),
+            env=self._env,
         )
         assert self.proc.stdin is not None
         self._fd = self.proc.stdin.fileno()
         with contextlib.suppress(OSError):
             fcntl.fcntl(self._fd, _F_SETPIPE_SZ, _PIPE_SIZE)
         os.set_blocking(self._fd, False)
-        self._chunk: list[bytes] = []
-        self._chunk_size = 0
-        self._dead = False
+        self._dead_since = None
+
+    def _restart_if_due(self) -> bool:
+        """After the child died: start a new one, at most every RESTART_AFTER seconds."""
+        assert self._dead_since is not None
+        if time.monotonic() - self._dead_since < self.RESTART_AFTER:
+            return False
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.poll()  # reap it
+        try:
+            self._start()
+        except OSError as e:
+            self._dead_since = time.monotonic()
+            log.error("span exporter process could not be restarted: %s", e)
+            return False
+        log.warning("span exporter process restarted")
+        return True
 
     def emit(self, rec: DecisionRecord, fields: Mapping[str, Any], line: str) -> None:
         header = json.dumps(
@@ -253,21 +278,26 @@ class SpanPipe:
             return
         chunk, lines = b"".join(self._chunk), len(self._chunk)
         self._chunk, self._chunk_size = [], 0
-        if self._dead:
+        if self._dead_since is not None and not self._restart_if_due():
             TRACE_DROPPED.inc("span", amount=float(lines))
             return
         try:
             os.write(self._fd, chunk)
         except BlockingIOError:
             TRACE_DROPPED.inc("span", amount=float(lines))
-        except OSError as e:  # the child is gone (EPIPE): spans stop, Checks do not
-            self._dead = True
+        except OSError as e:  # the child is gone (EPIPE): spans pause, Checks do not
+            self._dead_since = time.monotonic()
             TRACE_DROPPED.inc("span", amount=float(lines))
-            log.error("span exporter process exited (%s); no more spans are exported", e)
+            log.error(
+                "span exporter process exited (%s); spans are dropped until it is "
+                "restarted in %.0fs",
+                e,
+                self.RESTART_AFTER,
+            )
 
     def flush(self, timeout: float = 5.0) -> bool:
         self.end_batch()
-        return not self._dead
+        return self._dead_since is None
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Hand over what is left, close the pipe, let the child flush and exit."""

@@ -677,6 +677,42 @@ class TestSpanPipe:
             recorder.close()
             stub.stop()
 
+    def test_dead_child_is_restarted(self) -> None:
+        """When the exporter process dies, spans are dropped (counted) and a new
+        process takes over after RESTART_AFTER."""
+        import os
+
+        from authz.spans import SpanPipe
+
+        stub = CollectorStub()
+        pipe = SpanPipe({**os.environ, **stub.env})
+        pipe.RESTART_AFTER = 0.2  # type: ignore[misc]
+        recorder = DecisionRecorder(
+            TracingSettings(flush_interval=0.01), spans=pipe, log_stream=io.StringIO()
+        ).start()
+        try:
+            first = pipe.proc
+            first.kill()
+            first.wait(5)
+            before = TRACE_DROPPED.value("span")
+            recorder.record(make_record())
+            deadline = time.monotonic() + 5
+            while TRACE_DROPPED.value("span") == before and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert TRACE_DROPPED.value("span") == before + 1
+            time.sleep(0.3)
+            late = make_record()
+            recorder.record(late)
+            deadline = time.monotonic() + 5
+            while pipe.proc is first and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert pipe.proc is not first
+            recorder.close()  # the new child flushes on EOF
+            ids = {_attrs(s)["egress_authz.decision_id"] for s in stub.wait_for(1)}
+            assert late.decision.decision_id in ids
+        finally:
+            stub.stop()
+
     def test_config(self) -> None:
         """No OTEL_* means no child at all; an unsupported exporter fails at once."""
         from authz.spans import spans_from_env
