@@ -686,7 +686,7 @@ class TestSpanPipe:
 
         stub = CollectorStub()
         pipe = SpanPipe({**os.environ, **stub.env})
-        pipe.RESTART_AFTER = 0.2  # type: ignore[misc]
+        pipe.RESTART_AFTER = 0.2
         recorder = DecisionRecorder(
             TracingSettings(flush_interval=0.01), spans=pipe, log_stream=io.StringIO()
         ).start()
