@@ -6,7 +6,7 @@ on the Check path. The standard library's server is enough for a handful of
 operators and a Prometheus scrape. Binds 127.0.0.1 unless told otherwise: the
 decisions name workloads and hosts, so they are not for the whole network.
 
-Routes (a public contract, README "Admin endpoint"):
+Routes (a public contract, docs/tracing.md "Admin endpoint"):
   GET /healthz                    200 while the process serves
   GET /readyz                     200 once a policy is loaded, else 503
   GET /metrics                    Prometheus text format

@@ -328,7 +328,7 @@ def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter:
     protocol = (
         environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "grpc"  # what the Python SDK's `otlp` exporter means; README says so
+        or "grpc"  # what the Python SDK's `otlp` exporter means; docs/tracing.md says so
     ).strip()
     # The exporters read their endpoint, headers, certificates and timeout
     # from the same OTEL_EXPORTER_OTLP_* variables themselves.

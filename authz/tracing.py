@@ -32,7 +32,7 @@ from .records import DecisionRecord
 log = logging.getLogger(__name__)
 
 
-# The decision log's fields, in output order: a public contract (README,
+# The decision log's fields, in output order: a public contract (docs/tracing.md,
 # "Decision log"). Every line carries every key; absent values are null.
 LOG_FIELDS = (
     "time",

@@ -2,7 +2,7 @@
 
 Reads the admin endpoint's ring buffer (`/v1/decisions`) or, with --follow,
 its live stream. The table's columns and the JSON fields are a public
-contract (README, "Reading decisions").
+contract (docs/tracing.md, "CLI").
 """
 
 from __future__ import annotations
