@@ -385,10 +385,12 @@ class DecisionRecorder:
         d = rec.decision
         if d.verdict is not Verdict.ALLOW:
             # The engine explains denials lazily; do it here, off the Check
-            # path, then let go of the explainer so that the ring does not keep
-            # superseded policy snapshots alive through its closure.
-            _ = d.explanation
-            d.explainer = None
+            # path, then swap the explainer for one holding only the answer, so
+            # that the ring does not keep superseded policy snapshots alive
+            # through its closure (and an admin thread reading it meanwhile
+            # still finds a callable).
+            explanation = d.explanation
+            d.explainer = lambda: explanation
         self.ring.publish(rec)
         span = self.spans is not None and self._keep_span(rec)
         if not span and not self.settings.decision_log:

@@ -235,8 +235,8 @@ class TestDecisionRecorder:
         assert all(x["trace_id"] is None for x in lines)  # no span, no traceparent
 
     def test_explains_off_the_check_path(self) -> None:
-        """A denial is explained on the recorder's thread, which then drops the explainer
-        (so the ring keeps no old policy snapshot alive)."""
+        """A denial is explained on the recorder's thread, which then drops the engine's
+        explainer (so the ring keeps no old policy snapshot alive)."""
         threads: list[str] = []
         check = RuleCheck("shop/egress-policy/x", False, "because")
 
@@ -251,7 +251,10 @@ class TestDecisionRecorder:
         assert threads == []  # record() itself never explains
         recorder.close()
         assert threads == ["egress-authz-recorder"]
-        assert r.decision.explainer is None and r.decision.explanation == (check,)
+        assert r.decision.explanation == (check,)
+        assert r.decision.explainer is not explainer and r.decision.explainer is not None
+        assert r.decision.explainer() == (check,)
+        assert threads == ["egress-authz-recorder"]  # not explained again
 
     def test_log_off(self) -> None:
         """decision_log=False writes nothing but still fills the ring."""
