@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import queue
 import random
 import sys
@@ -414,12 +415,50 @@ class DecisionRecorder:
         return ratio >= 1.0 or (ratio > 0.0 and self._rng() < ratio)
 
     def _write(self, lines: list[str]) -> None:
-        text = "".join(lines)
-        if not text:
+        lines = [line for line in lines if line]
+        if not lines:
             return
         try:
-            self._log_stream.write(text)
-            self._log_stream.flush()
+            fd = self._log_stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            fd = -1  # not a real file (tests): its write() is all there is
+        try:
+            if fd < 0:
+                self._log_stream.write("".join(lines))
+                self._log_stream.flush()
+            else:
+                self._log_stream.flush()
+                _write_whole_lines(fd, lines)
         except (OSError, ValueError):
             # A closed or broken stdout must not stop spans and the ring.
             TRACE_DROPPED.inc("log", amount=float(len(lines)))
+
+
+_PIPE_BUF = 4096
+
+
+def _write_whole_lines(fd: int, lines: list[str]) -> None:
+    """Write to `fd` in chunks of whole lines of at most PIPE_BUF bytes.
+
+    Under `serve --workers N` every worker writes its decision log to the same
+    stdout pipe; the kernel keeps writes of up to PIPE_BUF bytes whole, so no
+    worker's line is ever cut by another's. (A single line longer than that,
+    a rare huge path, is written alone and may be interleaved.)
+    """
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = line.encode("utf-8")
+        if size + len(data) > _PIPE_BUF and chunk:
+            _write_all(fd, b"".join(chunk))
+            chunk, size = [], 0
+        chunk.append(data)
+        size += len(data)
+    if chunk:
+        _write_all(fd, b"".join(chunk))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -256,6 +256,38 @@ class TestDecisionRecorder:
         assert r.decision.explainer() == (check,)
         assert threads == ["egress-authz-recorder"]  # not explained again
 
+    def test_workers_sharing_stdout_never_cut_lines(self) -> None:
+        """Two recorders (as two --workers) writing to one pipe: every line arrives whole."""
+        import os
+
+        read_fd, write_fd = os.pipe()
+        # One file object per "worker", each with its own buffer, like processes.
+        outs = [open(os.dup(write_fd), "w") for _ in range(2)]  # noqa: SIM115 - closed below
+        os.close(write_fd)
+        received = bytearray()
+
+        def reader() -> None:
+            with open(read_fd, "rb") as f:
+                while chunk := f.read(1024):  # small reads: the writer waits at times
+                    received.extend(chunk)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        recorders = [
+            DecisionRecorder(TracingSettings(flush_interval=0.001), log_stream=out).start()
+            for out in outs
+        ]
+        for i in range(3000):
+            recorders[i % 2].record(make_record(path="/p/" + "x" * (i % 300)))
+        for r in recorders:
+            r.close()
+        for out in outs:
+            out.close()
+        t.join(10)
+        lines = received.decode().splitlines()
+        assert len(lines) == 3000
+        assert all(json.loads(line)["decision_id"] for line in lines)
+
     def test_log_off(self) -> None:
         """decision_log=False writes nothing but still fills the ring."""
         log = io.StringIO()
