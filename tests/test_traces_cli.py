@@ -378,3 +378,31 @@ class TestSuggestPaths:
         many = {f"/api/v2/items/{i}" for i in range(20)}
         assert _path_prefixes(many) == ["/api/v2/items/"]
         assert _path_prefixes({f"/{i}" for i in range(20)}) == ["/"]
+
+
+class TestExplainRender:
+    def test_unparsed_request(self) -> None:
+        """A bad request (no identity, no destination) explains without a rule to edit."""
+        from authz.commands.explain import render
+        from authz.model import Decision, Reason, Verdict
+        from authz.records import DecisionRecord
+        from authz.tracing import record_detail
+
+        d = Decision(False, Verdict.DENY, Reason.BAD_REQUEST, "bad1", 3, message="truncated")
+        text = render(record_detail(DecisionRecord(d, None, None, time.time_ns(), 1000)))
+        assert "DENY (bad-request)" in text and "truncated" in text
+        assert "ext_authz configuration" in text and "kubectl" not in text
+
+    def test_untrusted_identity(self) -> None:
+        """An identity outside the trust domain is explained as a mesh problem."""
+        from authz.commands.explain import render
+        from authz.model import Decision, Reason, Verdict
+        from authz.records import DecisionRecord
+        from authz.tracing import record_detail
+
+        d = Decision(False, Verdict.DENY, Reason.UNTRUSTED_IDENTITY, "u1", 3)
+        ident = Identity("spiffe://evil.example/ns/x/sa/y", "10.1.1.1")
+        rec = DecisionRecord(d, ident, Destination(443, Protocol.TLS, sni="a.io"), 1, 1)
+        text = render(record_detail(rec))
+        assert "spiffe://evil.example/ns/x/sa/y" in text and "none known for 10.1.1.1" in text
+        assert "trust domain" in text
