@@ -108,6 +108,7 @@ class Envoy:
         start_timeout: float = 15.0,
     ) -> None:
         self.name = name
+        self.config_template = template
         self.values = dict(values or {})
         self.values.setdefault("ADMIN_PORT", free_port())
         self.admin_port = int(str(self.values["ADMIN_PORT"]))

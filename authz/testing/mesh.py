@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from .clients import HTTPResult, TLSResult, http_via_gateway, tls_via_sidecar
-from .envoy import Envoy, free_port
+from .envoy import Envoy, EnvoyError, free_port
 from .pki import Credential, TestCA
 from .upstreams import HTTPUpstream, TLSUpstream
 
@@ -49,16 +50,22 @@ class LoopbackMesh:
         self.external_cert = self.ca.server(*external_names)
         self.http_upstream = HTTPUpstream()
         self.tls_upstream = TLSUpstream(self.external_cert)
-        self.http_port = free_port()
-        self.tls_port = free_port()
         self.access_log = self.workdir / "gateway-access.log"
         self.envoy_log_level = envoy_log_level
-        self.gateway = Envoy(
+        self.gateway = self._new_gateway()
+        self._identities: dict[tuple[str, str], Credential] = {}
+        self._sidecars: dict[tuple[str, str, str, str], Envoy] = {}
+
+    def _new_gateway(self) -> Envoy:
+        """A gateway on fresh listener ports (http_port, tls_port)."""
+        self.http_port = free_port()
+        self.tls_port = free_port()
+        return Envoy(
             "gateway.yaml",
             {
                 "HTTP_PORT": self.http_port,
                 "TLS_PORT": self.tls_port,
-                "AUTHZ_PORT": authz_port,
+                "AUTHZ_PORT": self.authz_port,
                 "HTTP_UPSTREAM_PORT": self.http_upstream.port,
                 "TLS_UPSTREAM_PORT": self.tls_upstream.port,
                 "GATEWAY_CERT": self.gateway_identity.cert_path,
@@ -68,10 +75,8 @@ class LoopbackMesh:
             },
             name="gateway",
             workdir=self.workdir,
-            log_level=envoy_log_level,
+            log_level=self.envoy_log_level,
         )
-        self._identities: dict[tuple[str, str], Credential] = {}
-        self._sidecars: dict[tuple[str, str, str, str], Envoy] = {}
 
     @property
     def ca_path(self) -> str:
@@ -80,14 +85,19 @@ class LoopbackMesh:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> LoopbackMesh:
+        """Start upstreams and gateway. Read http_port/tls_port after this:
+        a port taken between free_port() and Envoy's bind gets new ones."""
         self.http_upstream.start()
         self.tls_upstream.start()
         try:
-            self.gateway.start()
+            _start_retrying_ports(self.gateway, self._new_gateway, lambda g: self._set_gateway(g))
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _set_gateway(self, gateway: Envoy) -> None:
+        self.gateway = gateway
 
     def stop(self) -> None:
         for sidecar in self._sidecars.values():
@@ -146,8 +156,17 @@ class LoopbackMesh:
                 workdir=self.workdir,
                 log_level=self.envoy_log_level,
             )
-            sidecar.start()
-            self._sidecars[key] = sidecar
+
+            def again(old: Envoy = sidecar) -> Envoy:
+                return Envoy(
+                    old.config_template,
+                    {**old.values, "LISTEN_PORT": free_port(), "ADMIN_PORT": free_port()},
+                    name=old.name,
+                    workdir=self.workdir,
+                    log_level=self.envoy_log_level,
+                )
+
+            self._sidecars[key] = _start_retrying_ports(sidecar, again)
         return self._sidecars[key]
 
     @staticmethod
@@ -203,3 +222,23 @@ class LoopbackMesh:
             payload=payload,
             timeout=timeout,
         )
+
+
+def _start_retrying_ports(
+    envoy: Envoy,
+    rebuild: Callable[[], Envoy],
+    on_rebuild: Callable[[Envoy], None] | None = None,
+    attempts: int = 3,
+) -> Envoy:
+    """Start `envoy`; if a port picked by free_port() was taken meanwhile (by
+    another test session on this machine), rebuild it on new ports and retry."""
+    for attempt in range(attempts):
+        try:
+            return envoy.start()
+        except EnvoyError as e:
+            if "Address already in use" not in str(e) or attempt == attempts - 1:
+                raise
+            envoy = rebuild()
+            if on_rebuild is not None:
+                on_rebuild(envoy)
+    raise AssertionError("unreachable")

@@ -173,12 +173,8 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("e2e")
     authz_port = free_port()
-    mesh = LoopbackMesh(authz_port, workdir=root / "mesh")
-    ports = ports_of((mesh.http_port, mesh.tls_port))
     policies = root / "policies"
     policies.mkdir()
-    (policies / "shop.yaml").write_text(shop_policy(ports))
-    (policies / "shop-reload.yaml").write_text(reload_policy(ports, RELOAD_HOSTS))
     workloads = root / "pods.yaml"
     workloads.write_text(pods_manifest(PODS))
     service = ServiceProcess(
@@ -188,7 +184,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         admin_port=free_port(),
         log_path=root / "service.log",
     )
-    with mesh:
+    with LoopbackMesh(authz_port, workdir=root / "mesh") as mesh:
+        # The listener ports are final once the gateway runs.
+        ports = ports_of((mesh.http_port, mesh.tls_port))
+        (policies / "shop.yaml").write_text(shop_policy(ports))
+        (policies / "shop-reload.yaml").write_text(reload_policy(ports, RELOAD_HOSTS))
         service.start()  # a missing or broken service fails here, loudly
         try:
             yield World(mesh=mesh, service=service, policies=policies, ports=ports)
