@@ -498,17 +498,24 @@ class TestIstioObjects:
         assert gateway["spec"]["selector"] == dict(options.gateway_selector)
 
     def test_envoy_filter(self, chart: helm.Chart) -> None:
-        """Both gateway ext_authz filters send the TLS session (SNI) and peer certificate."""
+        """Both gateway ext_authz filters send the TLS session (SNI) and peer certificate,
+        and the gateway's tcp_proxy dials only after ext_authz let data through."""
         envoy_filter = one(render(chart), "EnvoyFilter")
         assert envoy_filter["spec"]["workloadSelector"] == {"labels": {"istio": "egressgateway"}}
         patches = envoy_filter["spec"]["configPatches"]
         assert {p["applyTo"] for p in patches} == {"NETWORK_FILTER", "HTTP_FILTER"}
+        by_filter = {}
         for patch in patches:
             assert patch["match"]["context"] == "GATEWAY"
             assert patch["patch"]["operation"] == "MERGE"
-            config = patch["patch"]["value"]["typed_config"]
-            assert config["include_tls_session"] is True
-            assert config["include_peer_certificate"] is True
+            target = patch["match"]["listener"]["filterChain"]["filter"]
+            by_filter[target.get("subFilter", {}).get("name", target["name"])] = (
+                patch["patch"]["value"]["typed_config"])
+        for name in ("envoy.filters.network.ext_authz", "envoy.filters.http.ext_authz"):
+            assert by_filter[name]["include_tls_session"] is True
+            assert by_filter[name]["include_peer_certificate"] is True
+        tcp = by_filter["envoy.filters.network.tcp_proxy"]
+        assert tcp["upstream_connect_mode"] == "ON_DOWNSTREAM_DATA"
 
     def test_custom_gateway_namespace_and_selector(self, chart: helm.Chart) -> None:
         """Istio objects follow gatewayNamespace and istio.gatewaySelector."""

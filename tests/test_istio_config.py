@@ -339,10 +339,11 @@ class TestEgressGateway:
 class TestEnvoyFilterFields:
     """The EnvoyFilter patches name real filters and real ext_authz fields."""
 
-    # What Istio calls the ext_authz filters it generates for a CUSTOM policy.
+    # What Istio calls the filters it generates: ext_authz for a CUSTOM policy,
+    # tcp_proxy for the gateway's TCP routes.
     FILTERS = {
-        "NETWORK_FILTER": "envoy.filters.network.ext_authz",
-        "HTTP_FILTER": "envoy.filters.http.ext_authz",
+        "NETWORK_FILTER": {"envoy.filters.network.ext_authz", "envoy.filters.network.tcp_proxy"},
+        "HTTP_FILTER": {"envoy.filters.http.ext_authz"},
     }
 
     def test_fields_exist_in_envoy_api(self, chart_objects: list[dict[str, Any]]) -> None:
@@ -351,7 +352,7 @@ class TestEnvoyFilterFields:
         for patch in envoy_filter["spec"]["configPatches"]:
             target = patch["match"]["listener"]["filterChain"]["filter"]
             name = target.get("subFilter", {}).get("name", target["name"])
-            assert name == self.FILTERS[patch["applyTo"]]
+            assert name in self.FILTERS[patch["applyTo"]]
             config = dict(patch["patch"]["value"]["typed_config"])
             type_url = config.pop("@type")
             package, _, message = type_url.removeprefix("type.googleapis.com/").rpartition(".")
