@@ -182,7 +182,7 @@ def main() -> dict[str, object]:
             f"| {r['hosts']:,.0f} | {r['namespaces']:,.0f} | {r['decisions_per_s']:,.0f} | "
             f"{r['median_us']:.2f} | {r['p99_us']:.2f} | {r['allow_median_us']:.2f} | "
             f"{r['spread_median_us']:.2f} | {r['spread_p99_us']:.2f} | "
-            f"{r['compile_s']:.2f} | {r["peak_mib"]:.2f} |"
+            f"{r['compile_s']:.2f} | {r['peak_mib']:.2f} |"
         )
     ratios = [
         big["median_us"] / small["median_us"]
