@@ -515,44 +515,42 @@ def _why(
     port: int,
     now: float,
 ) -> tuple[bool, str]:
+    """Whether a rule applies, in words. The verdict comes from `_check`, the
+    matcher the allow path uses, so the two can never disagree."""
     if not any(hosts.matches(p, host) for p in rule.hosts):
         return False, f"host {host} is not in hosts [{', '.join(rule.hosts)}]"
+    stage = _check(rule, account, workload, dest, port, now)
+    if stage == _OK:
+        return True, "matches"
     sel = rule.workloads
-    if sel.service_accounts is not None and account not in sel.service_accounts:
-        return False, (
-            f"service account {account} is not in serviceAccounts "
-            f"[{', '.join(sorted(sel.service_accounts))}]"
-        )
-    if sel.uses_labels and workload is None:
-        return False, "the rule selects by label, and no Pod is known for the source IP"
-    if not _selects(rule, account, workload):
-        labels = dict(workload.labels) if workload else {}
-        wanted = dict(sel.match_labels)
+    if stage == _WORKLOAD:
+        if sel.service_accounts is not None and account not in sel.service_accounts:
+            return False, (
+                f"service account {account} is not in serviceAccounts "
+                f"[{', '.join(sorted(sel.service_accounts))}]"
+            )
+        if workload is None:
+            return False, "the rule selects by label, and no Pod is known for the source IP"
         exprs = [f"{r.key} {r.operator} {sorted(r.values)}" for r in sel.match_expressions]
         return False, (
-            f"workload labels {labels} do not match matchLabels {wanted}"
-            + (f" / matchExpressions {exprs}" if exprs else "")
+            f"workload labels {dict(workload.labels)} do not match matchLabels "
+            f"{dict(sel.match_labels)}" + (f" / matchExpressions {exprs}" if exprs else "")
         )
-    if dest.protocol not in rule.protocols:
-        return False, (
-            f"protocol {dest.protocol.value} is not in protocols "
-            f"[{', '.join(sorted(p.value for p in rule.protocols))}]"
-        )
-    if port not in rule.ports:
+    if stage == _PROTOCOL:
+        allowed = ", ".join(sorted(p.value for p in rule.protocols))
+        return False, f"protocol {dest.protocol.value} is not in protocols [{allowed}]"
+    if stage == _PORT:
         return False, f"port {port} is not in ports {sorted(rule.ports)}"
-    http = rule.http
-    if http is not None and dest.protocol is Protocol.HTTP:
-        if http.methods is not None and (dest.method or "").upper() not in http.methods:
-            return False, f"method {dest.method} is not in methods {sorted(http.methods)}"
-        if http.paths is not None:
-            path = clean_path(dest.path or "")
-            if path is None:
-                return False, f"path {dest.path!r} holds encoded slashes or backslashes"
-            if not any(path.startswith(prefix) for prefix in http.paths):
-                return False, f"path {path} starts with none of {list(http.paths)}"
-    if rule.expires is not None and now >= rule.expires:
+    if stage == _EXPIRED:
         return False, f"the rule expired at {rule.expires_text}"
-    return True, "matches"
+    http = rule.http
+    assert http is not None  # the method and path stages exist only with an http match
+    if stage == _METHOD:
+        return False, f"method {dest.method} is not in methods {sorted(http.methods or ())}"
+    path = clean_path(dest.path or "")
+    if path is None:
+        return False, f"path {dest.path!r} holds encoded slashes or backslashes"
+    return False, f"path {path} starts with none of {list(http.paths or ())}"
 
 
 def explain(
