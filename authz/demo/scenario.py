@@ -9,26 +9,19 @@ api.stealyourmoney.com) and the demo's marketing policy (audit mode).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
+from authz.testing.pods import Pod, pods_manifest
 
-@dataclass(frozen=True)
-class Pod:
-    name: str
-    namespace: str
-    service_account: str
-    ip: str  # the pod IP: its sidecar dials the gateway from this address
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def workload(self) -> str:
-        return f"{self.namespace}/{self.service_account}"
+__all__ = ["Pod", "pods_manifest"]  # the stack imports both from here
 
 
 API_CONNECTOR = Pod(
-    "api-connector-7d9f8", "shop", "api-connector", "127.0.0.2",
+    "api-connector-7d9f8",
+    "shop",
+    "api-connector",
+    "127.0.0.2",
     {"app": "api-connector", "function": "api-connector"},
 )
 CART = Pod("cart-5c6b4", "shop", "cart", "127.0.0.3", {"app": "cart", "function": "finance"})
@@ -92,7 +85,12 @@ CALLS = (
     Call("denied by host", API_CONNECTOR, LENG, Via.HTTP, "deny", "host-not-allowed"),
     Call("cluster deny", CART, STEAL, Via.TLS, "deny", "cluster-denied"),
     Call(
-        "stolen certificate", ANALYTICS, KADATH, Via.RAW_HTTP, "deny", "identity-mismatch",
+        "stolen certificate",
+        ANALYTICS,
+        KADATH,
+        Via.RAW_HTTP,
+        "deny",
+        "identity-mismatch",
         certificate_of=API_CONNECTOR,
     ),
     Call("domain fronting", CART, STEAL, Via.RAW_HTTP, "deny", "sni-host-mismatch", sni=LENG),
@@ -104,27 +102,3 @@ CALLS = (
 # The call whose decision `egress-authz explain` is shown for: a denial that
 # a rule almost allowed, so the explanation has something to say.
 EXPLAIN_CALL = 2
-
-
-def pods_manifest(pods: tuple[Pod, ...] = PODS) -> str:
-    """A `kubectl get pods -o yaml` style List: what `serve --workloads` reads."""
-    items = []
-    for p in pods:
-        labels = "".join(f"\n        {k}: {v}" for k, v in p.labels.items())
-        items.append(
-            f"""\
-  - apiVersion: v1
-    kind: Pod
-    metadata:
-      name: {p.name}
-      namespace: {p.namespace}
-      labels:{labels}
-    spec:
-      serviceAccountName: {p.service_account}
-      containers: [{{name: app, image: app}}]
-    status:
-      phase: Running
-      podIP: {p.ip}
-"""
-        )
-    return "apiVersion: v1\nkind: List\nitems:\n" + "".join(items)

@@ -179,7 +179,7 @@ class DemoStack:
         if loaded.problems:
             problems = _tail("\n".join(loaded.problems))
             raise DemoError(f"the demo's policies do not load:\n{problems}")
-        self.workloads_file.write_text(pods_manifest())
+        self.workloads_file.write_text(pods_manifest(PODS))
 
     def start_hosts(self) -> None:
         assert self.ca is not None

@@ -32,50 +32,17 @@ import pytest
 from authz.testing.clients import HTTPResult, TLSResult
 from authz.testing.envoy import free_port
 from authz.testing.mesh import LoopbackMesh
+from authz.testing.pods import Pod, pods_manifest
 from authz.testing.service import ServiceProcess
 
-
-@dataclass(frozen=True)
-class Pod:
-    name: str
-    ip: str
-    namespace: str
-    service_account: str
-    labels: dict[str, str]
-
-
 CART_FINANCE = Pod(
-    "cart-finance", "127.0.0.2", "shop", "cart", {"app": "cart", "function": "finance"}
+    "cart-finance", "shop", "cart", "127.0.0.2", {"app": "cart", "function": "finance"}
 )
 CART_MARKETING = Pod(
-    "cart-marketing", "127.0.0.3", "shop", "cart", {"app": "cart", "function": "marketing"}
+    "cart-marketing", "shop", "cart", "127.0.0.3", {"app": "cart", "function": "marketing"}
 )
-FRONTEND = Pod("frontend", "127.0.0.4", "shop", "frontend", {"app": "frontend"})
+FRONTEND = Pod("frontend", "shop", "frontend", "127.0.0.4", {"app": "frontend"})
 PODS = (CART_FINANCE, CART_MARKETING, FRONTEND)
-
-
-def pods_manifest(pods: tuple[Pod, ...]) -> str:
-    """A `kubectl get pods -o yaml` style dump: what --workloads reads."""
-    items = []
-    for p in pods:
-        labels = "".join(f"\n        {k}: {v}" for k, v in p.labels.items())
-        items.append(
-            f"""\
-  - apiVersion: v1
-    kind: Pod
-    metadata:
-      name: {p.name}
-      namespace: {p.namespace}
-      labels:{labels}
-    spec:
-      serviceAccountName: {p.service_account}
-      containers: [{{name: app, image: app}}]
-    status:
-      phase: Running
-      podIP: {p.ip}
-"""
-        )
-    return "apiVersion: v1\nkind: List\nitems:\n" + "".join(items)
 
 
 def policy_configmap(name: str, namespace: str, rules: str) -> str:
