@@ -36,6 +36,7 @@ from authz.tracing import (
     DecisionRecorder,
     RingBuffer,
     TracingSettings,
+    log_line,
     record_detail,
     record_fields,
     trace_id_of,
@@ -178,6 +179,48 @@ class TestRecordFields:
         f = record_fields(bare)
         assert f["source_ip"] is None and f["port"] is None and f["reason"] == "bad-request"
         json.dumps(record_detail(bare))
+
+    @pytest.mark.parametrize(
+        "rec",
+        [
+            make_record(),
+            make_record(verdict=Verdict.ALLOW, protocol=Protocol.HTTP, method="GET", path="/"),
+            make_record(traceparent=TRACEPARENT, duration_ns=1, mode=Mode.AUDIT),
+            make_record(
+                protocol=Protocol.HTTP,
+                method='P"O\\ST',
+                path='/\u00e9\u4e2d/\x00\x1f\n\t\u2028\U0001f600?q="x"',
+                host="h\u00f6st.example",
+                pod="",
+                source_ip="",
+                namespace="",
+                account="",
+                policy_source=None,
+                port=0,
+                duration_ns=10**12 + 49,
+            ),
+            DecisionRecord(make_record().decision, None, None, 0, 0),
+            DecisionRecord(
+                make_record().decision,
+                Identity(principal=""),
+                Destination(port=443, protocol=Protocol.TLS),
+                1_700_000_000_999_999_999,
+                987_654_321,
+                filter="",
+            ),
+        ],
+    )
+    @pytest.mark.parametrize("trace_id", [None, TRACE_ID])
+    def test_log_line_is_json_dumps_of_fields(
+        self, rec: DecisionRecord, trace_id: str | None
+    ) -> None:
+        """The hand-rendered line is exactly json.dumps of record_fields (the contract)."""
+        expected = json.dumps(
+            record_fields(rec, trace_id), separators=(",", ":"), ensure_ascii=False
+        )
+        line = log_line(rec, trace_id or trace_id_of(rec.traceparent))
+        assert line == expected
+        assert tuple(json.loads(line)) == LOG_FIELDS
 
     @pytest.mark.parametrize(
         "header, expected",
