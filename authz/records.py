@@ -13,7 +13,9 @@ from typing import Protocol
 from .model import Decision, Destination, Identity
 
 
-@dataclass(frozen=True, slots=True)
+# Plain slotted, not frozen: one is built per Check, and a frozen dataclass pays
+# an object.__setattr__ per field (~2 µs for these eight). Nothing mutates it.
+@dataclass(slots=True)
 class DecisionRecord:
     decision: Decision
     identity: Identity | None  # None when the request could not be parsed

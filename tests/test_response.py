@@ -158,3 +158,19 @@ class TestFullSchema:
             assert full.ok_response is not None
             assert full.ok_response.headers[0].header is not None
             assert full.ok_response.headers[0].header.value == decision.decision_id
+
+
+@pytest.mark.parametrize("filter_kind", [HTTP_FILTER, NETWORK_FILTER, ""])
+@pytest.mark.parametrize("decision_id", ["3d8de22789000002", "", "x" * 127, "é" * 70, "y" * 300])
+@pytest.mark.parametrize("rule", ["shop/egress-policy/payments", None, "r" * 200])
+@pytest.mark.parametrize("verdict", [Verdict.ALLOW, Verdict.AUDIT])
+def test_allowed_fast_path_is_the_reference_encoding(
+    filter_kind: str, decision_id: str, rule: str | None, verdict: Verdict
+) -> None:
+    """Allowed answers come from cached parts around the id; byte for byte the
+    field-by-field encoding, for ids and rules whose lengths need multi-byte varints."""
+    from authz.envoy.response import _allowed_response_reference
+
+    d = allowance(decision_id=decision_id, rule=rule, verdict=verdict)
+    assert build_check_response(d, filter_kind) == _allowed_response_reference(d, filter_kind)
+    assert build_check_response(d, filter_kind) == _allowed_response_reference(d, filter_kind)

@@ -32,7 +32,7 @@ NETWORK_FILTER = "network"
 WorkloadLookup = Callable[[str], Workload | None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per Check, and frozen costs ~1.5 µs
 class ParsedCheck:
     """A CheckRequest that can be decided."""
 
@@ -84,8 +84,9 @@ def _parse(data: bytes, lookup: WorkloadLookup | None) -> ParsedCheck | BadReque
     port = attrs.destination.address.socket_address.port_value
     sni = attrs.tls_session.sni or None
 
-    if attrs.request.HasField("http"):
-        return _http(attrs, principal, source_ip, port, sni, lookup)
+    request_ctx = attrs.request
+    if request_ctx.HasField("http"):
+        return _http(request_ctx.http, principal, source_ip, port, sni, lookup)
 
     # The network filter sends no request: the destination name is the SNI,
     # from tls_session when the filter sets include_tls_session, else from
@@ -102,14 +103,13 @@ def _parse(data: bytes, lookup: WorkloadLookup | None) -> ParsedCheck | BadReque
 
 
 def _http(
-    attrs: AttributeContext,
+    http: AttributeContext.HttpRequest,
     principal: str,
     source_ip: str,
     port: int,
     sni: str | None,
     lookup: WorkloadLookup | None,
 ) -> ParsedCheck | BadRequest:
-    http = attrs.request.http
     headers = http.headers
     traceparent = tracestate = None
     if headers:

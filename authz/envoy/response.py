@@ -120,6 +120,62 @@ def _metadata(decision: Decision) -> bytes:
     return _ld(_F_METADATA, fields)
 
 
+# Allowed answers, the bulk of the traffic, differ only in the decision id
+# (twice: header and metadata) once the rule, verdict and reason are known, so
+# they are cut into constant parts around the id: (before the first id,
+# between the two (HTTP only), after the last), keyed by (network filter?,
+# verdict, reason, rule, id length). ~1 µs instead of ~5 per allowed Check.
+_AllowKey = tuple[bool, str, str, "str | None", int]
+_ALLOW_PARTS: dict[_AllowKey, tuple[bytes, bytes, bytes]] = {}
+_ALLOW_PARTS_MAX = 4096
+
+
+def _allow_parts(decision: Decision, network: bool, n: int) -> tuple[bytes, bytes, bytes]:
+    """The constant parts of `build_check_response` for an allowed decision
+    whose id encodes to `n` bytes (see _ALLOW_PARTS), as _metadata and
+    _id_header would write them."""
+    tail = _cached_entry(META_VERDICT, decision.verdict.value) + _cached_entry(
+        META_REASON, decision.reason.value
+    )
+    if decision.rule:
+        tail += _cached_entry(META_RULE, decision.rule)
+    # metadata: Struct{fields: [decision_id entry, *tail]}
+    value_len = 1 + len(_varint(n)) + n  # Value{string_value: id}
+    entry_len = len(_ID_META_KEY) + 1 + len(_varint(value_len)) + value_len
+    fields_len = 1 + len(_varint(entry_len)) + entry_len + len(tail)
+    meta_head = (
+        _LEN_TAGS[_F_METADATA] + _varint(fields_len)
+        + _LEN_TAGS[1] + _varint(entry_len) + _ID_META_KEY
+        + _LEN_TAGS[2] + _varint(value_len) + _LEN_TAGS[3] + _varint(n)
+    )  # fmt: skip
+    if network:
+        return _STATUS_OK + meta_head, b"", tail
+    # ok_response: OkHttpResponse{headers: [HeaderValueOption{header: {key, value: id}}]}
+    header_len = len(_ID_KEY) + 1 + len(_varint(n)) + n
+    option_len = 1 + len(_varint(header_len)) + header_len + len(_OVERWRITE_IF_EXISTS_OR_ADD)
+    ok_len = 1 + len(_varint(option_len)) + option_len
+    ok_head = (
+        _LEN_TAGS[_F_OK] + _varint(ok_len)
+        + _LEN_TAGS[2] + _varint(option_len)
+        + _LEN_TAGS[1] + _varint(header_len) + _ID_KEY + _LEN_TAGS[2] + _varint(n)
+    )  # fmt: skip
+    return _STATUS_OK + ok_head, _OVERWRITE_IF_EXISTS_OR_ADD + meta_head, tail
+
+
+def _allowed_response(decision: Decision, network: bool) -> bytes:
+    id_bytes = decision.decision_id.encode("utf-8", "replace")
+    key = (network, decision.verdict, decision.reason, decision.rule, len(id_bytes))
+    parts = _ALLOW_PARTS.get(key)
+    if parts is None:
+        parts = _allow_parts(decision, network, len(id_bytes))
+        if len(_ALLOW_PARTS) < _ALLOW_PARTS_MAX:
+            _ALLOW_PARTS[key] = parts
+    head, middle, tail = parts
+    if network:
+        return head + id_bytes + tail
+    return head + id_bytes + middle + id_bytes + tail
+
+
 def deny_body(decision: Decision) -> str:
     """The JSON body of an HTTP denial: a public contract (see README)."""
     return json.dumps(
@@ -135,6 +191,13 @@ def deny_body(decision: Decision) -> str:
     )
 
 
+def _allowed_response_reference(decision: Decision, filter_kind: str) -> bytes:
+    """What _allowed_response writes, field by field (tests hold the two together)."""
+    if filter_kind == NETWORK_FILTER:
+        return _STATUS_OK + _metadata(decision)
+    return _STATUS_OK + _ld(_F_OK, _ld(2, _id_header(decision.decision_id))) + _metadata(decision)
+
+
 def build_check_response(decision: Decision, filter_kind: str) -> bytes:
     """Serialised CheckResponse for one decision.
 
@@ -144,11 +207,7 @@ def build_check_response(decision: Decision, filter_kind: str) -> bytes:
     sent it and the network filter ignores them.
     """
     if decision.allowed:
-        if filter_kind == NETWORK_FILTER:
-            return _STATUS_OK + _metadata(decision)
-        return (
-            _STATUS_OK + _ld(_F_OK, _ld(2, _id_header(decision.decision_id))) + _metadata(decision)
-        )
+        return _allowed_response(decision, filter_kind == NETWORK_FILTER)
     if filter_kind == NETWORK_FILTER:
         return _STATUS_DENIED + _metadata(decision)
     id_header = _id_header(decision.decision_id)
