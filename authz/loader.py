@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .echo import shown
 from .model import POLICY_DATA_KEY, ConfigMapRef, NamespacePolicy, PolicySet
-from .policy import PolicyError, is_policy_configmap, parse_configmap
+from .policy import PolicyError, configmap_ref, is_policy_configmap, parse_configmap
+from .yamlload import FILE_LIMITS, YamlError, load_all
 
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
 DEFAULT_CLUSTER_NAMESPACE = "egress-authz"
@@ -47,9 +47,10 @@ def policy_files(path: Path) -> list[Path]:
 
 
 def _documents(text: str) -> Iterator[Any]:
-    for doc in yaml.safe_load_all(text):
+    for doc in load_all(text, FILE_LIMITS):
         if isinstance(doc, dict) and doc.get("kind") == "List":
-            yield from doc.get("items") or []
+            items = doc.get("items") or []
+            yield from items if isinstance(items, list) else [items]
         elif doc is not None:
             yield doc
 
@@ -61,10 +62,10 @@ def load_objects(
     for obj in objects:
         if not isinstance(obj, dict) or obj.get("kind") != "ConfigMap":
             continue
-        meta = obj.get("metadata") or {}
-        ref = ConfigMapRef(meta.get("namespace") or "default", meta.get("name") or "<unnamed>")
+        ref = configmap_ref(obj)
         if not is_policy_configmap(obj):
-            if POLICY_DATA_KEY in (obj.get("data") or {}):
+            data = obj.get("data")
+            if isinstance(data, dict) and POLICY_DATA_KEY in data:
                 result.warnings.append(
                     f"{origin}: {ref} has a {POLICY_DATA_KEY} key but not the label "
                     f'egress-authz.io/policy: "true"; it is ignored'
@@ -95,15 +96,17 @@ def load_path(
     for file in policy_files(root):
         result.files.append(file)
         try:
-            text = file.read_text(encoding="utf-8")
-            docs = list(_documents(text))
+            with file.open("rb") as stream:  # never read more than the limit
+                raw = stream.read(FILE_LIMITS.max_bytes + 1)
+            if len(raw) > FILE_LIMITS.max_bytes:
+                raise YamlError(f"file is over the limit of {FILE_LIMITS.max_bytes} bytes")
+            docs = list(_documents(raw.decode("utf-8")))
         except (OSError, UnicodeDecodeError) as e:
-            result.problems.append(f"{file}: cannot read: {e}")
+            result.problems.append(f"{file}: cannot read: {shown(str(e), quote=False)}")
             continue
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            result.problems.append(f"{file}{at}: bad YAML: {getattr(e, 'problem', None) or e}")
+        except YamlError as e:
+            at = f":{e.line}:{e.column}" if e.line is not None else ""
+            result.problems.append(f"{file}{at}: bad YAML: {e.problem}")
             continue
         load_objects(docs, str(file), result, cluster_namespace=cluster_namespace)
     return result

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from . import hosts
+from .echo import shown
 from .model import (
     POLICY_DATA_KEY,
     POLICY_LABEL,
@@ -32,6 +31,7 @@ from .model import (
     Tier,
     WorkloadSelector,
 )
+from .yamlload import POLICY_LIMITS, YamlError, load_one
 
 TOP_FIELDS = ("mode", "rules")
 CLUSTER_TOP_FIELDS = ("mode", "rules", "deny")
@@ -41,47 +41,17 @@ EXPRESSION_FIELDS = ("key", "operator", "values")
 HTTP_FIELDS = ("methods", "paths")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 DEFAULT_PORTS = frozenset({443})
+# Bounds on one ConfigMap, beside the YAML limits (authz.yamlload.POLICY_LIMITS):
+# far above real policies, low enough that one namespace cannot make compiling
+# or explaining everyone's decisions slow.
+MAX_RULES = 1000
+MAX_HOSTS = 1000
 
 _NAME_PART = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 _METHOD = re.compile(r"[A-Z]{1,20}\Z")
 _RULE_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
-
-
-# libyaml's parser is ~10x faster than PyYAML's pure-Python one: 1,000
-# namespaces of policy load in a second rather than ten.
-_SafeBase: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _PolicyYamlLoader(_SafeBase):  # type: ignore[valid-type,misc]
-    """Safe YAML, with two changes for policies: timestamps stay strings (we
-    parse `expires` ourselves, with a clear error), and a key given twice in
-    one map is an error instead of the last one silently winning."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):  # compare the key as written
-                key = key_node.value
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice in one map", key_node.start_mark
-                    )
-                seen.add(key)
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
-
-
-_PolicyYamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in _SafeBase.yaml_implicit_resolvers.items()
-}
-
-
-def load_yaml(text: str) -> Any:
-    """Parse one policy document with the policy loader."""
-    return yaml.load(text, Loader=_PolicyYamlLoader)  # a SafeLoader subclass: safe
 
 
 class PolicyError(ValueError):
@@ -121,7 +91,7 @@ def _type_name(value: Any) -> str:
 def _unknown(p: _Problems, where: str, obj: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     for key in obj:
         if key not in allowed:
-            p.add(where, f"unknown field {key!r}; allowed: {', '.join(allowed)}")
+            p.add(where, f"unknown field {shown(key)}; allowed: {', '.join(allowed)}")
 
 
 def label_key_problem(key: Any) -> str | None:
@@ -130,10 +100,10 @@ def label_key_problem(key: Any) -> str | None:
         return "label key must be a non-empty string"
     prefix, _, name = key.rpartition("/")
     if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
-        return f"label key prefix {prefix!r} must be a DNS subdomain (lower-case, '.', '-')"
+        return f"label key prefix {shown(prefix)} must be a DNS subdomain (lower-case, '.', '-')"
     if len(name) > 63 or not _NAME_PART.match(name):
         return (
-            f"label key name {name!r} must be 1-63 characters of letters, digits, "
+            f"label key name {shown(name)} must be 1-63 characters of letters, digits, "
             "'-', '_', '.', starting and ending with a letter or digit"
         )
     return None
@@ -144,7 +114,7 @@ def label_value_problem(value: Any) -> str | None:
         return f"label value must be a string, not {_type_name(value)} (quote it in YAML)"
     if value and (len(value) > 63 or not _NAME_PART.match(value)):
         return (
-            f"label value {value!r} must be at most 63 characters of letters, digits, "
+            f"label value {shown(value)} must be at most 63 characters of letters, digits, "
             "'-', '_', '.', starting and ending with a letter or digit"
         )
     return None
@@ -180,7 +150,7 @@ def _parse_workloads(p: _Problems, where: str, raw: Any) -> WorkloadSelector:
                 if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
                     p.add(
                         f"{where}.serviceAccounts[{i}]",
-                        f"{name!r} is not a valid service account name",
+                        f"{shown(name)} is not a valid service account name",
                     )
             accounts = frozenset(names)
     labels: dict[str, str] = {}
@@ -192,7 +162,7 @@ def _parse_workloads(p: _Problems, where: str, raw: Any) -> WorkloadSelector:
             for k, v in ml.items():
                 problem = label_key_problem(k) or label_value_problem(v)
                 if problem:
-                    p.add(f"{where}.matchLabels[{k!r}]", problem)
+                    p.add(f"{where}.matchLabels[{shown(k)}]", problem)
                 else:
                     labels[k] = v
     expressions: list[LabelRequirement] = []
@@ -220,7 +190,7 @@ def _parse_expression(p: _Problems, loc: str, expr: Any) -> LabelRequirement | N
         p.add(f"{loc}.key", problem)
         ok = False
     if op not in OPERATORS:
-        p.add(f"{loc}.operator", f"{op!r} is not an operator; allowed: {', '.join(OPERATORS)}")
+        p.add(f"{loc}.operator", f"{shown(op)} is not an operator; allowed: {', '.join(OPERATORS)}")
         return None
     parsed: list[str] = []
     if op in ("In", "NotIn"):
@@ -248,7 +218,7 @@ def _parse_ports(p: _Problems, where: str, raw: Any) -> frozenset[int]:
     ports = set()
     for i, port in enumerate(raw):
         if isinstance(port, bool) or not isinstance(port, int):
-            p.add(f"{where}[{i}]", f"{port!r} is not a port number; use 1-65535")
+            p.add(f"{where}[{i}]", f"{shown(port)} is not a port number; use 1-65535")
         elif not 0 < port <= 65535:
             p.add(f"{where}[{i}]", f"{port} is out of range; use 1-65535")
         else:
@@ -270,7 +240,7 @@ def _parse_protocols(p: _Problems, where: str, raw: Any) -> frozenset[Protocol]:
         try:
             out.add(Protocol(name.upper()))
         except ValueError:
-            p.add(f"{where}[{i}]", f"{name!r} is not a protocol; allowed: TLS, HTTP")
+            p.add(f"{where}[{i}]", f"{shown(name)} is not a protocol; allowed: TLS, HTTP")
     return frozenset(out)
 
 
@@ -288,7 +258,7 @@ def _parse_http(p: _Problems, where: str, raw: Any) -> HttpMatch | None:
             methods = frozenset(m.upper() for m in got)
             for i, m in enumerate(got):
                 if not _METHOD.match(m.upper()):
-                    p.add(f"{where}.methods[{i}]", f"{m!r} is not an HTTP method such as GET")
+                    p.add(f"{where}.methods[{i}]", f"{shown(m)} is not an HTTP method such as GET")
             if not got:
                 p.add(f"{where}.methods", "is empty; omit it to allow every method")
     paths = None
@@ -298,11 +268,13 @@ def _parse_http(p: _Problems, where: str, raw: Any) -> HttpMatch | None:
             paths = tuple(got)
             for i, path in enumerate(got):
                 if not path.startswith("/"):
-                    p.add(f"{where}.paths[{i}]", f"{path!r} must start with '/' (a path prefix)")
+                    p.add(f"{where}.paths[{i}]",
+                          f"{shown(path)} must start with '/' (a path prefix)")
                 elif any(c in path for c in "?#%") or "/../" in path + "/" or "/./" in path + "/":
                     p.add(
                         f"{where}.paths[{i}]",
-                        f"{path!r}: a prefix holds no query, fragment, escapes or dot segments",
+                        f"{shown(path)}: a prefix holds no query, fragment, escapes or "
+                        "dot segments",
                     )
             if not got:
                 p.add(f"{where}.paths", "is empty; omit it to allow every path")
@@ -322,7 +294,7 @@ def _parse_expires(p: _Problems, where: str, raw: Any) -> float | None:
         try:
             when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
-            p.add(where, f"{raw!r} is not a date; use RFC 3339 such as 2027-01-31T00:00:00Z")
+            p.add(where, f"{shown(raw)} is not a date; use RFC 3339 such as 2027-01-31T00:00:00Z")
             return None
         if len(text) == 10:  # a bare date means the start of that day, UTC
             when = when.replace(tzinfo=dt.UTC)
@@ -330,9 +302,14 @@ def _parse_expires(p: _Problems, where: str, raw: Any) -> float | None:
         p.add(where, f"must be an RFC 3339 time string, not {_type_name(raw)}")
         return None
     if when.tzinfo is None:
-        p.add(where, f"{raw!s} has no time zone; add 'Z' or an offset such as +02:00")
+        p.add(where, f"{shown(raw, quote=False)} has no time zone; "
+              "add 'Z' or an offset such as +02:00")
         return None
     return when.timestamp()
+
+
+def _host_problem(host: Any, e: hosts.PatternError) -> str:
+    return f'"{shown(host, quote=False)}": {e}' if isinstance(host, str) else str(e)
 
 
 def _parse_rule(p: _Problems, index: int, raw: Any) -> Rule | None:
@@ -353,12 +330,14 @@ def _parse_rule(p: _Problems, index: int, raw: Any) -> Rule | None:
         p.add(f"{where} hosts", "is required: the external hosts this rule allows")
     elif not isinstance(raw_hosts, list) or not raw_hosts:
         p.add(f"{where} hosts", "must be a non-empty list of host names")
+    elif len(raw_hosts) > MAX_HOSTS:
+        p.add(f"{where} hosts", f"{len(raw_hosts)} hosts, over the limit of {MAX_HOSTS} per rule")
     else:
         for i, host in enumerate(raw_hosts):
             try:
                 pattern = hosts.parse_pattern(host)
             except hosts.PatternError as e:
-                p.add(f"{where} hosts[{i}]", f'"{host}": {e}' if isinstance(host, str) else str(e))
+                p.add(f"{where} hosts[{i}]", _host_problem(host, e))
                 continue
             if pattern not in patterns:
                 patterns.append(pattern)
@@ -396,13 +375,10 @@ def parse_policy_yaml(
     """The `policy.yaml` document of one ConfigMap; raises PolicyError."""
     p = _Problems(str(source))
     try:
-        doc = load_yaml(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
+        doc = load_one(text, POLICY_LIMITS)
+    except YamlError as e:
         raise PolicyError(
-            str(source), [f"{source} {POLICY_DATA_KEY}: bad YAML{at}: {problem}"]
+            str(source), [f"{source} {POLICY_DATA_KEY}: bad YAML{e.where}: {e.problem}"]
         ) from e
     if doc is None:
         doc = {}
@@ -420,12 +396,14 @@ def parse_policy_yaml(
                 f"(label {TIER_LABEL}: {TIER_CLUSTER}); namespace policies only allow",
             )
         elif key not in allowed:
-            p.add("", f"unknown field {key!r}; allowed: {', '.join(allowed)}")
+            p.add("", f"unknown field {shown(key)}; allowed: {', '.join(allowed)}")
     mode_raw = doc.get("mode", Mode.ENFORCE.value)
-    try:
+    try:  # type first: Enum's own error would repr() the whole value
+        if not isinstance(mode_raw, str):
+            raise ValueError("not a string")
         mode = Mode(mode_raw)
     except ValueError:
-        p.add("mode", f"{mode_raw!r} is not a mode; allowed: enforce, audit")
+        p.add("mode", f"{shown(mode_raw)} is not a mode; allowed: enforce, audit")
         mode = Mode.ENFORCE
     rules: list[Rule] = []
     raw_rules = doc.get("rules", [])
@@ -434,6 +412,10 @@ def parse_policy_yaml(
     if not isinstance(raw_rules, list):
         p.add("rules", f"must be a list, not {_type_name(raw_rules)}")
         raw_rules = []
+    if len(raw_rules) > MAX_RULES:
+        p.add("rules", f"{len(raw_rules)} rules, over the limit of {MAX_RULES} per ConfigMap; "
+              "split them over several ConfigMaps")
+        raw_rules = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(raw_rules):
         rule = _parse_rule(p, i, raw)
@@ -441,7 +423,7 @@ def parse_policy_yaml(
         if isinstance(name, str):
             if name in seen:
                 p.add(
-                    f'rules[{i}] "{name}" name',
+                    f'rules[{i}] "{shown(name, quote=False)}" name',
                     f"duplicates rules[{seen[name]}]; names must be unique",
                 )
             seen.setdefault(name, i)
@@ -457,7 +439,7 @@ def parse_policy_yaml(
                 try:
                     pattern = hosts.parse_pattern(host, allow_any=True)
                 except hosts.PatternError as e:
-                    p.add(f"deny[{i}]", f'"{host}": {e}' if isinstance(host, str) else str(e))
+                    p.add(f"deny[{i}]", _host_problem(host, e))
                     continue
                 if pattern not in deny:
                     deny.append(pattern)
@@ -474,19 +456,39 @@ def parse_policy_yaml(
     )
 
 
+def _map(value: Any) -> Mapping[str, Any]:
+    """`value` if it is a map, else an empty one: manifests on disk may hold anything
+    (`metadata: teamc`), and the shape is reported, not crashed on."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def configmap_ref(obj: Mapping[str, Any]) -> ConfigMapRef:
+    """namespace/name of a ConfigMap dict; odd values are shown bounded, never trusted."""
+    meta = _map(obj.get("metadata"))
+    name, namespace = meta.get("name") or "<unnamed>", meta.get("namespace") or "default"
+    return ConfigMapRef(
+        namespace if isinstance(namespace, str) and len(namespace) <= 63 else shown(namespace),
+        name if isinstance(name, str) and len(name) <= 253 else shown(name),
+    )
+
+
 def is_policy_configmap(obj: Mapping[str, Any]) -> bool:
     """Whether a ConfigMap is one we read: policy label, or the cluster tier."""
-    labels = (obj.get("metadata") or {}).get("labels") or {}
+    labels = _map(_map(obj.get("metadata")).get("labels"))
     return labels.get(POLICY_LABEL) == "true" or labels.get(TIER_LABEL) == TIER_CLUSTER
 
 
 def parse_configmap(obj: Mapping[str, Any], *, cluster_namespace: str) -> NamespacePolicy:
     """A ConfigMap (dict, as from YAML or the API) -> NamespacePolicy; raises PolicyError."""
-    meta = obj.get("metadata") or {}
-    name = meta.get("name") or "<unnamed>"
-    namespace = meta.get("namespace") or "default"
-    source = ConfigMapRef(namespace, name)
-    labels = meta.get("labels") or {}
+    meta = _map(obj.get("metadata"))
+    source = configmap_ref(obj)
+    namespace = source.namespace
+    if not isinstance(obj.get("metadata"), Mapping) or not _DNS_LABEL.match(namespace):
+        raise PolicyError(
+            str(source),
+            [f"{source}: metadata must be a map with a valid namespace and name"],
+        )
+    labels = _map(meta.get("labels"))
     tier = Tier.CLUSTER if labels.get(TIER_LABEL) == TIER_CLUSTER else Tier.NAMESPACE
     if tier is Tier.CLUSTER and namespace != cluster_namespace:
         raise PolicyError(
@@ -500,13 +502,13 @@ def parse_configmap(obj: Mapping[str, Any], *, cluster_namespace: str) -> Namesp
         raise PolicyError(
             str(source),
             [
-                f"{source}: label {TIER_LABEL}={labels.get(TIER_LABEL)!r} is unknown; "
+                f"{source}: label {TIER_LABEL}={shown(labels.get(TIER_LABEL))} is unknown; "
                 f"the only tier is {TIER_CLUSTER!r}"
             ],
         )
-    data = obj.get("data") or {}
+    data = _map(obj.get("data"))
     if POLICY_DATA_KEY not in data:
-        keys = ", ".join(sorted(data)) or "none"
+        keys = shown(", ".join(sorted(map(str, data))), quote=False) or "none"
         raise PolicyError(
             str(source),
             [f"{source}: no data key {POLICY_DATA_KEY!r} (keys present: {keys})"],

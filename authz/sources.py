@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
+from .echo import shown
 from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set, load_path
 from .metrics import POLICY_ERRORS
 from .model import ConfigMapRef, NamespacePolicy, Workload
 from .store import PolicyStore
 from .workloads import WorkloadIndex, workload_from_pod
+from .yamlload import FILE_LIMITS, YamlError, load_all
 
 log = logging.getLogger(__name__)
 
@@ -278,15 +278,24 @@ def pods_in(document: Any) -> Iterator[dict[str, Any]]:
 
 
 def load_pod_file(path: Path) -> list[Workload]:
-    """Every Running Pod with an IP in one file; raises OSError or YAMLError."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # dumps can be large
+    """Every Running Pod with an IP in one file; raises OSError or YamlError."""
+    with path.open("rb") as stream:  # never read more than the limit
+        raw = stream.read(FILE_LIMITS.max_bytes + 1)
+    if len(raw) > FILE_LIMITS.max_bytes:
+        raise YamlError(f"file is over the limit of {FILE_LIMITS.max_bytes} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise YamlError(f"not UTF-8 text ({e.reason} at byte {e.start})") from e
     workloads: list[Workload] = []
-    with path.open() as stream:
-        for document in yaml.load_all(stream, Loader=loader):
-            for pod in pods_in(document):
+    for document in load_all(text, FILE_LIMITS):
+        for pod in pods_in(document):
+            try:
                 w = workload_from_pod(pod)
-                if w is not None:
-                    workloads.append(w)
+            except (AttributeError, TypeError) as e:  # e.g. `metadata: x`
+                raise YamlError(f"a Pod is malformed: {shown(str(e), quote=False)}") from e
+            if w is not None:
+                workloads.append(w)
     return workloads
 
 
@@ -330,7 +339,7 @@ class WorkloadFileSource:
                     continue
                 try:
                     self._good[str(f)] = (key, load_pod_file(f))
-                except (OSError, yaml.YAMLError) as e:
+                except (OSError, YamlError) as e:
                     self._on_error(f"workloads: {f}: {e}")
             for gone in set(self._good) - seen:
                 del self._good[gone]

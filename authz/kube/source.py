@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from ..loader import build_policy_set
 from ..metrics import POLICY_ERRORS
 from ..model import POLICY_LABEL, TIER_CLUSTER, TIER_LABEL, ConfigMapRef, NamespacePolicy
-from ..policy import PolicyError, parse_configmap
+from ..policy import PolicyError, is_policy_configmap, parse_configmap
 from ..store import PolicyStore
 from ..workloads import WorkloadIndex, workload_from_pod
 from .client import KubeApi, KubeError, Obj
@@ -151,11 +151,20 @@ class KubePolicySource:
         self._parsed.pop(ref, None)
         self._invalid.pop(ref, None)
 
+    def _served(self, ref: ConfigMapRef, obj: Obj) -> bool:
+        """Whether a ConfigMap counts at all (lock held). Others are never parsed: a
+        namespace outside the selector must not cost the service anything."""
+        if not is_policy_configmap(obj):  # the watch's label selector, checked again
+            return False
+        if ref.namespace == self.settings.service_namespace or not self.settings.namespace_selector:
+            return True
+        return self._namespaces is not None and ref.namespace in self._namespaces
+
     def _revalidate(self) -> None:
-        """Parse every ConfigMap whose resourceVersion is new (lock held)."""
+        """Parse every served ConfigMap whose resourceVersion is new (lock held)."""
         for ref, (_, obj) in self._cms.items():
             rv = str(obj.get("metadata", {}).get("resourceVersion", ""))
-            if self._parsed.get(ref) == rv:
+            if self._parsed.get(ref) == rv or not self._served(ref, obj):
                 continue
             self._parsed[ref] = rv
             try:
@@ -180,6 +189,7 @@ class KubePolicySource:
     def _namespaces_synced(self, items: list[Obj]) -> None:
         with self._lock:
             self._namespaces = {o["metadata"]["name"] for o in items}
+            self._revalidate()
         self._dirty.set()
 
     def _namespace_event(self, type_: str, obj: Obj) -> None:
@@ -190,6 +200,7 @@ class KubePolicySource:
             else:
                 names.add(obj["metadata"]["name"])
             self._namespaces = names
+            self._revalidate()
         self._dirty.set()
 
     # ------------------------------------------------------------ Pods

@@ -1,0 +1,101 @@
+"""Hostile policy ConfigMaps against `serve --kube`'s source on the API emulator.
+
+One namespace owner must not be able to slow or stop decisions for everyone
+else, and ConfigMaps the service does not serve are never parsed at all.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.kube_emulator import KubeEmulator
+from tests.kube_harness import SVC_NS, Replica, emu, policy_cm, replica, rule
+from tests.test_yaml_limits import bomb
+
+__all__ = ["emu", "replica"]  # fixtures
+pytestmark = pytest.mark.kube
+
+CHILD_TIMEOUT = 60.0
+CHILD_MEMORY = 2 << 30  # address space: the Kubernetes client and threads, not the bomb
+
+
+def test_alias_bomb_in_one_namespace_leaves_the_others_served() -> None:
+    """The issue's attack in the shipped source: a bomb ConfigMap in `evil` gets a short
+    Warning Event, and `shop`'s policy is in force within seconds, in bounded memory.
+
+    Runs in a child process with a memory cap and a timeout, so a regression fails
+    here instead of swapping the CI machine."""
+    code = textwrap.dedent(f"""
+        import json, resource, time
+        resource.setrlimit(resource.RLIMIT_AS, ({CHILD_MEMORY}, {CHILD_MEMORY}))
+        from tests.kube_emulator import KubeEmulator
+        from tests.kube_harness import Replica, policy_cm, rule
+        with KubeEmulator(bookmark_interval=0.2) as emu:
+            emu.seed(policy_cm("evil", "p", [], text={bomb()!r}),
+                     policy_cm("shop", "p", [rule("kadath", "api.kadath.io")]))
+            replica = Replica(emu)
+            start = time.monotonic()
+            ready = replica.start().wait_ready(20)
+            took = time.monotonic() - start
+            events = emu.wait_for(lambda: emu.events("evil", reason="PolicyInvalid"), timeout=10)
+            t0 = time.monotonic()
+            allowed = replica.allows("shop", "api.kadath.io")
+            decide_s = time.monotonic() - t0
+            replica.stop()
+            print(json.dumps({{"ready": ready, "took": took, "allowed": allowed,
+                               "decide_s": decide_s,
+                               "event": events[0]["message"], "errors": replica.errors}}))
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the Kubernetes source did not get ready within {CHILD_TIMEOUT} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["ready"] and out["took"] < 10
+    assert out["allowed"] and out["decide_s"] < 0.5
+    assert "alias" in out["event"] and len(out["event"]) < 400
+    assert all(len(e) < 600 for e in out["errors"])
+
+
+def test_configmaps_outside_the_namespace_selector_are_not_parsed(
+        emu: KubeEmulator, replica: Replica) -> None:
+    """With --namespace-selector, a policy ConfigMap in an unselected namespace is never
+    parsed (no Event, no error); once its namespace is selected, it is."""
+    bad = "rules: {not: a list}"
+    emu.seed(
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": "shop", "labels": {"egress": "on"}}},
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web"}},
+        policy_cm("shop", "p", [], text=bad),
+        policy_cm("web", "p", [], text=bad),
+    )
+    assert replica.start(namespace_selector="egress=on").wait_ready(5)
+    # shop's Event is the barrier: by then web's ConfigMap has been seen as well.
+    emu.wait_for(lambda: emu.events("shop", reason="PolicyInvalid"), timeout=2)
+    assert emu.events("web", reason="PolicyInvalid") == []
+    assert not any("web/p" in e for e in replica.errors)
+    emu.modify("v1", "Namespace", "", "web", lambda o: o["metadata"].setdefault(
+        "labels", {}).update(egress="on"))
+    emu.wait_for(lambda: emu.events("web", reason="PolicyInvalid"), timeout=2)
+
+
+def test_cluster_tier_label_outside_service_namespace_is_not_parsed(
+        emu: KubeEmulator, replica: Replica) -> None:
+    """A namespace owner labelling a ConfigMap as cluster tier gets it refused before its
+    YAML is read: the bomb in it costs nothing."""
+    emu.seed(policy_cm("evil", "c", [], labels={"egress-authz.io/tier": "cluster"},
+                       text=bomb()),
+             policy_cm(SVC_NS, "cluster", [], labels={"egress-authz.io/tier": "cluster"},
+                       text="deny: [evil.example]\nrules: []"),
+             policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
+    assert replica.start().wait_ready(5)
+    events = emu.wait_for(lambda: emu.events("evil", reason="PolicyInvalid"), timeout=2)
+    assert "read only from the service's namespace" in events[0]["message"]
+    assert replica.allows("shop", "api.kadath.io")
