@@ -78,7 +78,10 @@ def parse_since(text: str, now: float | None = None) -> int:
         if moment.tzinfo is None:
             raise QueryError(f"bad time {text!r}: give a timezone (e.g. Z)")
         return int(moment.timestamp() * 1e9)
-    return int((now - parse_duration(text)) * 1e9)
+    seconds = parse_duration(text)
+    if not seconds < now:  # before 1970, or too long for a float (400 nines): everything
+        return 0
+    return int((now - seconds) * 1e9)
 
 
 def _host_matches(pattern: str, rec: DecisionRecord) -> bool:

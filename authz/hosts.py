@@ -14,6 +14,7 @@ import re
 
 import idna
 
+from .echo import shown
 from .model import Reason
 
 MAX_NAME = 253
@@ -21,6 +22,7 @@ MAX_LABEL = 63
 _MAX_RAW = 4 * MAX_NAME  # generous room for Unicode and a port before IDNA
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _PORT = re.compile(r"[0-9]{1,5}\Z")
+_NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)\Z")
 
 
 class HostError(ValueError):
@@ -60,7 +62,7 @@ def _canonical(name: str) -> str:
             raise HostError(Reason.INVALID_HOST, f"not a valid internationalised name: {e}") from e
     name = name.lower()
     if _is_ip(name):
-        raise HostError(Reason.IP_LITERAL, f"{name!r} is an IP address literal, not a name")
+        raise HostError(Reason.IP_LITERAL, f"{shown(name)} is an IP address literal, not a name")
     if len(name) > MAX_NAME:
         raise HostError(
             Reason.INVALID_HOST, f"name is {len(name)} characters long, over {MAX_NAME}"
@@ -68,7 +70,7 @@ def _canonical(name: str) -> str:
     labels = name.split(".")
     for label in labels:
         if not label:
-            raise HostError(Reason.INVALID_HOST, f"{name!r} has an empty label")
+            raise HostError(Reason.INVALID_HOST, f"{shown(name)} has an empty label")
         if len(label) > MAX_LABEL:
             raise HostError(
                 Reason.INVALID_HOST, f"label {label[:20]!r}... is over {MAX_LABEL} characters"
@@ -76,13 +78,32 @@ def _canonical(name: str) -> str:
         if not _LABEL.match(label):
             raise HostError(
                 Reason.INVALID_HOST,
-                f"{name!r}: label {label!r} may hold only letters, digits and inner '-'",
+                f"{shown(name)}: label {shown(label)} may hold only letters, digits and inner '-'",
             )
-    # An all-numeric last label is no host name but a short IP form such as
-    # 127.1 or 2130706433, which resolvers would treat as an address.
-    if labels[-1].isdigit():
-        raise HostError(Reason.IP_LITERAL, f"{name!r} is a numeric address form, not a name")
+        if label.startswith("xn--") and not _valid_a_label(label):
+            raise HostError(
+                Reason.INVALID_HOST,
+                f"{shown(name)}: label {shown(label)} is not a valid IDNA A-label (punycode)",
+            )
+    # A last label of digits or of 0x-hex makes the whole name an IPv4 address
+    # to libc's inet_aton and to the WHATWG URL parser, in any of their forms
+    # (127.1, 2130706433, 0x7f000001, 0177.0.0.1, 127.0.0.0x1): no TLD looks
+    # like that, so such a "name" only ever reaches an address.
+    if _NUMERIC_LABEL.match(labels[-1]):
+        raise HostError(
+            Reason.IP_LITERAL, f"{shown(name)} is a numeric IPv4 address form, not a name"
+        )
     return name
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_a_label(label: str) -> bool:
+    """Whether an `xn--` label decodes to a valid IDNA 2008 U-label that encodes back
+    to exactly this label (else two spellings could name one host, or none)."""
+    try:
+        return idna.alabel(idna.ulabel(label)).decode("ascii") == label
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return False
 
 
 @functools.lru_cache(maxsize=16384)
@@ -162,6 +183,8 @@ def parse_pattern(raw: str, *, allow_any: bool = False) -> str:
     """
     if not isinstance(raw, str):
         raise PatternError(f"must be a string, not {type(raw).__name__}")
+    if len(raw) > _MAX_RAW:  # before IDNA: its cost grows with the input
+        raise PatternError(f"is {len(raw)} characters long, over {MAX_NAME}")
     if raw == "*":
         if allow_any:
             return "*"

@@ -44,8 +44,8 @@ DEFAULT_PORTS = frozenset({443})
 # Bounds on one ConfigMap, beside the YAML limits (authz.yamlload.POLICY_LIMITS):
 # far above real policies, low enough that one namespace cannot make compiling
 # or explaining everyone's decisions slow.
-MAX_RULES = 1000
-MAX_HOSTS = 1000
+MAX_RULES = 5000
+MAX_HOSTS = 5000
 
 _NAME_PART = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")

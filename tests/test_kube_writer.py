@@ -195,7 +195,10 @@ class TestPermissions:
     def test_every_request_is_in_the_table_and_the_table_is_used(
             self, emu: KubeEmulator, replica: Replica) -> None:
         """The emulator's request log, after a run using every feature, matches the table."""
-        emu.seed(policy_cm("shop", "p", [], text="rules: {bad: 1}"))
+        # Only ConfigMaps in selected namespaces are parsed (and get Events).
+        emu.seed({"apiVersion": "v1", "kind": "Namespace",
+                  "metadata": {"name": "shop", "labels": {"team": "a"}}},
+                 policy_cm("shop", "p", [], text="rules: {bad: 1}"))
         replica.start(namespace_selector="team")
         el = LeaderElector(replica.api(), "me", lease_duration=1.0, renew_interval=0.2)
         el.start()
