@@ -13,6 +13,7 @@ import ipaddress
 import re
 
 import idna
+from publicsuffixlist import PublicSuffixList
 
 from .echo import shown
 from .model import Reason
@@ -224,3 +225,36 @@ def matches(pattern: str, name: str) -> bool:
     if pattern.startswith("*."):
         return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
     return pattern == name
+
+
+@functools.cache
+def _public_suffixes() -> PublicSuffixList:
+    # The package's bundled snapshot of the Mozilla Public Suffix List: no
+    # network at run time (upgrading the pinned package refreshes it). Both the
+    # ICANN and the private section count, see public_suffix_problem.
+    # accept_unknown=False: a TLD missing from the list is not called public
+    # here; whole TLDs are refused by their shape instead.
+    return PublicSuffixList(accept_unknown=False)
+
+
+def public_suffix_problem(pattern: str) -> str | None:
+    """Why a canonical wildcard pattern is over-wide, or None.
+
+    `*.X` is over-wide when X is a whole top-level domain (`*.com`, also an
+    unlisted one such as `*.internal`) or a public suffix: an ICANN one
+    (`co.uk`) or a private one (`github.io`, `s3.amazonaws.com`). Private
+    entries are the shared platforms where anyone can register a name below,
+    so a wildcard over one allows any stranger's endpoint: an exfiltration
+    path, not an integration.
+    """
+    if not is_wildcard(pattern):
+        return None
+    suffix = wildcard_key(pattern)
+    if "." not in suffix:
+        return f"'{pattern}' covers the whole top-level domain {suffix}"
+    if _public_suffixes().is_public(suffix):
+        return (
+            f"{suffix} is a public suffix (Mozilla Public Suffix List): '{pattern}' "
+            "would allow every site anyone registers under it"
+        )
+    return None

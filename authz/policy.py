@@ -34,7 +34,10 @@ from .model import (
 from .yamlload import POLICY_LIMITS, YamlError, load_one
 
 TOP_FIELDS = ("mode", "rules")
-CLUSTER_TOP_FIELDS = ("mode", "rules", "deny")
+# The cluster admin's explicit opt-in to wildcards over a public suffix in the
+# cluster tier's own allow rules (see hosts.public_suffix_problem).
+PUBLIC_SUFFIX_OPT_IN = "allowPublicSuffixWildcards"
+CLUSTER_TOP_FIELDS = ("mode", "rules", "deny", PUBLIC_SUFFIX_OPT_IN)
 RULE_FIELDS = ("name", "workloads", "hosts", "ports", "protocols", "http", "expires", "owner")
 WORKLOAD_FIELDS = ("serviceAccounts", "matchLabels", "matchExpressions")
 EXPRESSION_FIELDS = ("key", "operator", "values")
@@ -312,7 +315,8 @@ def _host_problem(host: Any, e: hosts.PatternError) -> str:
     return f'"{shown(host, quote=False)}": {e}' if isinstance(host, str) else str(e)
 
 
-def _parse_rule(p: _Problems, index: int, raw: Any) -> Rule | None:
+def _parse_rule(p: _Problems, index: int, raw: Any, *, tier: Tier, wide_ok: bool
+                ) -> Rule | None:
     where = f"rules[{index}]"
     if not isinstance(raw, dict):
         p.add(where, f"must be a map, not {_type_name(raw)}")
@@ -325,6 +329,8 @@ def _parse_rule(p: _Problems, index: int, raw: Any) -> Rule | None:
     before = len(p.items)
     _unknown(p, where, raw, RULE_FIELDS)
     patterns: list[str] = []
+    wide_hint = (f", or set {PUBLIC_SUFFIX_OPT_IN}: true in this cluster policy"
+                 if tier is Tier.CLUSTER else "")
     raw_hosts = raw.get("hosts")
     if raw_hosts is None:
         p.add(f"{where} hosts", "is required: the external hosts this rule allows")
@@ -338,6 +344,11 @@ def _parse_rule(p: _Problems, index: int, raw: Any) -> Rule | None:
                 pattern = hosts.parse_pattern(host)
             except hosts.PatternError as e:
                 p.add(f"{where} hosts[{i}]", _host_problem(host, e))
+                continue
+            over_wide = None if wide_ok else hosts.public_suffix_problem(pattern)
+            if over_wide is not None:
+                p.add(f"{where} hosts[{i}]", f'"{shown(host, quote=False)}": {over_wide}; '
+                      f"name the hosts{wide_hint}")
                 continue
             if pattern not in patterns:
                 patterns.append(pattern)
@@ -389,14 +400,18 @@ def parse_policy_yaml(
     cluster = tier is Tier.CLUSTER
     allowed = CLUSTER_TOP_FIELDS if cluster else TOP_FIELDS
     for key in doc:
-        if key == "deny" and not cluster:
+        if key in ("deny", PUBLIC_SUFFIX_OPT_IN) and not cluster:
             p.add(
-                "deny",
-                f"'deny' is only allowed in the cluster policy "
+                key,
+                f"{key!r} is only allowed in the cluster policy "
                 f"(label {TIER_LABEL}: {TIER_CLUSTER}); namespace policies only allow",
             )
         elif key not in allowed:
             p.add("", f"unknown field {shown(key)}; allowed: {', '.join(allowed)}")
+    wide_ok = doc.get(PUBLIC_SUFFIX_OPT_IN, False)
+    if not isinstance(wide_ok, bool):
+        p.add(PUBLIC_SUFFIX_OPT_IN, f"must be true or false, not {_type_name(wide_ok)}")
+    wide_ok = cluster and wide_ok is True
     mode_raw = doc.get("mode", Mode.ENFORCE.value)
     try:  # type first: Enum's own error would repr() the whole value
         if not isinstance(mode_raw, str):
@@ -418,7 +433,7 @@ def parse_policy_yaml(
         raw_rules = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(raw_rules):
-        rule = _parse_rule(p, i, raw)
+        rule = _parse_rule(p, i, raw, tier=tier, wide_ok=wide_ok)
         name = raw.get("name") if isinstance(raw, dict) else None
         if isinstance(name, str):
             if name in seen:
