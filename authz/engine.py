@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import hosts
+from .echo import shown
 from .model import (
     ALWAYS_ENFORCED,
     Decision,
@@ -33,6 +34,7 @@ from .model import (
     Verdict,
     Workload,
 )
+from .paths import normalize_path
 
 MAX_EXPLAINED = 20  # rules listed in one explanation
 
@@ -184,13 +186,14 @@ def parse_principal(principal: str, trust_domain: str) -> tuple[str, str, str]:
 # Matching one rule. `_check` returns 0 for a match, else the stage that
 # failed; a higher stage means the rule came closer to matching.
 
-_OK, _WORKLOAD, _PROTOCOL, _PORT, _METHOD, _PATH, _EXPIRED = range(7)
+_OK, _WORKLOAD, _PROTOCOL, _PORT, _METHOD, _PATH, _AMBIGUOUS, _EXPIRED = range(8)
 _STAGE_REASON = {
     _WORKLOAD: Reason.HOST_NOT_ALLOWED,
     _PROTOCOL: Reason.PROTOCOL_NOT_ALLOWED,
     _PORT: Reason.PORT_NOT_ALLOWED,
     _METHOD: Reason.METHOD_NOT_ALLOWED,
     _PATH: Reason.PATH_NOT_ALLOWED,
+    _AMBIGUOUS: Reason.PATH_NOT_NORMALIZED,
     _EXPIRED: Reason.RULE_EXPIRED,
 }
 
@@ -220,37 +223,6 @@ def _selects(rule: Rule, service_account: str, workload: Workload | None) -> boo
     return True
 
 
-@functools.lru_cache(maxsize=4096)
-def clean_path(path: str) -> str | None:
-    """The path a prefix is matched against, or None when it cannot be trusted.
-
-    Query and fragment are dropped; encoded dots and slashes or dot segments
-    could make '/v1/../admin' pass a '/v1/' prefix, so they are resolved or,
-    where ambiguous, make every path rule fail closed.
-    """
-    path = path.split("?", 1)[0].split("#", 1)[0]
-    if not path.startswith("/"):
-        return None
-    if "%" in path:
-        lowered = path.lower()
-        if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
-            return None
-        path = re.sub("%2[eE]", ".", path)
-    if "\\" in path:
-        return None
-    if "/." in path:
-        out: list[str] = []
-        for seg in path.split("/")[1:]:
-            if seg == "..":
-                if out:
-                    out.pop()
-            elif seg != ".":
-                out.append(seg)
-        tail = "/" if path.endswith(("/.", "/..")) else ""
-        path = "/" + "/".join(out) + (tail if out else "")
-    return path
-
-
 def _check(
     rule: Rule,
     service_account: str,
@@ -270,8 +242,10 @@ def _check(
         if http.methods is not None and (dest.method or "").upper() not in http.methods:
             return _METHOD
         if http.paths is not None:
-            path = clean_path(dest.path or "")
-            if path is None or not any(path.startswith(prefix) for prefix in http.paths):
+            path = normalize_path(dest.path or "")
+            if path is None:
+                return _AMBIGUOUS
+            if not any(path.startswith(prefix) for prefix in http.paths):
                 return _PATH
     if rule.expires is not None and now >= rule.expires:
         return _EXPIRED
@@ -496,7 +470,12 @@ def _message(
     if reason is Reason.METHOD_NOT_ALLOWED:
         return f"{who} may reach {host}, but not with method {dest.method}"
     if reason is Reason.PATH_NOT_ALLOWED:
-        return f"{who} may reach {host}, but not path {dest.path}"
+        return f"{who} may reach {host}, but not path {shown(dest.path, quote=False)}"
+    if reason is Reason.PATH_NOT_NORMALIZED:
+        return (
+            f"path {shown(dest.path)} is not normalized: upstreams could read it as "
+            "different paths, so no path rule can allow it"
+        )
     if reason is Reason.RULE_EXPIRED:
         return f"the rule that allowed {who} to reach {host} has expired"
     return f"no rule allows {who} to reach {host}"
@@ -547,10 +526,14 @@ def _why(
     assert http is not None  # the method and path stages exist only with an http match
     if stage == _METHOD:
         return False, f"method {dest.method} is not in methods {sorted(http.methods or ())}"
-    path = clean_path(dest.path or "")
+    path = normalize_path(dest.path or "")
     if path is None:
-        return False, f"path {dest.path!r} holds encoded slashes or backslashes"
-    return False, f"path {path} starts with none of {list(http.paths or ())}"
+        return False, (
+            f"path {shown(dest.path)} is ambiguous after normalization (escaped '/' or "
+            "'\\', a double escape, invalid UTF-8, an escaped or ';' dot segment, '//' "
+            "with '..')"
+        )
+    return False, f"path {shown(path, quote=False)} starts with none of {list(http.paths or ())}"
 
 
 def explain(

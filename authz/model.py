@@ -49,6 +49,7 @@ class Reason(enum.StrEnum):
     UNTRUSTED_IDENTITY = "untrusted-identity"
     IDENTITY_MISMATCH = "identity-mismatch"
     BAD_REQUEST = "bad-request"
+    PATH_NOT_NORMALIZED = "path-not-normalized"
 
 
 # Denials that audit mode never lifts: they are about the request itself, not
@@ -62,6 +63,7 @@ ALWAYS_ENFORCED = frozenset(
         Reason.UNTRUSTED_IDENTITY,
         Reason.IDENTITY_MISMATCH,
         Reason.BAD_REQUEST,
+        Reason.PATH_NOT_NORMALIZED,
     }
 )
 

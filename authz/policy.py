@@ -31,6 +31,7 @@ from .model import (
     Tier,
     WorkloadSelector,
 )
+from .paths import normalize_path
 from .yamlload import POLICY_LIMITS, YamlError, load_one
 
 TOP_FIELDS = ("mode", "rules")
@@ -273,11 +274,14 @@ def _parse_http(p: _Problems, where: str, raw: Any) -> HttpMatch | None:
                 if not path.startswith("/"):
                     p.add(f"{where}.paths[{i}]",
                           f"{shown(path)} must start with '/' (a path prefix)")
-                elif any(c in path for c in "?#%") or "/../" in path + "/" or "/./" in path + "/":
+                elif (normal := normalize_path(path)) != path:
+                    # A prefix is matched against normalized request paths, so one
+                    # that is not normal itself could never match as written.
+                    fix = f"; write {shown(normal)}" if normal else ""
                     p.add(
                         f"{where}.paths[{i}]",
-                        f"{shown(path)}: a prefix holds no query, fragment, escapes or "
-                        "dot segments",
+                        f"{shown(path)} is not a normalized path (no query, fragment, "
+                        f"'//', dot segments, escaped unreserved characters){fix}",
                     )
             if not got:
                 p.add(f"{where}.paths", "is empty; omit it to allow every path")

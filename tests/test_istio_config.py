@@ -92,6 +92,13 @@ ISTIO_OPERATOR_SCHEMA: dict[str, Any] = {
                             "properties": {"mode": {"enum": ["REGISTRY_ONLY", "ALLOW_ANY"]}},
                         },
                         "extensionProviders": {"type": "array", "items": GRPC_PROVIDER_SCHEMA},
+                        "pathNormalization": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"normalization": {"enum": [
+                                "DEFAULT", "NONE", "BASE", "MERGE_SLASHES",
+                                "DECODE_AND_MERGE_SLASHES"]}},
+                        },
                     },
                 },
                 "components": {

@@ -30,6 +30,10 @@ _NOT_A_POLICY_MATTER = {
     "names. This happens briefly when a Pod IP is reused; if it persists, investigate.",
     "bad-request": "Envoy sent a Check this service could not read. Check the gateway's "
     "ext_authz configuration (see the README).",
+    "path-not-normalized": "The HTTP path is ambiguous (escaped '/' or '\\', a double escape, "
+    "invalid UTF-8, an escaped or ';' dot segment such as '..;'): upstreams could read it as "
+    "different paths, so no path rule allows it, in any mode. Make the client send a plain "
+    "path (see docs/security.md).",
 }
 
 
