@@ -30,17 +30,28 @@ class LoadResult:
     # ref -> the policy, or the PolicyError that rejected it.
     by_ref: dict[ConfigMapRef, NamespacePolicy | PolicyError] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    documents: int = 0  # YAML documents read, of any kind: 0 means empty files
+
+
+def is_policy_file_name(name: str) -> bool:
+    """Whether a directory entry is a file to read: YAML or JSON by suffix, and none of
+    what editors and the kubelet leave beside real files. Hidden names cover vim's
+    `.x.swp` and emacs' `.#x`, and a mounted ConfigMap's `..data/` and
+    `..<timestamp>/` (each key is read once, through its top-level link)."""
+    return (
+        name.endswith(YAML_SUFFIXES)
+        and not name.startswith((".", "#"))
+        and not name.endswith("~")
+    )
 
 
 def policy_files(path: Path) -> list[Path]:
     if path.is_dir():
-        # Skip every dot-named file or folder: a ConfigMap mounted as a volume
-        # holds each file three times (`..data/`, `..<timestamp>/`, the link).
         return sorted(
             p
             for p in path.rglob("*")
             if p.is_file()
-            and p.suffix in YAML_SUFFIXES
+            and is_policy_file_name(p.name)
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
     return [path]
@@ -63,6 +74,12 @@ def load_objects(
         if not isinstance(obj, dict) or obj.get("kind") != "ConfigMap":
             continue
         ref = configmap_ref(obj)
+        if not isinstance(obj.get("metadata"), dict):
+            result.problems.append(
+                f"{origin}: a ConfigMap's metadata must be a map with name, namespace and "
+                f"labels, not {shown(obj.get('metadata'))}"
+            )
+            continue
         if not is_policy_configmap(obj):
             data = obj.get("data")
             if isinstance(data, dict) and POLICY_DATA_KEY in data:
@@ -101,6 +118,7 @@ def load_path(
             if len(raw) > FILE_LIMITS.max_bytes:
                 raise YamlError(f"file is over the limit of {FILE_LIMITS.max_bytes} bytes")
             docs = list(_documents(raw.decode("utf-8")))
+            result.documents += len(docs)
         except (OSError, UnicodeDecodeError) as e:
             result.problems.append(f"{file}: cannot read: {shown(str(e), quote=False)}")
             continue

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from .echo import shown
-from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set, load_path
+from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set, is_policy_file_name, load_path
 from .metrics import POLICY_ERRORS
 from .model import ConfigMapRef, NamespacePolicy, Workload
 from .store import PolicyStore
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 ErrorHandler = Callable[[str], None]
 
 POLL_INTERVAL = 0.2  # seconds: a changed file is in force well within a second
-YAML_SUFFIXES = (".yaml", ".yml", ".json")
+START_ATTEMPTS = 5  # synchronous loads tried at start while files are changing
 
 
 class PolicySource(Protocol):
@@ -57,23 +58,24 @@ class PolicySource(Protocol):
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 
+SETTLE = POLL_INTERVAL  # seconds a change must stay still before it is read
+DATA_LINK = "..data"  # a mounted ConfigMap: the kubelet swaps this link atomically
+
 
 def yaml_files(path: Path) -> list[Path]:
     """The YAML files under `path` (itself, if it is a file), in a stable order.
 
-    Names starting with "." are skipped: a ConfigMap mounted as a volume keeps
-    its real files under `..data/` and `..<timestamp>/`, and exposes each key
-    as a symlink at the top, which is what we read.
+    Hidden names are skipped: a ConfigMap mounted as a volume keeps its real
+    files under `..data/` and `..<timestamp>/`, and exposes each key as a
+    symlink at the top, which is what we read. So are editors' temp and swap
+    files (`.x.swp`, `x~`, `#x#`, vim's `4913`): see `is_policy_file_name`.
     """
     if path.is_file():
         return [path]
     found: list[Path] = []
     for root, dirs, files in os.walk(path, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += (
-            Path(root) / f for f in sorted(files)
-            if not f.startswith(".") and f.endswith(YAML_SUFFIXES)
-        )
+        found += (Path(root) / f for f in sorted(files) if is_policy_file_name(f))
     return found
 
 
@@ -86,8 +88,10 @@ def _stat_key(path: Path) -> tuple[int, int, int] | None:
 
 
 def fingerprint(path: Path) -> Fingerprint:
+    """Every file's stat key, plus the target of a ConfigMap volume's `..data` link:
+    equal fingerprints before and after a read mean one consistent snapshot."""
     keys = []
-    for f in yaml_files(path):
+    for f in [path / DATA_LINK, *yaml_files(path)]:
         key = _stat_key(f)
         if key is not None:
             keys.append((str(f), *key))
@@ -95,19 +99,28 @@ def fingerprint(path: Path) -> Fingerprint:
 
 
 class Poller:
-    """Calls `on_change()` from a daemon thread whenever `path` changes."""
+    """Calls `on_change()` from a daemon thread once `path` has changed and then stayed
+    still for `settle` seconds (debounce: a file being written keeps changing).
 
-    def __init__(self, path: Path, on_change: Callable[[], None], interval: float) -> None:
+    `on_change` returns False when it found the files changing under it and applied
+    nothing; the poller then tries again. Writers should still replace files
+    atomically (write a temp file, rename it over): a writer that pauses for longer
+    than `settle` mid-write cannot be told from a finished one.
+    """
+
+    def __init__(self, path: Path, on_change: Callable[[], bool | None], interval: float,
+                 settle: float | None = None) -> None:
         self.path = path
         self.interval = interval
+        self.settle = SETTLE if settle is None else settle
         self._on_change = on_change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last: Fingerprint | None = None
+        self._applied: Fingerprint | None = None
 
-    def mark(self) -> None:
-        """Remember the current state as seen (call right before loading)."""
-        self._last = fingerprint(self.path)
+    def mark(self, applied: Fingerprint | None = None) -> None:
+        """Remember a state as applied (default: the current one)."""
+        self._applied = fingerprint(self.path) if applied is None else applied
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -121,12 +134,21 @@ class Poller:
             self._thread.join(timeout=2)
 
     def _run(self) -> None:
+        seen: Fingerprint | None = None
+        since = 0.0
         while not self._stop.wait(self.interval):
             try:
                 now = fingerprint(self.path)
-                if now != self._last:
-                    self._last = now
-                    self._on_change()
+                if now == self._applied:
+                    seen = None
+                    continue
+                if now != seen:  # still changing: wait for it to settle
+                    seen, since = now, time.monotonic()
+                    continue
+                if time.monotonic() - since < self.settle:
+                    continue
+                if self._on_change() is not False:
+                    seen = None
             except Exception:  # a reload bug must not end the watch
                 log.exception("reloading %s failed", self.path)
 
@@ -152,8 +174,11 @@ class DirectorySource:
     Each changed file is loaded on its own, and each ConfigMap in it keeps
     its last version that passed validation when a new one does not, like a
     ConfigMap in the Kubernetes source; a file that cannot be parsed at all
-    keeps everything it last gave. A ConfigMap removed from a readable file,
-    or a deleted file, withdraws its policy.
+    (or is empty, as a file being rewritten is for a moment) keeps everything
+    it last gave. A ConfigMap removed from a readable file, or a deleted file,
+    withdraws its policy. A change is read as one snapshot of the directory:
+    if anything changed while it was read, nothing is applied and the poller
+    reads it again.
     """
 
     def __init__(
@@ -162,11 +187,12 @@ class DirectorySource:
         *,
         cluster_namespace: str = DEFAULT_CLUSTER_NAMESPACE,
         interval: float = POLL_INTERVAL,
+        settle: float | None = None,
     ) -> None:
         self.path = Path(path)
         self.name = f"directory {self.path}"
         self.cluster_namespace = cluster_namespace
-        self._poller = Poller(self.path, self.reload, interval)
+        self._poller = Poller(self.path, self.reload, interval, settle)
         self._files: dict[str, _FileState] = {}
         self._published: list[NamespacePolicy] | None = None
         self._store: PolicyStore | None = None
@@ -178,7 +204,9 @@ class DirectorySource:
         self._on_error = on_error
         if not self.path.exists():
             on_error(f"policy path {self.path} does not exist; waiting for it")
-        self.reload()
+        for _ in range(START_ATTEMPTS):  # files changing right now: the poller catches up
+            if self.reload():
+                break
         self._poller.start()
 
     def stop(self) -> None:
@@ -187,34 +215,46 @@ class DirectorySource:
     def ready(self) -> bool:
         return self._published is not None
 
-    def reload(self) -> None:
-        """Load changed files; publish when the accepted policies changed."""
+    def reload(self) -> bool:
+        """Load changed files; publish when the accepted policies changed. False when
+        the directory changed while it was read: then nothing was applied."""
         assert self._store is not None, "start() first"
         with self._lock:
-            self._poller.mark()
+            before = fingerprint(self.path)
             exists = self.path.exists()
             files = yaml_files(self.path) if exists else []
-            rejected = 0
+            states: dict[str, _FileState] = {}
+            reports: list[str] = []
             for f in files:
-                rejected += self._load_file(f)
-            for gone in set(self._files) - {str(f) for f in files}:
+                states[str(f)], report = self._load_file(f, self._files.get(str(f)))
+                if report is not None:
+                    reports.append(report)
+            if fingerprint(self.path) != before:
+                log.info("%s changed while being read; reading it again", self.path)
+                return False
+            for gone in set(self._files) - set(states):
                 log.info("%s removed: its policies are withdrawn", gone)
-                del self._files[gone]
+            self._files = states
+            self._poller.mark(before)
+            for report in reports:
+                POLICY_ERRORS.inc("directory")
+                self._on_error(report)
 
             policies = self._merge()
             if policies == self._published:
-                return
-            if self._published is None and not policies and (rejected or not exists):
+                return True
+            if self._published is None and not policies and (reports or not exists):
                 # Nothing valid yet (or a path not mounted yet): stay unready
                 # and deny all, rather than declare an empty policy loaded.
                 # An empty directory that exists is a policy: deny everything.
-                return
+                return True
             snapshot = self._store.publish(build_policy_set(policies))
             self._published = policies
             log.info(
                 "policy revision %d: %d policy ConfigMap(s) from %s",
                 snapshot.revision, len(policies), self.path,
             )
+            return True
 
     def _merge(self) -> list[NamespacePolicy]:
         """All files' policies; a ConfigMap defined in two files counts once."""
@@ -227,37 +267,54 @@ class DirectorySource:
                 policies[ref] = policy
         return list(policies.values())
 
-    def _load_file(self, f: Path) -> int:
-        """Reload one file if it changed; returns 1 when it had problems."""
-        state = self._files.setdefault(str(f), _FileState())
+    def _load_file(self, f: Path, previous: _FileState | None
+                   ) -> tuple[_FileState, str | None]:
+        """One file's new state (the previous one if it did not change) and, when it
+        had problems, the report to make. Changes nothing on `self`."""
+        previous = previous or _FileState()
         key = _stat_key(f)
-        if key is not None and key == state.key:
-            return 0
-        result = load_path(f, cluster_namespace=self.cluster_namespace)
+        if key is not None and key == previous.key:
+            return previous, None
+        state = _FileState()
+        state.key = key  # unchanged, it would give the same problems again
+        try:
+            result = load_path(f, cluster_namespace=self.cluster_namespace)
+        except Exception as e:  # one surprising file must not stop the others
+            log.exception("loading %s failed", f)
+            state.good = dict(previous.good)
+            return state, self._report(f, [f"{f}: cannot be loaded: {shown(str(e))}"],
+                                       list(state.good))
         for warning in result.warnings:
             log.warning("%s", warning)
+        if not result.problems and result.documents == 0:
+            # Empty: what a writer that truncates and then writes leaves for a
+            # moment. Keep what it gave; deleting the file withdraws it.
+            state.good = dict(previous.good)
+            if not state.good:
+                return state, None
+            return state, self._report(
+                f, [f"{f}: file is empty; delete it to withdraw its policies"], list(state.good))
         good: dict[ConfigMapRef, NamespacePolicy] = {}
-        kept: list[str] = []
+        kept: list[ConfigMapRef] = []
         for ref, outcome in result.by_ref.items():
             if isinstance(outcome, NamespacePolicy):
                 good[ref] = outcome
-            elif ref in state.good:
-                good[ref] = state.good[ref]
-                kept.append(str(ref))
+            elif ref in previous.good:
+                good[ref] = previous.good[ref]
+                kept.append(ref)
         if result.problems and not result.by_ref:
             # Unreadable file (bad YAML, I/O error): keep all it last gave.
-            good = dict(state.good)
-            kept = [str(ref) for ref in good]
+            good = dict(previous.good)
+            kept = list(good)
         state.good = good
-        state.key = key  # unchanged, it would give the same problems again
         if not result.problems:
-            return 0
-        POLICY_ERRORS.inc("directory")
-        note = f"; keeping the last good version of {', '.join(kept)}" if kept else ""
-        self._on_error(
-            f"{f}: {len(result.problems)} problem(s){note}:\n  " + "\n  ".join(result.problems)
-        )
-        return 1
+            return state, None
+        return state, self._report(f, result.problems, kept)
+
+    @staticmethod
+    def _report(f: Path, problems: list[str], kept: list[ConfigMapRef]) -> str:
+        note = f"; keeping the last good version of {', '.join(map(str, kept))}" if kept else ""
+        return f"{f}: {len(problems)} problem(s){note}:\n  " + "\n  ".join(problems)
 
 
 # --------------------------------------------------------------------------
