@@ -68,7 +68,7 @@ def _normalize_slow(path: str) -> str | None:
         # A dot segment must be written as one: '%2e%2e' (some readers do not
         # decode it) and '..;x' (Tomcat and Spring drop ';x' first) are read
         # as '..' by some upstreams and as a name by others.
-        bare = seg.split(";", 1)[0]
+        bare = seg.replace("%3B", ";").split(";", 1)[0]  # some decode '%3B' first
         if bare in (".", "..") and literal != bare:
             return None
     if "//" in decoded and ".." in segments:

@@ -9,9 +9,9 @@ Kubernetes source (a ConfigMap watch) implements the same interface.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 ErrorHandler = Callable[[str], None]
 
-POLL_INTERVAL = 0.2  # seconds: a changed file is in force well within a second
+POLL_INTERVAL = 0.1  # seconds: a changed file is in force well within a second
 START_ATTEMPTS = 5  # synchronous loads tried at start while files are changing
 
 
@@ -58,7 +58,7 @@ class PolicySource(Protocol):
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 
-SETTLE = POLL_INTERVAL  # seconds a change must stay still before it is read
+SETTLE = POLL_INTERVAL  # seconds a change must stay still before it is read (>= 1 poll)
 DATA_LINK = "..data"  # a mounted ConfigMap: the kubelet swaps this link atomically
 
 
@@ -134,8 +134,12 @@ class Poller:
             self._thread.join(timeout=2)
 
     def _run(self) -> None:
+        # Still = the same fingerprint on this many polls in a row after the one
+        # that saw it first: counted in polls, not clock time, so that timer
+        # jitter can neither shorten the wait nor stretch one poll into two.
+        polls_needed = max(1, math.ceil(self.settle / self.interval - 1e-9))
         seen: Fingerprint | None = None
-        since = 0.0
+        still = 0
         while not self._stop.wait(self.interval):
             try:
                 now = fingerprint(self.path)
@@ -143,9 +147,10 @@ class Poller:
                     seen = None
                     continue
                 if now != seen:  # still changing: wait for it to settle
-                    seen, since = now, time.monotonic()
+                    seen, still = now, 0
                     continue
-                if time.monotonic() - since < self.settle:
+                still += 1
+                if still < polls_needed:
                     continue
                 if self._on_change() is not False:
                     seen = None
