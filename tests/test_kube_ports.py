@@ -7,6 +7,7 @@ changes the verdicts without a restart, and a missing Service denies (fail close
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,40 @@ class TestServeKube:
             channel.close()
             stop.set()
             t.join(10)
+
+
+class TestControllerOrder:
+    def test_map_is_read_before_policies(self, emu: KubeEmulator) -> None:
+        """KubeController.start reads the gateway Service before the policy source starts,
+        so the service is never ready (policy loaded) with an empty map."""
+        from authz.kube.client import KubeApi
+        from authz.kube.controller import KubeController
+        from authz.kube.source import KubeSettings
+        from authz.render import RenderOptions
+        from authz.store import PolicyStore
+        from authz.workloads import WorkloadIndex
+
+        class SlowServices(KubeApi):
+            """An API server slow to list Services only: 0.3 s of simulated latency."""
+
+            def list(self, kind: str, **kw: Any) -> tuple[list[dict[str, Any]], str]:
+                if kind == "Service":
+                    time.sleep(0.3)
+                return super().list(kind, **kw)
+
+        emu.seed(gateway_service(), policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
+        ports = GatewayPorts({})
+        seen: list[dict[int, int]] = []
+        store = PolicyStore(freeze_gc=False)
+        store.subscribe(lambda _snapshot: seen.append(dict(ports.current or {})))
+        controller = KubeController(
+            SlowServices(emu.api_client(), service_ns=SVC_NS), WorkloadIndex(),
+            settings=KubeSettings(service_namespace=SVC_NS), write=False,
+            options=RenderOptions(gateway_namespace=GATEWAY_NS), ports=ports,
+            gateway_service="istio-egressgateway")
+        controller.start(store, lambda _msg: None)
+        try:
+            emu.wait_for(lambda: seen, timeout=5)
+            assert seen[0] == {8080: 80, 8443: 443}
+        finally:
+            controller.stop()

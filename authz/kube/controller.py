@@ -18,6 +18,8 @@ from .leader import LeaderElector
 from .source import KubePolicySource, KubeSettings
 from .writer import RegistryWriter
 
+GATEWAY_SYNC_WAIT = 5.0  # seconds; the API server is down if listing one Service takes longer
+
 
 class KubeController:
     """A PolicySource: watches feed the store and index; the Lease holder writes."""
@@ -62,6 +64,8 @@ class KubeController:
     def start(self, store: PolicyStore, on_error: Callable[[str], None]) -> None:
         if self.gateway_ports is not None:
             self.gateway_ports.start()
+            # The map first, so that readiness (a policy loaded) does not come before it.
+            self.gateway_ports.wait_synced(GATEWAY_SYNC_WAIT)
         self.source.start(store, on_error)
         if self.writer is not None and self.elector is not None:
             self.writer.store = store

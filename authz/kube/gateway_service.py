@@ -5,6 +5,11 @@ The Service says which listener port (targetPort) each port the apps dial
 editing the Service changes the verdicts without a restart. Until the Service
 has been read, and while it does not exist, the map is empty: every Check is
 denied (fail closed) and the log says why.
+
+Only numeric targetPorts are read. Istio resolves a named one from the gateway
+pod's container ports (pilot/pkg/serviceregistry/kube/controller/controller.go,
+FindPort); we do not watch those, so a named targetPort's listener stays
+unmapped (denied) and is reported (docs/install.md, "Gateway ports").
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ class GatewayServiceWatch:
 
     def stop(self) -> None:
         self.reflector.stop()
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait for the first list (found or not); False, and a log line, after `timeout`."""
+        if self.reflector.synced.wait(timeout):
+            return True
+        log.warning("gateway port map: Service %s/%s not listed after %.0fs; every Check is "
+                    "denied until it is", self.namespace, self.name, timeout)
+        return False
 
     def _synced(self, items: list[Obj]) -> None:
         mine = [o for o in items if (o.get("metadata") or {}).get("name") == self.name]
