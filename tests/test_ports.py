@@ -314,3 +314,40 @@ class TestTranslation:
         ports.replace({8443: 8443})
         assert ports.translate(8443) == 8443
         assert before is not None and dict(before) == {8443: 443}
+
+
+class TestCheckCommand:
+    """`egress-authz check` judges the port as the gateway does."""
+
+    @pytest.mark.parametrize(
+        ("extra", "reason"),
+        [
+            (["--host", "web.kadath.io:80"], "allowed"),  # the Host port is the port dialled
+            (["--host", "api.kadath.io:443", "--port", "80"], "port-mismatch"),
+            (["--host", "web.kadath.io:8080"], "port-not-allowed"),
+        ],
+    )
+    def test_host_port_and_port_flag(self, tmp_path: Any, capsys: pytest.CaptureFixture[str],
+                                     extra: list[str], reason: str) -> None:
+        """Without --port an HTTP Host port is the port; with --port a different one is
+        port-mismatch."""
+        import json
+        import textwrap
+
+        from authz import cli
+
+        policy = tmp_path / "p.yaml"
+        policy.write_text(textwrap.dedent("""\
+            apiVersion: v1
+            kind: ConfigMap
+            metadata: {name: egress-policy, namespace: shop,
+                       labels: {egress-authz.io/policy: "true"}}
+            data:
+              policy.yaml: |
+            """) + textwrap.indent(POLICY.format(mode="enforce"), "    "))
+        args = cli.build_parser().parse_args([
+            "check", "--policies", str(policy), "--principal",
+            "spiffe://cluster.local/ns/shop/sa/cart", "--protocol", "http", "--output", "json",
+            *extra])
+        args.run(args)
+        assert json.loads(capsys.readouterr().out)["reason"] == reason
