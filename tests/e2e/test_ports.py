@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from authz.testing.envoy import free_port
 from authz.testing.mesh import LoopbackMesh
@@ -174,3 +178,77 @@ class TestHostPortCannotChooseThePort:
         status, body = get("api.kadath.io:443")
         assert status == 403 and json.loads(body)["reason"] == "port-mismatch"
         assert get("web.kadath.io")[0] == 200
+
+
+class KubeServiceProcess(ServiceProcess):
+    """`serve --kube` (the chart's mode) against the API emulator, same lifecycle."""
+
+    def __init__(self, kubeconfig: Path, port: int, **kw: Any) -> None:
+        super().__init__(kubeconfig.parent, port, **kw)
+        self.kubeconfig = kubeconfig
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "authz", "serve", "--kube",
+                "--kubeconfig", str(self.kubeconfig), "--namespace", "egress-authz",
+                "--gateway-namespace", GATEWAY_NS, "--gateway-service", "istio-egressgateway",
+                "--no-write", "--no-decision-log", "--grpc-address", self.address,
+                "--admin-address", ""]
+
+
+GATEWAY_NS = "istio-egress"
+
+
+def gateway_service(tls_target: int, http_target: int) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "istio-egressgateway", "namespace": GATEWAY_NS},
+            "spec": {"ports": [
+                {"name": "http2", "port": 80, "targetPort": http_target, "protocol": "TCP"},
+                {"name": "https", "port": 443, "targetPort": tls_target, "protocol": "TCP"}]}}
+
+
+class TestKubeMode:
+    """The shipped configuration: the map learnt from the gateway Service, behind Envoy."""
+
+    def test_service_edits_move_the_verdicts(self, tmp_path: Path) -> None:
+        """Service 443 -> the TLS listener: the 443 rule allows through Envoy; the Service
+        edited to point 443 elsewhere: the same connection is refused; restored: allowed."""
+        from tests.kube_emulator import KubeEmulator
+
+        with KubeEmulator(bookmark_interval=0.2) as emu:
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "e",
+                "clusters": [{"name": "e", "cluster": {"server": emu.url}}],
+                "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}]}))
+            emu.seed(yaml.safe_load(POLICY), {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": CART_FINANCE.name, "namespace": "shop",
+                             "labels": dict(CART_FINANCE.labels)},
+                "spec": {"serviceAccountName": "cart", "containers": [{"name": "app"}]},
+                "status": {"phase": "Running", "podIP": CART_FINANCE.ip,
+                           "podIPs": [{"ip": CART_FINANCE.ip}]}})
+            authz_port = free_port()
+            service = KubeServiceProcess(kubeconfig, authz_port,
+                                         log_path=tmp_path / "service.log")
+            with LoopbackMesh(authz_port, workdir=tmp_path / "mesh") as mesh:
+                emu.seed(gateway_service(mesh.tls_port, mesh.http_port))
+                world = PortsWorld(mesh, service)
+                with service:
+                    eventually(lambda: tls_reply(world, "api.kadath.io") is not None,
+                               timeout=15, what="443 rule allowed via the Service's map")
+                    assert http_(world, "web.kadath.io")[0] == 200
+                    status, body = http_(world, "api.kadath.io:443")
+                    assert (status, body["reason"]) == (403, "port-mismatch")
+
+                    def point_443_at(target: int) -> None:
+                        def change(obj: dict[str, Any]) -> None:
+                            obj["spec"]["ports"][1]["targetPort"] = target
+                        emu.modify("v1", "Service", GATEWAY_NS, "istio-egressgateway", change)
+
+                    point_443_at(mesh.tls_port + 1)
+                    eventually(lambda: tls_reply(world, "api.kadath.io") is None, timeout=5,
+                               what="denied once the Service moved 443 elsewhere")
+                    point_443_at(mesh.tls_port)
+                    eventually(lambda: tls_reply(world, "api.kadath.io") is not None,
+                               timeout=5, what="allowed again after the Service was restored")
