@@ -31,14 +31,22 @@ class PortMapError(ValueError):
     """A --gateway-port-map that cannot be read; the message says where."""
 
 
+def _show(value: object) -> str:
+    """A value for a message: scalars clipped, anything else by its type only."""
+    if isinstance(value, str | int | float) or value is None:
+        text = repr(value)
+        return text if len(text) <= 20 else text[:20] + "..."
+    return f"a {type(value).__name__}"
+
+
 def _port(text: str, what: str, entry: str) -> int:
-    text = text.strip()
+    text, shown = text.strip(), _show(entry)
     if not text.isascii() or not text.isdigit():
-        raise PortMapError(f"{entry!r}: {what} {text[:20]!r} is not a port number")
-    n = int(text)
-    if not 1 <= n <= 65535:
-        raise PortMapError(f"{entry!r}: {what} {n} is out of range 1-65535")
-    return n
+        raise PortMapError(f"{shown}: {what} {_show(text)} is not a port number")
+    if len(text) > 5 or not 1 <= int(text) <= 65535:  # length first: int() of 10^6 digits
+        number = text if len(text) <= 5 else _show(text)
+        raise PortMapError(f"{shown}: {what} {number} is out of range 1-65535")
+    return int(text)
 
 
 def parse_port_map(text: str) -> dict[int, int]:
@@ -57,7 +65,7 @@ def parse_port_map(text: str) -> dict[int, int]:
         entry = raw.strip()
         listen, sep, port = entry.partition(":")
         if not sep or ":" in port:
-            raise PortMapError(f"{entry[:40]!r} is not LISTEN:PORT (e.g. 8443:443)")
+            raise PortMapError(f"{_show(entry)} is not LISTEN:PORT (e.g. 8443:443)")
         lp, sp = _port(listen, "listener port", entry), _port(port, "port", entry)
         if lp in out:
             raise PortMapError(f"listener port {lp} is mapped twice ({out[lp]} and {sp})")
@@ -97,22 +105,22 @@ def map_from_service(service: Mapping[str, Any]) -> ServicePorts:
             continue
         port = p.get("port")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            problems.append(f"port {str(port)[:20]!r} is not a port number")
+            problems.append(f"port {_show(port)} is not a port number")
             continue
         target = p.get("targetPort", port)
         if target is None:
             target = port
         if isinstance(target, str) and target.isascii() and target.isdigit():
-            target = int(target)
+            target = int(target) if len(target) <= 5 else 0  # 0: reported as not a port
         if isinstance(target, str):
             problems.append(
-                f"port {port}: named targetPort {target[:63]!r} cannot be resolved from the "
+                f"port {port}: named targetPort {_show(target)} cannot be resolved from the "
                 "Service; its listener is unmapped (use a numeric targetPort, or "
                 "--gateway-port-map)"
             )
             continue
         if not isinstance(target, int) or isinstance(target, bool) or not 1 <= target <= 65535:
-            problems.append(f"port {port}: targetPort {str(target)[:20]!r} is not a port number")
+            problems.append(f"port {port}: targetPort {_show(target)} is not a port number")
             continue
         if target in mapping and mapping[target] != port:
             ambiguous.add(target)

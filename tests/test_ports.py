@@ -128,6 +128,8 @@ class TestPortMapFlag:
             ("70000:443", "listener port 70000 is out of range"),
             ("8443:443,8443:8443", "listener port 8443 is mapped twice"),
             ("8443:443,", "'' is not LISTEN:PORT"),
+            ("9" * 5000 + ":443", "out of range"),  # never int() of an unbounded string
+            ("x" * 5000, r"'xxxxxxxxxxxxxxxxxxx\.\.\. is not LISTEN:PORT"),  # echoed clipped
             ("\uff18\uff14\uff14\uff13:443", "is not a port number"),  # fullwidth: isdigit()
         ],
     )
@@ -223,7 +225,7 @@ class TestMapFromService:
 
         assert dict(map_from_service({"spec": spec}).mapping) == {}
 
-    @pytest.mark.parametrize("bad", [0, 70000, True, "x" * 100, -1, 4.5])
+    @pytest.mark.parametrize("bad", [0, 70000, True, "x" * 100, -1, 4.5, "9" * 5000, [1] * 9])
     def test_bad_numbers_are_reported(self, bad: Any) -> None:
         """Out-of-range, boolean or non-integer ports and targetPorts never enter the map."""
         from authz.gateway_ports import map_from_service

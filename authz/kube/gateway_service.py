@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from ..gateway_ports import GatewayPorts, format_port_map, map_from_service
+from ..gateway_ports import GatewayPorts, map_from_service
 from .client import KubeApi, Obj
 from .watch import ApiHealth, Backoff, Reflector
 
@@ -75,6 +75,4 @@ class GatewayServiceWatch:
             for problem in found.problems:
                 log.warning("gateway port map from %s: %s", where, problem)
         self.problems = found.problems
-        log.info("gateway port map from %s: %s", where,
-                 format_port_map(found.mapping) or "empty")
-        self.ports.replace(found.mapping)
+        self.ports.replace(found.mapping)  # logs the map when it changes
