@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from ..yamlload import FILE_LIMITS, POLICY_LIMITS, YamlError, load_all, load_one
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = REPO / "istio" / "examples"
 DEMO_POLICY_DIR = Path(__file__).resolve().parent / "policies"
@@ -60,7 +62,7 @@ def write_policies(target: Path, port_aliases: dict[int, int]) -> list[Path]:
     written = []
     for src in source_files():
         text = src.read_text()
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in load_all(text, FILE_LIMITS) if d is not None]
         for doc in docs:
             _alias_ports(doc, port_aliases, src)
         header = _leading_comments(text)
@@ -93,8 +95,8 @@ def _alias_ports(doc: Any, aliases: dict[int, int], src: Path) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("policy.yaml"), str):
         return
     try:
-        policy = yaml.safe_load(data["policy.yaml"])
-    except yaml.YAMLError as e:
+        policy = load_one(data["policy.yaml"], POLICY_LIMITS)
+    except YamlError as e:
         raise PolicyCopyError(f"{src}: policy.yaml is not YAML: {e}") from e
     if not isinstance(policy, dict):
         return
