@@ -109,3 +109,14 @@ def test_no_network_at_run_time() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_suggest_never_proposes_a_refused_wildcard() -> None:
+    """`suggest --wildcards` folds siblings only under a registrable domain: never
+    `*.github.io` or `*.co.uk`, which the policy parser would refuse."""
+    from authz.commands.suggest import _wildcard
+
+    assert _wildcard({"a.github.io", "b.github.io"}) == ["a.github.io", "b.github.io"]
+    assert _wildcard({"a.co.uk", "b.co.uk"}) == ["a.co.uk", "b.co.uk"]
+    assert _wildcard({"a.kadath.io", "b.kadath.io"}) == ["*.kadath.io"]
+    assert _wildcard({"a.me.github.io", "b.me.github.io"}) == ["*.me.github.io"]

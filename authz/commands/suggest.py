@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
+from ..hosts import public_suffix_problem
 from .traces import EXIT_ERROR, EXIT_OK, add_server_argument
 
 # Reasons a rule in the namespace's own policy can turn into an allow.
@@ -171,18 +172,15 @@ def rule_snippet(d: Mapping[str, Any]) -> list[str]:
 def _wildcard(hosts: set[str]) -> list[str]:
     """Replace two or more siblings (a.x.io, b.x.io) by *.x.io.
 
-    The parent must look like an organisation's domain, not a public suffix:
-    at least two labels, and three when the last two are short (co.uk).
+    The parent must be an organisation's domain, never a TLD or a public suffix
+    (co.uk, github.io): the policy parser refuses those wildcards.
     """
     by_parent: dict[str, set[str]] = defaultdict(set)
     for h in hosts:
         by_parent[h.partition(".")[2]].add(h)
     out: set[str] = set()
     for parent, children in by_parent.items():
-        labels = parent.split(".")
-        short_suffix = len(labels) >= 2 and all(len(x) <= 3 for x in labels[-2:])
-        deep_enough = len(labels) >= (3 if short_suffix else 2)
-        if len(children) >= 2 and deep_enough:
+        if len(children) >= 2 and public_suffix_problem(f"*.{parent}") is None:
             out.add(f"*.{parent}")
         else:
             out.update(children)
