@@ -99,3 +99,89 @@ def test_cluster_tier_label_outside_service_namespace_is_not_parsed(
     events = emu.wait_for(lambda: emu.events("evil", reason="PolicyInvalid"), timeout=2)
     assert "read only from the service's namespace" in events[0]["message"]
     assert replica.allows("shop", "api.kadath.io")
+
+
+SERVE_KUBE_CHILD = """
+import json, resource, statistics, threading, time
+resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))
+import grpc, yaml
+from authz.commands.serve import build_arg_parser, serve
+from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest, CheckResponse
+from authz.envoy.server import CHECK_METHOD
+from authz.testing.envoy import free_port
+from tests.kube_emulator import KubeEmulator
+from tests.kube_harness import SVC_NS, policy_cm, rule
+
+def request(ns):
+    r = CheckRequest()
+    a = r.attributes
+    a.source.principal = "spiffe://cluster.local/ns/" + ns + "/sa/default"
+    a.source.address.socket_address.address = "10.0.0.9"
+    a.destination.address.socket_address.port_value = 8443
+    a.tls_session.sni = "api.kadath.io"
+    return r.SerializeToString()
+
+with KubeEmulator(bookmark_interval=0.2) as emu:
+    emu.seed(policy_cm("evil", "p", [], text={bomb!r}),
+             policy_cm("shop", "p", [rule("kadath", "api.kadath.io")]))
+    kubeconfig = {kubeconfig!r}
+    with open(kubeconfig, "w") as f:
+        f.write(yaml.safe_dump({{
+            "apiVersion": "v1", "kind": "Config", "current-context": "e",
+            "clusters": [{{"name": "e", "cluster": {{"server": emu.url}}}}],
+            "contexts": [{{"name": "e", "context": {{"cluster": "e", "user": "u"}}}}],
+            "users": [{{"name": "u", "user": {{"token": "t"}}}}]}}))
+    port = free_port()
+    args = build_arg_parser().parse_args([
+        "--kube", "--kubeconfig", kubeconfig, "--namespace", SVC_NS, "--no-write",
+        "--gateway-port-map", "8443:443", "--grpc-address", "127.0.0.1:%d" % port,
+        "--admin-address", "", "--no-decision-log"])
+    stop = threading.Event()
+    t = threading.Thread(target=serve, args=(args, stop), daemon=True)
+    start = time.monotonic()
+    t.start()
+    channel = grpc.insecure_channel("127.0.0.1:%d" % port)
+    check = channel.unary_unary(CHECK_METHOD)
+
+    def code(ns):
+        try:
+            resp = CheckResponse()
+            resp.ParseFromString(check(request(ns), timeout=2))
+            return resp.status.code
+        except grpc.RpcError:
+            return -1
+
+    emu.wait_for(lambda: code("shop") == 0, timeout=20)
+    ready = time.monotonic() - start
+    times = []
+    for _ in range(50):
+        t0 = time.monotonic()
+        assert code("shop") == 0 and code("evil") == 7
+        times.append((time.monotonic() - t0) / 2)
+    events = emu.wait_for(lambda: emu.events("evil", reason="PolicyInvalid"), timeout=10)
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    channel.close()
+    stop.set()
+    t.join(10)
+    print(json.dumps({{"ready": ready, "median": statistics.median(times), "rss_mib": rss_mib,
+                       "event": events[0]["message"]}}))
+"""
+
+
+def test_serve_kube_with_a_bomb_in_one_namespace(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The shipped command (`serve --kube`) on the emulator, with the bomb ConfigMap in
+    `evil`: shop's Checks are allowed within seconds and answered in milliseconds, evil's
+    denied, the process stays far below the chart's 512 MiB limit, and evil gets a short
+    Warning Event. In a child with an address-space cap and a timeout."""
+    code = SERVE_KUBE_CHILD.format(memory=3 << 30, bomb=bomb(),
+                                   kubeconfig=str(tmp_path / "kubeconfig"))
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve --kube did not answer within {CHILD_TIMEOUT} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["ready"] < 20 and out["median"] < 0.05
+    assert out["rss_mib"] < 256, out
+    assert "alias" in out["event"] and len(out["event"]) < 400
