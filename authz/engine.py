@@ -269,9 +269,12 @@ def _check(
     if http is not None and dest.protocol is Protocol.HTTP:
         if http.methods is not None and (dest.method or "").upper() not in http.methods:
             return _METHOD
-        if http.paths is not None:
+        if http.paths is not None or http.exact_paths is not None:
             path = clean_path(dest.path or "")
-            if path is None or not any(path.startswith(prefix) for prefix in http.paths):
+            if path is None or not (
+                (http.exact_paths is not None and path in http.exact_paths)
+                or any(path.startswith(prefix) for prefix in http.paths or ())
+            ):
                 return _PATH
     if rule.expires is not None and now >= rule.expires:
         return _EXPIRED
@@ -531,11 +534,19 @@ def _why(
             )
         if workload is None:
             return False, "the rule selects by label, and no Pod is known for the source IP"
-        exprs = [f"{r.key} {r.operator} {sorted(r.values)}" for r in sel.match_expressions]
-        return False, (
-            f"workload labels {dict(workload.labels)} do not match matchLabels "
-            f"{dict(sel.match_labels)}" + (f" / matchExpressions {exprs}" if exprs else "")
-        )
+        # Written as people write labels (k=v), never as Python reprs.
+        has = ", ".join(f"{k}={v}" for k, v in sorted(workload.labels.items())) or "(none)"
+        wants = []
+        if sel.match_labels:
+            wants.append(
+                "matchLabels " + ", ".join(f"{k}={v}" for k, v in sorted(sel.match_labels.items()))
+            )
+        if sel.match_expressions:
+            wants.append("matchExpressions " + ", ".join(
+                f"{r.key} {r.operator}" + (f" ({', '.join(sorted(r.values))})" if r.values else "")
+                for r in sel.match_expressions
+            ))
+        return False, f"workload labels {has} do not match {' / '.join(wants)}"
     if stage == _PROTOCOL:
         allowed = ", ".join(sorted(p.value for p in rule.protocols))
         return False, f"protocol {dest.protocol.value} is not in protocols [{allowed}]"
@@ -550,7 +561,12 @@ def _why(
     path = clean_path(dest.path or "")
     if path is None:
         return False, f"path {dest.path!r} holds encoded slashes or backslashes"
-    return False, f"path {path} starts with none of {list(http.paths or ())}"
+    said = []
+    if http.paths:
+        said.append(f"starts with none of [{', '.join(http.paths)}]")
+    if http.exact_paths:
+        said.append(f"is none of exactPaths [{', '.join(sorted(http.exact_paths))}]")
+    return False, f"path {path} " + " and ".join(said)
 
 
 def explain(
