@@ -157,7 +157,7 @@ class TestDemoRun:
         assert f"DENY ({call.expect_reason})" in text
         assert f"spiffe://cluster.local/ns/{call.pod.namespace}/sa/{call.pod.service_account}" in text
         assert f"{call.pod.name} ({call.pod.ip})" in text
-        assert "do not match matchLabels {'function': 'api-connector'}" in text
+        assert "workload labels app=cart, function=finance do not match matchLabels function=api-connector" in text
         assert "kubectl -n shop edit configmap egress-policy" in text
 
 

@@ -333,7 +333,10 @@ class TestExplanation:
         """A denial names each nearby rule and the first condition it failed."""
         d = decide(snapshot(SHOP), who(labels={"function": "finance"}), tls("api.kadath.io"))
         whys = {c.rule: c.why for c in d.explanation}
-        assert "do not match matchLabels" in whys["shop/egress-policy/kadath"]
+        assert (
+            whys["shop/egress-policy/kadath"]
+            == "workload labels function=finance do not match matchLabels function=api-connector"
+        )
         assert (
             "host api.kadath.io is not in hosts [api.leng.com]"
             in whys["shop/egress-policy/finance"]
