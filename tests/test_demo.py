@@ -278,11 +278,18 @@ class TestPolicyCopies:
         assert by_ns["marketing"].mode is Mode.AUDIT
         assert "api.stealyourmoney.com" in by_ns["egress-authz"].deny
 
+    def test_package_copies_equal_istio_examples(self) -> None:
+        """The package data the demo reads (so that a wheel runs it) is istio/examples/, byte
+        for byte: the policies a user reads in the repository are the ones the demo runs."""
+        shipped = {f.name: f.read_bytes() for f in policies.source_files()}
+        for example in (ROOT / "istio" / "examples").glob("*.yaml"):
+            assert shipped.get(example.name) == example.read_bytes(), example.name
+
     def test_copies_say_where_they_came_from(self, tmp_path: Path) -> None:
         """A user editing a copy reads its origin and why the ports differ."""
         policies.write_policies(tmp_path, self.ALIASES)
         text = (tmp_path / "shop-policy.yaml").read_text()
-        assert "Copied from istio/examples/shop-policy.yaml" in text
+        assert "Copied from authz/demo/policies/shop-policy.yaml" in text
         assert "443 -> 40443" in text
 
     def test_a_policy_that_does_not_load_stops_the_demo(
@@ -295,7 +302,8 @@ class TestPolicyCopies:
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bad, namespace: shop, labels: "
             "{egress-authz.io/policy: 'true'}}\ndata:\n  policy.yaml: |\n    rules: [{name: x}]\n"
         )
-        monkeypatch.setattr(policies, "DEMO_POLICY_DIR", extra)
+        shipped = policies.source_files()
+        monkeypatch.setattr(policies, "source_files", lambda: [*shipped, extra / "bad.yaml"])
         stack = DemoStack(Ports.choose(None), tmp_path / "work")
         with pytest.raises(DemoError, match="policies do not load"):
             stack.write_files()

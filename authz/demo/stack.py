@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from authz.client import AdminClient, AdminError
@@ -33,7 +34,7 @@ from .policies import write_policies
 from .scenario import HOSTS, KADATH, LENG, PODS, STEAL, Pod, pods_manifest
 from .upstreams import StandInHost
 
-TEMPLATES = Path(__file__).resolve().parent
+TEMPLATES = ("gateway.yaml", "sidecar.yaml")  # Envoy config templates, package data
 GATEWAY_NAMESPACE = "istio-system"
 GATEWAY_SERVICE_ACCOUNT = "istio-egressgateway-service-account"
 # The gateway template's placeholder for each stand-in's port.
@@ -180,6 +181,11 @@ class DemoStack:
             problems = _tail("\n".join(loaded.problems))
             raise DemoError(f"the demo's policies do not load:\n{problems}")
         self.workloads_file.write_text(pods_manifest(PODS))
+        # The Envoy templates ship in the package (importlib.resources: a zip
+        # or a wheel as well as a checkout); Envoy is given files in workdir.
+        for name in TEMPLATES:
+            text = files("authz.demo").joinpath(name).read_text(encoding="utf-8")
+            (self.workdir / f"template-{name}").write_text(text)
 
     def start_hosts(self) -> None:
         assert self.ca is not None
@@ -253,14 +259,14 @@ class DemoStack:
             "ACCESS_LOG": self.access_log,
         }
         values.update({HOST_PORT_KEYS[h]: port for h, port in self.ports.hosts.items()})
-        return Envoy(TEMPLATES / "gateway.yaml", values, name="gateway", workdir=self.workdir,
-                     log_level="warning")
+        return Envoy(self.workdir / "template-gateway.yaml", values, name="gateway",
+                     workdir=self.workdir, log_level="warning")
 
     def _sidecar(self, pod: Pod) -> Envoy:
         tls_port, http_port, admin_port = self.ports.sidecars[pod.name]
         cred = self.identity(pod)
         return Envoy(
-            TEMPLATES / "sidecar.yaml",
+            self.workdir / "template-sidecar.yaml",
             {
                 "ADMIN_PORT": admin_port,
                 "TLS_LISTEN_PORT": tls_port,
