@@ -116,7 +116,7 @@ class TestReplay:
 
     def test_root_path_is_exact(self) -> None:
         """A request to `/` is suggested as the exact path `/`, never the prefix `/`."""
-        text, result = suggested(OBSERVED)
+        text, _ = suggested(OBSERVED)
         rules = yaml.safe_load(yaml.safe_load(text)["data"]["policy.yaml"])["rules"]
         for rule in rules:
             assert "/" not in (rule.get("http") or {}).get("paths", []), rule
