@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
     elif not checked or result.ignored:
         code = exits.NO
         status = (
-            "nothing checked: no policy ConfigMap found"
-            if not checked
-            else f"{len(result.ignored)} ConfigMap(s) ignored for their label (see the warnings)"
+            f"{len(result.ignored)} ConfigMap(s) ignored for their label (see the warnings)"
+            if result.ignored
+            else "nothing checked: no policy ConfigMap found"
         )
     elif warnings and args.strict:
         code, status = exits.NO, f"{len(warnings)} warning(s), and --strict"
