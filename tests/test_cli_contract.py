@@ -121,6 +121,12 @@ class TestUsage:
                               text=True, check=False)  # fmt: skip
         assert done.returncode == 0 and done.stdout.startswith("egress-authz 0."), done
 
+    def test_make_demo_passes_args(self) -> None:
+        """`make demo ARGS=--keep-running` runs the demo with that argument."""
+        done = subprocess.run(["make", "-n", "demo", "ARGS=--keep-running"], cwd=ROOT,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert ".venv/bin/egress-authz demo --keep-running" in done.stdout, done
+
     def test_unknown_flag_prints_the_subcommands_usage(self, capsys: pytest.CaptureFixture[str]) -> None:
         """`check --bogus` shows `check`'s usage, not the top-level one."""
         code, _, err = cli(capsys, "check", "--policies", EXAMPLES, "--principal", CART,
