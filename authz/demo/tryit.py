@@ -92,7 +92,7 @@ def instructions(stack: DemoStack, decision_id: str | None = None) -> str:
         lines += [f"# {ex.what}", ex.shell(), ""]
     lines += [
         "# Try a live edit: in shop-policy.yaml add api.kadath.io to the hosts of",
-        "# finance-to-leng, save (a note above says whether the reload was accepted),",
+        "# finance-to-leng, save (this console then says whether the reload was accepted),",
         "# and run the second command again.",
         "",
         "# Decisions so far, then live (Ctrl-C stops it), and why one was made (ids are in",
