@@ -107,6 +107,18 @@ class TestExitCodes:
         """demo: 2 for a --port-base out of range (the run itself: tests/test_demo.py)."""
         assert cli(capsys, "demo", "--port-base", "80")[0] == 2
 
+    def test_demo_without_its_extra(self) -> None:
+        """Installed without the `demo` extra: exit 1 saying what to install, no traceback."""
+        code = (
+            "import sys; sys.modules['cryptography'] = None; "
+            "from authz.cli import main; sys.exit(main(['demo']))"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=False, timeout=60)  # fmt: skip
+        assert done.returncode == 1, done
+        assert 'pip install "egress-authz[demo]"' in done.stderr
+        assert "Traceback" not in done.stderr
+
     def test_constants_match_the_readme(self) -> None:
         """The table in the README names the codes exits.py defines."""
         readme = (ROOT / "README.md").read_text()

