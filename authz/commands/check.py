@@ -46,7 +46,8 @@ def add_parser(sub: Any) -> None:
         "(https://api.kadath.io/v1) also sets the port, protocol and path it implies",
     )
     p.add_argument(
-        "--port", type=int, metavar="N", help="destination port (default 443 for tls, 80 for http)"
+        "--port", type=int, metavar="N",
+        help="destination port (default 443 for tls; for http the --host port, else 80)"
     )
     p.add_argument("--sni", metavar="NAME", help="TLS SNI, when it differs from --host")
     p.add_argument(
@@ -146,6 +147,12 @@ def run(args: argparse.Namespace) -> int:
         else Protocol.TLS
     )
     port = args.port if args.port is not None else target.port
+    if port is None and protocol is Protocol.HTTP:
+        # `--host x:8080`: the port the client dialled (a Host port that differs from
+        # --port is judged port-mismatch, as at the gateway).
+        from ..hosts import normalize_or_reason
+
+        port = normalize_or_reason(target.host, with_port=True)[1]
     if port is None:
         port = 80 if protocol is Protocol.HTTP else 443
     if not 0 < port <= 65535:
