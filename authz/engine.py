@@ -241,11 +241,14 @@ def _check(
     if http is not None and dest.protocol is Protocol.HTTP:
         if http.methods is not None and (dest.method or "").upper() not in http.methods:
             return _METHOD
-        if http.paths is not None:
+        if http.paths is not None or http.exact_paths is not None:
             path = normalize_path(dest.path or "")
             if path is None:
                 return _AMBIGUOUS
-            if not any(path.startswith(prefix) for prefix in http.paths):
+            if not (
+                (http.exact_paths is not None and path in http.exact_paths)
+                or any(path.startswith(prefix) for prefix in http.paths or ())
+            ):
                 return _PATH
     if rule.expires is not None and now >= rule.expires:
         return _EXPIRED
@@ -530,11 +533,19 @@ def _why(
             )
         if workload is None:
             return False, "the rule selects by label, and no Pod is known for the source IP"
-        exprs = [f"{r.key} {r.operator} {sorted(r.values)}" for r in sel.match_expressions]
-        return False, (
-            f"workload labels {dict(workload.labels)} do not match matchLabels "
-            f"{dict(sel.match_labels)}" + (f" / matchExpressions {exprs}" if exprs else "")
-        )
+        # Written as people write labels (k=v), never as Python reprs.
+        has = ", ".join(f"{k}={v}" for k, v in sorted(workload.labels.items())) or "(none)"
+        wants = []
+        if sel.match_labels:
+            wants.append(
+                "matchLabels " + ", ".join(f"{k}={v}" for k, v in sorted(sel.match_labels.items()))
+            )
+        if sel.match_expressions:
+            wants.append("matchExpressions " + ", ".join(
+                f"{r.key} {r.operator}" + (f" ({', '.join(sorted(r.values))})" if r.values else "")
+                for r in sel.match_expressions
+            ))
+        return False, f"workload labels {has} do not match {' / '.join(wants)}"
     if stage == _PROTOCOL:
         allowed = ", ".join(sorted(p.value for p in rule.protocols))
         return False, f"protocol {dest.protocol.value} is not in protocols [{allowed}]"
@@ -553,7 +564,12 @@ def _why(
             "'\\', a double escape, invalid UTF-8, an escaped or ';' dot segment, '//' "
             "with '..')"
         )
-    return False, f"path {shown(path, quote=False)} starts with none of {list(http.paths or ())}"
+    said = []
+    if http.paths:
+        said.append(f"starts with none of [{', '.join(http.paths)}]")
+    if http.exact_paths:
+        said.append(f"is none of exactPaths [{', '.join(sorted(http.exact_paths))}]")
+    return False, f"path {shown(path, quote=False)} " + " and ".join(said)
 
 
 def explain(

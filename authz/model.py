@@ -177,6 +177,9 @@ class WorkloadSelector:
 class HttpMatch:
     methods: frozenset[str] | None = None  # upper case; None = any
     paths: tuple[str, ...] | None = None  # prefixes; None = any
+    # Whole paths, matched exactly (`suggest` writes these: what was seen, no more).
+    # A request passes the path stage when it matches a prefix or an exact path.
+    exact_paths: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ CLUSTER_TOP_FIELDS = ("mode", "rules", "deny", PUBLIC_SUFFIX_OPT_IN)
 RULE_FIELDS = ("name", "workloads", "hosts", "ports", "protocols", "http", "expires", "owner")
 WORKLOAD_FIELDS = ("serviceAccounts", "matchLabels", "matchExpressions")
 EXPRESSION_FIELDS = ("key", "operator", "values")
-HTTP_FIELDS = ("methods", "paths")
+HTTP_FIELDS = ("methods", "paths", "exactPaths")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 DEFAULT_PORTS = frozenset({443})
 # Bounds on one ConfigMap, beside the YAML limits (authz.yamlload.POLICY_LIMITS):
@@ -61,10 +61,15 @@ _RULE_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
 class PolicyError(ValueError):
     """A ConfigMap that cannot be accepted; `problems` are one line each."""
 
-    def __init__(self, source: str, problems: list[str]) -> None:
+    def __init__(
+        self, source: str, problems: list[str], yaml_mark: tuple[int, int, str] | None = None
+    ) -> None:
         super().__init__("\n".join(problems))
         self.source = source
         self.problems = problems
+        # For bad YAML: (line, column, problem), 0-based within policy.yaml, so
+        # that a file source can point at the line of the file instead.
+        self.yaml_mark = yaml_mark
 
 
 @dataclass
@@ -271,21 +276,33 @@ def _parse_http(p: _Problems, where: str, raw: Any) -> HttpMatch | None:
         if got is not None:
             paths = tuple(got)
             for i, path in enumerate(got):
-                if not path.startswith("/"):
-                    p.add(f"{where}.paths[{i}]",
-                          f"{shown(path)} must start with '/' (a path prefix)")
-                elif (normal := normalize_path(path)) != path:
-                    # A prefix is matched against normalized request paths, so one
-                    # that is not normal itself could never match as written.
-                    fix = f"; write {shown(normal)}" if normal else ""
-                    p.add(
-                        f"{where}.paths[{i}]",
-                        f"{shown(path)} is not a normalized path (no query, fragment, "
-                        f"'//', dot segments, escaped unreserved characters){fix}",
-                    )
+                _path_problem(p, f"{where}.paths[{i}]", path, "a path prefix")
             if not got:
                 p.add(f"{where}.paths", "is empty; omit it to allow every path")
-    return HttpMatch(methods, paths)
+    exact = None
+    if "exactPaths" in raw:
+        got = _string_list(p, f"{where}.exactPaths", raw["exactPaths"])
+        if got is not None:
+            exact = frozenset(got)
+            for i, path in enumerate(got):
+                _path_problem(p, f"{where}.exactPaths[{i}]", path, "an exact path")
+            if not got:
+                p.add(f"{where}.exactPaths", "is empty; omit it")
+    return HttpMatch(methods, paths, exact)
+
+
+def _path_problem(p: _Problems, where: str, path: str, what: str) -> None:
+    # The engine normalizes a request's path before comparing, so a pattern
+    # that is not normal itself could never match as written.
+    if not path.startswith("/"):
+        p.add(where, f"{shown(path)} must start with '/' ({what})")
+    elif (normal := normalize_path(path)) != path:
+        fix = f"; write {shown(normal)}" if normal else ""
+        p.add(
+            where,
+            f"{shown(path)}: {what} holds no query, fragment, escapes or dot segments "
+            f"and no '//' (it is matched against normalized paths){fix}",
+        )
 
 
 def _parse_expires(p: _Problems, where: str, raw: Any) -> float | None:
@@ -326,8 +343,15 @@ def _parse_rule(p: _Problems, index: int, raw: Any, *, tier: Tier, wide_ok: bool
         p.add(where, f"must be a map, not {_type_name(raw)}")
         return None
     name = raw.get("name")
-    if not isinstance(name, str) or not _RULE_NAME.match(name):
+    if name is None:
         p.add(f"{where}.name", "every rule needs a name: 1-63 letters, digits, '-', '_', '.'")
+        name = f"#{index}"
+    elif not isinstance(name, str) or not _RULE_NAME.match(name):
+        p.add(
+            f"{where}.name",
+            f"invalid name {str(name)[:80]!r}: use 1-63 letters, digits, '-', '_', '.', "
+            "starting and ending with a letter or digit",
+        )
         name = f"#{index}"
     where = f'{where} "{name}"'
     before = len(p.items)
@@ -393,7 +417,10 @@ def parse_policy_yaml(
         doc = load_one(text, POLICY_LIMITS)
     except YamlError as e:
         raise PolicyError(
-            str(source), [f"{source} {POLICY_DATA_KEY}: bad YAML{e.where}: {e.problem}"]
+            str(source),
+            [f"{source} {POLICY_DATA_KEY}: bad YAML{e.where}: {e.problem}"],
+            # 0-based, as the file sources expect it
+            (e.line - 1, (e.column or 1) - 1, e.problem) if e.line is not None else None,
         ) from e
     if doc is None:
         doc = {}

@@ -183,5 +183,5 @@ def test_serve_kube_with_a_bomb_in_one_namespace(tmp_path) -> None:  # type: ign
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["ready"] < 20 and out["median"] < 0.05
-    assert out["rss_mib"] < 256, out
+    assert out["rss_mib"] < 384, out  # 3/4 of the chart's limit; ~78 MiB measured
     assert "alias" in out["event"] and len(out["event"]) < 400

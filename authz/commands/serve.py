@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "to namespace, service account and labels; reloaded when files change",
     )
     src.add_argument(
+        "--wait-for-paths", action="store_true",
+        help="start even if --policies or --workloads does not exist yet, and load it when "
+        "it appears (denying everything until then); without it a missing path is an error",
+    )
+    src.add_argument(
         "--cluster-namespace", default=DEFAULT_CLUSTER_NAMESPACE, metavar="NS",
         help="namespace whose ConfigMaps labelled egress-authz.io/tier=cluster form the "
         "cluster tier (default: %(default)s)",
@@ -181,6 +186,7 @@ def build_policy_sources(
     from authz.sources import DirectorySource
 
     sources: list[PolicySource] = []
+    _require_paths(args)
     if args.policies:
         sources.append(DirectorySource(args.policies, cluster_namespace=args.cluster_namespace))
     if getattr(args, "kube", False):
@@ -195,6 +201,18 @@ def build_policy_sources(
         # Each source publishes whole PolicySets; two would overwrite each other.
         raise UsageError("give one policy source")
     return sources
+
+
+def _require_paths(args: argparse.Namespace) -> None:
+    """A mistyped path would otherwise serve "deny everything" while looking healthy."""
+    if getattr(args, "wait_for_paths", False):
+        return
+    for flag, path in (("--policies", args.policies), ("--workloads", args.workloads)):
+        if path and not os.path.exists(path):
+            raise UsageError(
+                f"{flag} {path}: no such file or directory (--wait-for-paths starts anyway "
+                "and loads it when it appears)"
+            )
 
 
 def build_gateway_ports(args: argparse.Namespace) -> GatewayPorts:
