@@ -174,3 +174,21 @@ def test_every_always_enforced_reason_has_explain_text() -> None:
     from authz.model import ALWAYS_ENFORCED
 
     assert {r.value for r in ALWAYS_ENFORCED} <= set(_NOT_A_POLICY_MATTER)
+
+
+def test_exact_paths_are_judged_on_the_normalized_path() -> None:
+    """`exactPaths` use the same normalization: an ambiguous path is path-not-normalized,
+    an escaped spelling of the exact path matches it."""
+    rule = Rule(name="x", index=0, hosts=("api.kadath.io",), ports=frozenset({80}),
+                http=HttpMatch(exact_paths=frozenset({"/v1/~me"})))
+    policy = NamespacePolicy(ConfigMapRef("shop", "p"), Tier.NAMESPACE, Mode.ENFORCE, (rule,))
+    snap = compile_policy(PolicySet((policy,), revision=1))
+
+    def reason(path: str) -> Reason:
+        return decide(snap, Identity("spiffe://cluster.local/ns/shop/sa/cart"),
+                      Destination(port=80, protocol=Protocol.HTTP, http_host="api.kadath.io",
+                                  method="GET", path=path)).reason
+
+    assert reason("/v1/%7Eme?x=1") is Reason.ALLOWED
+    assert reason("/v1/x/..;/~me") is Reason.PATH_NOT_NORMALIZED
+    assert reason("/v1/~me/") is Reason.PATH_NOT_ALLOWED
