@@ -81,7 +81,8 @@ class TestRender:
             assert o["spec"]["exportTo"] == (["*"] if ns == SVC_NS else [".", "istio-egress"])
         shop_dr = next(o for o in objs if o["kind"] == "DestinationRule"
                        and o["metadata"]["namespace"] == "shop")
-        assert {s["name"] for s in shop_dr["spec"]["subsets"]} == {"api-kadath-io", "status-io"}
+        assert {s["trafficPolicy"]["tls"]["sni"] for s in shop_dr["spec"]["subsets"]} == {
+            "api.kadath.io", "status.io"}
 
     def test_render_command_prints_yaml(self, capsys: pytest.CaptureFixture[str]) -> None:
         """`egress-authz render --policies PATH` works offline and prints the objects."""
