@@ -38,7 +38,7 @@ Cluster tier (the cluster ConfigMap's namespace): its `allow` hosts get ServiceE
 VirtualServices there (names with `baseline-`), exportTo ["*"], since the baseline applies
 to every namespace.
 
-Order: `render` returns DestinationRules, Gateway and VirtualServices before the
+Order: `render` returns DestinationRules, VirtualServices and the Gateway before the
 ServiceEntries; the writer applies in that order and deletes in the reverse one, so a host
 never exists in the mesh without its route to the gateway.
 
@@ -399,10 +399,11 @@ def _hosts_gateway(served: dict[str, _HostPorts], opt: RenderOptions) -> Obj | N
 
 
 # Applying in this order never leaves a host dialable without its route: a ServiceEntry
-# makes a host exist for the sidecars, so it goes after the route that sends the host to
-# the gateway (VirtualService), the subset that route names (DestinationRule) and the
-# gateway server it arrives at (Gateway). Deleting goes the other way round.
-APPLY_ORDER = ("DestinationRule", "Gateway", "VirtualService", "ServiceEntry")
+# makes a host exist for the sidecars, so it goes after the subset a route names
+# (DestinationRule), the route that sends the host to the gateway (VirtualService) and the
+# gateway server it arrives at (Gateway; after its VirtualService, so that no server is
+# ever without a route bound to it). Deleting goes the other way round.
+APPLY_ORDER = ("DestinationRule", "VirtualService", "Gateway", "ServiceEntry")
 
 
 def apply_order(objs: Iterable[Obj]) -> list[Obj]:

@@ -433,6 +433,12 @@ class KubeEmulator:
         ]
         return sorted(evs, key=lambda e: int(e["metadata"]["resourceVersion"]))
 
+    def changes(self, since_rv: int = 0) -> list[tuple[str, Obj]]:
+        """Every write after resourceVersion `since_rv`, in order, as (ADDED / MODIFIED /
+        DELETED, object): tests replay it to see each state the cluster went through."""
+        with self._cond:
+            return [(c.type, copy.deepcopy(c.obj)) for c in self._history if c.rv > since_rv]
+
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0,
                  interval: float = 0.02) -> Any:
         """Poll `predicate` until truthy; returns its value or raises TimeoutError."""

@@ -5,6 +5,12 @@ deleted it) and on a periodic resync, the leader renders the wanted objects, app
 with server-side apply (field manager egress-authz, force: we own these fields) those
 whose spec, labels or owners differ, and deletes managed objects no longer wanted
 (found by the managed-by label). Followers watch but never write.
+
+Order matters (issue 11): a ServiceEntry makes a host dialable, and a host dialable
+without its VirtualService is dialled directly, around the gateway. So hosts leave the
+registry before their routes and enter it after them (`RegistryWriter.reconcile`). A host
+that moves between ServiceEntries (its port set changed) is briefly absent: a failed
+connection for a moment, never a bypass.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 from ..engine import Snapshot
 from ..model import MANAGED_BY_LABEL, MANAGED_BY_VALUE
-from ..render import RenderOptions, object_key, render
+from ..render import APPLY_ORDER, RenderOptions, object_key, render
 from ..store import PolicyStore
 from .client import KubeApi, KubeError, KubeNotFound, Obj
 from .permissions import ISTIO_KINDS
@@ -42,6 +48,20 @@ def _differs(want: Obj, have: Obj) -> bool:
     return bool(wm.get("ownerReferences")) and wm.get("ownerReferences") != [
         {k: r.get(k) for k in ("apiVersion", "kind", "name", "uid")}
         for r in hm.get("ownerReferences") or []]
+
+
+def _narrowed(want: Obj, have: Obj) -> Obj | None:
+    """`have` cut down to the hosts `want` keeps, when `want` drops any (else `want`
+    itself, or None when nothing is kept). A ServiceEntry's name fixes its ports, so
+    hosts are what changes."""
+    keep = set(want["spec"].get("hosts", []))
+    had = have.get("spec", {}).get("hosts", [])
+    if have.get("spec", {}).get("ports") != want["spec"].get("ports"):
+        return None  # not the same port set (edited by hand?): remove it, then recreate
+    if all(h in keep for h in had):
+        return want
+    kept = [h for h in had if h in keep]
+    return {**want, "spec": {**want["spec"], "hosts": kept}} if kept else None
 
 
 class RegistryWriter:
@@ -132,18 +152,50 @@ class RegistryWriter:
         with self._lock:
             current = dict(self._current)
         ok = True
-        for key, obj in wanted.items():
+        changed = {k: o for k, o in wanted.items()
+                   if k not in current or _differs(o, current[k])}
+        gone = [k for k in current if k not in wanted]
+        # A host must never be dialable without its route to the gateway, not even between
+        # two writes (a ServiceEntry without its VirtualService is dialled directly):
+        # 1. ServiceEntries lose hosts first: unwanted ones are deleted, changed ones that
+        #    drop hosts are narrowed to the hosts they keep;
+        # 2. routes: DestinationRules, Gateway, VirtualServices (render's order);
+        # 3. ServiceEntries gain hosts last;
+        # 4. routes no longer wanted go (their hosts left the registry in step 1).
+        for key in [k for k in gone if k[1] == "ServiceEntry"]:
+            ok &= self._delete(key)
+        for key, obj in changed.items():
             have = current.get(key)
-            if have is not None and not _differs(obj, have):
-                continue
-            ok &= self._write(partial(self.api.apply, obj, field_manager=FIELD_MANAGER,
-                                      force=True), "apply", key)
-            self.applied += 1
-        for key in current.keys() - wanted.keys():
-            _, kind, ns, name = key
-            ok &= self._write(partial(self.api.delete, kind, ns, name), "delete", key)
-            self.deleted += 1
+            if obj["kind"] == "ServiceEntry" and have is not None:
+                kept = _narrowed(obj, have)
+                if kept is None:
+                    ok &= self._delete(key)  # it keeps none of its hosts: recreated in step 3
+                elif kept is not obj:
+                    ok &= self._apply(key, kept)
+        if not ok:
+            return False  # never add routes or hosts on top of a registry we failed to narrow
+        for key, obj in changed.items():
+            if obj["kind"] != "ServiceEntry":
+                ok &= self._apply(key, obj)
+        if not ok:
+            return False  # a host is admitted only once every route for it was written
+        for key, obj in changed.items():
+            if obj["kind"] == "ServiceEntry":
+                ok &= self._apply(key, obj)
+        for key in sorted((k for k in gone if k[1] != "ServiceEntry"),
+                          key=lambda k: APPLY_ORDER.index(k[1]), reverse=True):
+            ok &= self._delete(key)
         return ok
+
+    def _apply(self, key: Key, obj: Obj) -> bool:
+        self.applied += 1
+        return self._write(partial(self.api.apply, obj, field_manager=FIELD_MANAGER, force=True),
+                           "apply", key)
+
+    def _delete(self, key: Key) -> bool:
+        _, kind, ns, name = key
+        self.deleted += 1
+        return self._write(partial(self.api.delete, kind, ns, name), "delete", key)
 
     def _write(self, call: Callable[[], Any], what: str, key: Key) -> bool:
         try:
