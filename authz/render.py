@@ -70,6 +70,21 @@ PREFIX = "egress-authz"
 HOSTS_GATEWAY = f"{PREFIX}-hosts"
 GATEWAY_DR = f"{PREFIX}-gateway"
 POLICY_REF_ANNOTATION = "egress-authz.io/policies"  # which ConfigMaps an object comes from
+GATEWAY_LABEL = "egress-authz.io/gateway"  # on our egress gateway's pods only (istio/ values)
+DEFAULT_GATEWAY_SELECTOR = {"istio": "egressgateway", GATEWAY_LABEL: "egress-authz"}
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """`k=v,k=v` -> labels; raises ValueError with what is wrong."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{part!r} is not key=value")
+        out[key.strip()] = value.strip()
+    if not out:
+        raise ValueError("empty selector")
+    return out
 
 
 @dataclass(frozen=True)
@@ -81,8 +96,10 @@ class RenderOptions:
     gateway_service: str = "istio-egressgateway"
     """Service name of the egress gateway pods."""
     gateway_selector: Mapping[str, str] = field(
-        default_factory=lambda: {"istio": "egressgateway"})
-    """Labels of the egress gateway pods (the hosts Gateway selects them)."""
+        default_factory=lambda: dict(DEFAULT_GATEWAY_SELECTOR))
+    """Labels of the egress gateway pods (the hosts Gateway selects them). A legacy Gateway
+    selector matches pods in *every* namespace (unless istiod runs with
+    PILOT_SCOPE_GATEWAY_TO_NAMESPACE=true), so it includes a label only our gateway has."""
     gateway_tls_port: int = 443
     gateway_http_port: int = 80
     cluster_domain: str = "cluster.local"

@@ -34,6 +34,8 @@ NAMESPACE = "egress-authz"
 # Oldest (Chart.yaml kubeVersion) and newest Kubernetes the chart is checked against;
 # both ship offline inside kubernetes-validate.
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
+# The default egress gateway selector: Istio's label plus one only our gateway has.
+GATEWAY_SELECTOR = {"istio": "egressgateway", "egress-authz.io/gateway": "egress-authz"}
 
 # Values variants the chart must render cleanly. Each is (id, values, namespace).
 VARIANTS: list[tuple[str, dict[str, Any], str]] = [
@@ -369,6 +371,8 @@ class TestDeployment:
             "platform-egress",
             "--gateway-namespace",
             "istio-egress",
+            "--gateway-selector",
+            "egress-authz.io/gateway=egress-authz,istio=egressgateway",
             "--shutdown-delay",
             "5",
             "--shutdown-grace",
@@ -467,7 +471,7 @@ class TestIstioObjects:
         policy = one(render(chart), "AuthorizationPolicy")
         assert policy["metadata"]["namespace"] == "istio-egress"
         assert policy["spec"] == {
-            "selector": {"matchLabels": {"istio": "egressgateway"}},
+            "selector": {"matchLabels": GATEWAY_SELECTOR},
             "action": "CUSTOM",
             "provider": {"name": "egress-authz"},
             "rules": [{}],  # no rules would match nothing; one empty rule matches everything
@@ -480,7 +484,7 @@ class TestIstioObjects:
             "egress-authz",
             "istio-egress",
         )
-        assert gateway["spec"]["selector"] == {"istio": "egressgateway"}
+        assert gateway["spec"]["selector"] == GATEWAY_SELECTOR
         [server] = gateway["spec"]["servers"]
         assert server["port"]["number"] == 80 and server["port"]["protocol"] == "HTTPS"
         assert server["tls"] == {"mode": "ISTIO_MUTUAL"}
@@ -501,7 +505,7 @@ class TestIstioObjects:
         """Both gateway ext_authz filters send the TLS session (SNI) and peer certificate,
         and the gateway's tcp_proxy dials only after ext_authz let data through."""
         envoy_filter = one(render(chart), "EnvoyFilter")
-        assert envoy_filter["spec"]["workloadSelector"] == {"labels": {"istio": "egressgateway"}}
+        assert envoy_filter["spec"]["workloadSelector"] == {"labels": GATEWAY_SELECTOR}
         patches = envoy_filter["spec"]["configPatches"]
         assert {p["applyTo"] for p in patches} == {"NETWORK_FILTER", "HTTP_FILTER"}
         by_filter = {}
@@ -568,7 +572,7 @@ class TestNetworkPolicy:
             assert gateway["namespaceSelector"]["matchLabels"] == {
                 "kubernetes.io/metadata.name": "istio-egress"
             }
-            assert gateway["podSelector"]["matchLabels"] == {"istio": "egressgateway"}
+            assert gateway["podSelector"]["matchLabels"] == GATEWAY_SELECTOR
 
     def test_strict_mode(self, chart: helm.Chart) -> None:
         """allowClusterPods=false leaves only DNS, the gateway and istiod."""

@@ -29,6 +29,9 @@ def add_parser(sub: Any) -> None:
                    help="Service of the egress gateway (default: %(default)s)")
     p.add_argument("--gateway-name", default="egress-authz", metavar="NAME",
                    help="the chart's Gateway for plain HTTP (default: %(default)s)")
+    p.add_argument("--gateway-selector", metavar="K=V,...",
+                   default="istio=egressgateway,egress-authz.io/gateway=egress-authz",
+                   help="labels of the egress gateway pods (default: %(default)s)")
     add_cluster_namespace(p)
     p.set_defaults(run=run)
 
@@ -42,8 +45,16 @@ def run(args: argparse.Namespace) -> int:
     result = load_or_report(args.policies, args.cluster_namespace)
     if result is None:
         return 1
+    from ..render import parse_selector
+
+    try:
+        selector = parse_selector(args.gateway_selector)
+    except ValueError as e:
+        print(f"egress-authz render: --gateway-selector: {e}", file=sys.stderr)
+        return 2
     options = RenderOptions(gateway_namespace=args.gateway_namespace,
-                            gateway_service=args.gateway_service, gateway_name=args.gateway_name)
+                            gateway_service=args.gateway_service, gateway_name=args.gateway_name,
+                            gateway_selector=selector)
     objects = render(build_policy_set(result.policies), options)
     yaml.safe_dump_all(objects, sys.stdout, sort_keys=False, default_flow_style=False)
     return 0

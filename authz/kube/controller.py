@@ -8,7 +8,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from ..render import RenderOptions
+from ..render import RenderOptions, parse_selector
 from ..store import PolicyStore
 from ..workloads import WorkloadIndex
 from .client import KubeApi, configuration, service_namespace
@@ -44,7 +44,8 @@ class KubeController:
         return cls(api, index,
                    settings=KubeSettings(service_namespace=ns,
                                          namespace_selector=args.namespace_selector),
-                   options=RenderOptions(gateway_namespace=args.gateway_namespace),
+                   options=RenderOptions(gateway_namespace=args.gateway_namespace,
+                                         gateway_selector=parse_selector(args.gateway_selector)),
                    write=not args.no_write)
 
     def start(self, store: PolicyStore, on_error: Callable[[str], None]) -> None:

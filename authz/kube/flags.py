@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 
 
+def _selector(text: str) -> str:
+    """Checked here, kept as text (worker processes get the flags back as argv)."""
+    from ..render import parse_selector
+
+    try:
+        parse_selector(text)
+        return text
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kubernetes")
     g.add_argument("--kube", action="store_true",
@@ -18,5 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only Namespaces matching this label selector contribute policies")
     g.add_argument("--gateway-namespace", metavar="NS", default="istio-egress",
                    help="namespace of the egress gateway (default: %(default)s)")
+    g.add_argument("--gateway-selector", metavar="K=V,...", type=_selector,
+                   default="istio=egressgateway,egress-authz.io/gateway=egress-authz",
+                   help="labels of the egress gateway pods, for the Gateway the service "
+                   "writes (default: %(default)s)")
     g.add_argument("--no-write", action="store_true",
                    help="read policies only; never write Istio objects")
