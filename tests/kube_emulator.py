@@ -59,6 +59,7 @@ DEFAULT_RESOURCES = (
     Resource("networking.istio.io", "v1", "virtualservices", "VirtualService"),
     Resource("networking.istio.io", "v1", "destinationrules", "DestinationRule"),
     Resource("networking.istio.io", "v1", "gateways", "Gateway"),
+    Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
 )
 
 # Metadata the server owns: never part of anyone's managed fields, never overwritten by clients.

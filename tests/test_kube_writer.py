@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from authz.kube.fence import FenceMonitor
 from authz.kube.leader import LeaderElector
 from authz.kube.permissions import PERMISSIONS, verbs_of
 from authz.kube.writer import RegistryWriter
@@ -200,20 +201,30 @@ class TestPermissions:
         replica.start(namespace_selector="team")
         el = LeaderElector(replica.api(), "me", lease_duration=1.0, renew_interval=0.2)
         el.start()
+        fences = FenceMonitor(replica.api(), replica.store, is_leader=lambda: el.is_leader,
+                              backoff_cap=0.5, watch_timeout=30)
         w = RegistryWriter(replica.api(), replica.store, options=RenderOptions(),
-                           is_leader=lambda: el.is_leader, backoff_cap=0.5, watch_timeout=30)
+                           is_leader=lambda: el.is_leader, backoff_cap=0.5, watch_timeout=30,
+                           fences=fences.opted_in)
+        fences.on_opt_in = w.poke
+        fences.start()
         w.start()
+        np = ("networking.k8s.io/v1", "NetworkPolicy")
         try:
             emu.wait_for(lambda: emu.events("shop"), timeout=3)
             emu.seed({"apiVersion": "v1", "kind": "Namespace",
-                      "metadata": {"name": "shop", "labels": {"team": "a"}}},
+                      "metadata": {"name": "shop", "labels": {
+                          "team": "a", "egress-authz.io/egress-fence": "true"}}},
                      policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
-            emu.wait_for(lambda: ses(emu, "shop"), timeout=3)
+            emu.wait_for(lambda: ses(emu, "shop") and emu.list(*np, "shop"), timeout=3)
+            emu.modify("v1", "Namespace", "", "shop",
+                       lambda o: o["metadata"]["labels"].pop("egress-authz.io/egress-fence"))
             emu.remove("v1", "ConfigMap", "shop", "p")
-            emu.wait_for(lambda: not ses(emu, "shop"), timeout=3)
+            emu.wait_for(lambda: not ses(emu, "shop") and not emu.list(*np, "shop"), timeout=3)
             time.sleep(0.3)  # a Lease renewal (update) happens
         finally:
             w.stop()
+            fences.stop()
             el.stop()
         by_path = {}
         for p in PERMISSIONS:

@@ -26,8 +26,20 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def _unfenced_wildcards(policies: list[Any]) -> list[str]:
+    """Offline, no NetworkPolicy is known: every namespace policy with a wildcard host is
+    one to fence (`serve --kube` reports only those that really are not)."""
+    from ..fence import FENCE_LABEL, unfenced_wildcards, wildcard_hosts
+
+    return [f"{p.source}: wildcard host(s) {', '.join(wildcard_hosts(p))} cannot be routed "
+            f"through the egress gateway; unless a NetworkPolicy fences namespace {ns} "
+            f"(label it {FENCE_LABEL}=true), its pods reach them directly"
+            for ns, ps in sorted(unfenced_wildcards(policies, {}).items()) for p in ps]
+
+
 def run(args: argparse.Namespace) -> int:
     result = load_path(args.path, cluster_namespace=args.cluster_namespace)
+    result.warnings.extend(_unfenced_wildcards(result.policies))
     matches: list[dict[str, str]] = []
     host_error = None
     if args.explain:

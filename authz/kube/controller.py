@@ -8,10 +8,12 @@ import os
 import socket
 from collections.abc import Callable
 
+from ..fence import FenceOptions
 from ..render import RenderOptions, parse_selector
 from ..store import PolicyStore
 from ..workloads import WorkloadIndex
 from .client import KubeApi, configuration, service_namespace
+from .fence import FenceMonitor
 from .leader import LeaderElector
 from .source import KubePolicySource, KubeSettings
 from .writer import RegistryWriter
@@ -23,18 +25,27 @@ class KubeController:
     name = "kubernetes"
 
     def __init__(self, api: KubeApi, index: WorkloadIndex, *, settings: KubeSettings,
-                 options: RenderOptions, write: bool = True) -> None:
+                 options: RenderOptions, write: bool = True,
+                 fence: FenceOptions | None = None) -> None:
         self.source = KubePolicySource(api, index, settings)
         identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{os.getpid()}"
         self.writer: RegistryWriter | None = None
         self.elector: LeaderElector | None = None
         if write:
             self.elector = LeaderElector(api, identity)
+
+        def is_leader() -> bool:
+            return bool(self.elector and self.elector.is_leader)
+        # Layer 3 (always watched, for the report; fences written only with `fence`).
+        self.fence_monitor = FenceMonitor(api, index_store_placeholder(), is_leader=is_leader,
+                                          health=self.source.health, instance=identity)
+        if self.elector is not None:
             writer = RegistryWriter(api, index_store_placeholder(), options=options,
-                                    is_leader=lambda: bool(self.elector and
-                                                           self.elector.is_leader),
-                                    health=self.source.health)
+                                    is_leader=is_leader, health=self.source.health,
+                                    fences=self.fence_monitor.opted_in if fence else None,
+                                    fence_options=fence)
             self.writer = writer
+            self.fence_monitor.on_opt_in = writer.poke
             self.elector.on_change = lambda leader: writer.poke() if leader else None
 
     @classmethod
@@ -46,10 +57,19 @@ class KubeController:
                                          namespace_selector=args.namespace_selector),
                    options=RenderOptions(gateway_namespace=args.gateway_namespace,
                                          gateway_selector=parse_selector(args.gateway_selector)),
-                   write=not args.no_write)
+                   write=not args.no_write,
+                   fence=None if args.no_fence else FenceOptions(
+                       gateway_namespace=args.gateway_namespace,
+                       gateway_selector=parse_selector(args.gateway_selector),
+                       dns_namespace=args.fence_dns_namespace,
+                       dns_labels=parse_selector(args.fence_dns_labels),
+                       istiod_namespace=args.fence_istiod_namespace,
+                       allow_cluster_pods=args.fence_cluster_pods))
 
     def start(self, store: PolicyStore, on_error: Callable[[str], None]) -> None:
         self.source.start(store, on_error)
+        self.fence_monitor.store = store
+        self.fence_monitor.start()
         if self.writer is not None and self.elector is not None:
             self.writer.store = store
             self.writer.start()
@@ -60,6 +80,7 @@ class KubeController:
             self.elector.stop(release=True)  # hand over at once on a clean shutdown
         if self.writer is not None:
             self.writer.stop()
+        self.fence_monitor.stop()
         self.source.stop()
 
     def ready(self) -> bool:

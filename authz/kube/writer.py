@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any
 
 from ..engine import Snapshot
+from ..fence import FenceOptions, fence_policy
 from ..model import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from ..render import APPLY_ORDER, RenderOptions, object_key, render
 from ..store import PolicyStore
@@ -50,6 +51,10 @@ def _differs(want: Obj, have: Obj) -> bool:
         for r in hm.get("ownerReferences") or []]
 
 
+def _order(key: Key) -> int:
+    return APPLY_ORDER.index(key[1]) if key[1] in APPLY_ORDER else -1  # NetworkPolicy first
+
+
 def _narrowed(want: Obj, have: Obj) -> Obj | None:
     """`have` cut down to the hosts `want` keeps, when `want` drops any (else `want`
     itself, or None when nothing is kept). A ServiceEntry's name fixes its ports, so
@@ -68,8 +73,16 @@ class RegistryWriter:
     def __init__(self, api: KubeApi, store: PolicyStore, *, options: RenderOptions,
                  is_leader: Callable[[], bool], resync_interval: float = 60.0,
                  health: ApiHealth | None = None, backoff_cap: float = 10.0,
-                 watch_timeout: int = 300) -> None:
+                 watch_timeout: int = 300,
+                 fences: Callable[[], set[str] | None] | None = None,
+                 fence_options: FenceOptions | None = None) -> None:
         self.api, self.store, self.options = api, store, options
+        # Layer 3: namespaces that opted in to the fence NetworkPolicy (None until known);
+        # without `fences`, NetworkPolicies are neither written nor pruned.
+        self.fences = fences
+        self.fence_options = fence_options or FenceOptions(
+            gateway_namespace=options.gateway_namespace,
+            gateway_selector=dict(options.gateway_selector))
         self.is_leader = is_leader
         self.resync_interval = resync_interval
         self.applied = 0  # objects applied (created, changed or restored)
@@ -85,7 +98,7 @@ class RegistryWriter:
                       label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}",
                       health=health, backoff=Backoff(cap=backoff_cap),
                       watch_timeout=watch_timeout, name=f"managed {kind}")
-            for kind in ISTIO_KINDS
+            for kind in (*ISTIO_KINDS, *(("NetworkPolicy",) if fences is not None else ()))
         ]
 
     def start(self) -> None:
@@ -151,6 +164,13 @@ class RegistryWriter:
         wanted = {object_key(o): o for o in render(snapshot.policy_set, self.options)}
         with self._lock:
             current = dict(self._current)
+        fenced = self.fences() if self.fences is not None else None
+        if fenced is None:  # not known yet (or not ours): leave NetworkPolicies as they are
+            current = {k: o for k, o in current.items() if k[1] != "NetworkPolicy"}
+        else:  # fences first: applied before anything else, deleted after everything else
+            wanted = {**{object_key(o): o for o in
+                         (fence_policy(ns, self.fence_options) for ns in sorted(fenced))},
+                      **wanted}
         ok = True
         changed = {k: o for k, o in wanted.items()
                    if k not in current or _differs(o, current[k])}
@@ -182,8 +202,7 @@ class RegistryWriter:
         for key, obj in changed.items():
             if obj["kind"] == "ServiceEntry":
                 ok &= self._apply(key, obj)
-        for key in sorted((k for k in gone if k[1] != "ServiceEntry"),
-                          key=lambda k: APPLY_ORDER.index(k[1]), reverse=True):
+        for key in sorted((k for k in gone if k[1] != "ServiceEntry"), key=_order, reverse=True):
             ok &= self._delete(key)
         return ok
 

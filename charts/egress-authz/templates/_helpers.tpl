@@ -59,6 +59,16 @@ no other gateway has, since a Gateway's selector matches pods in every namespace
 {{- toYaml (default (dict "istio" "egressgateway" "egress-authz.io/gateway" "egress-authz") .Values.istio.gatewaySelector) }}
 {{- end }}
 
+{{/* The cluster DNS pods' labels as `k=v,k=v`, for --fence-dns-labels. */}}
+{{- define "egress-authz.dnsLabelsArg" -}}
+{{- $sel := default (dict "k8s-app" "kube-dns") .Values.networkPolicy.dns.podLabels }}
+{{- $parts := list }}
+{{- range $k := keys $sel | sortAlpha }}
+{{- $parts = append $parts (printf "%s=%s" $k (index $sel $k)) }}
+{{- end }}
+{{- join "," $parts }}
+{{- end }}
+
 {{/* The same labels as `k=v,k=v`, for --gateway-selector. */}}
 {{- define "egress-authz.gatewaySelectorArg" -}}
 {{- $sel := default (dict "istio" "egressgateway" "egress-authz.io/gateway" "egress-authz") .Values.istio.gatewaySelector }}
