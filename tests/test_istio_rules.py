@@ -69,6 +69,17 @@ class TestRepositoryPolicySets:
         # marketing's *.kadath.io: wildcards are admitted, not routed (docs/kubernetes.md).
         assert_istio_accepts(objs, chart_gateways, wildcards=True)
 
+    def test_e2e_set_with_the_examples(self, chart_gateways: list[dict[str, Any]]) -> None:
+        """What istio/e2e-kind.sh applies (examples plus istio/e2e) passes as one set."""
+        sets = [load_path(ROOT / d, cluster_namespace=SVC_NS) for d in ("istio/examples",
+                                                                         "istio/e2e")]
+        assert not any(s.problems for s in sets)
+        objs = render(build_policy_set([p for s in sets for p in s.policies]))
+        assert_istio_accepts(objs, chart_gateways, wildcards=True)
+        names = [s["port"]["name"] for o in objs if o["kind"] == "Gateway"
+                 for s in o["spec"]["servers"]]
+        assert len(names) == len(set(names)) >= 5  # kadath 443+8443, leng, two slug-alikes
+
     def test_demo_set_is_examples_plus_audit_namespace(
             self, chart_gateways: list[dict[str, Any]]) -> None:
         """The demo loads istio/examples next to its own directory: the union passes too."""
