@@ -79,12 +79,12 @@ class TestWriteOrder:
             ]
             for objs, want in steps:
                 emu.seed(*objs)
-                emu.wait_for(lambda want=want: hosts_in_registry(emu) == want, timeout=3)
+                emu.wait_for(lambda want=want: hosts_in_registry(emu) == want, timeout=10)
             emu.remove("v1", "ConfigMap", "shop", "p")
             emu.remove("v1", "ConfigMap", "billing", "p")
             emu.remove("v1", "ConfigMap", SVC_NS, "c")
             emu.wait_for(lambda: not any(emu.list("networking.istio.io/v1", k)
-                                         for k in ISTIO_KINDS), timeout=3)
+                                         for k in ISTIO_KINDS), timeout=10)
         finally:
             writer.stop()
         history = replay(emu)
@@ -102,10 +102,10 @@ class TestWriteOrder:
         writer.start()
         try:
             emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
-            emu.wait_for(lambda: hosts_in_registry(emu) == {"api.kadath.io"}, timeout=3)
+            emu.wait_for(lambda: hosts_in_registry(emu) == {"api.kadath.io"}, timeout=10)
             emu.remove("v1", "ConfigMap", "shop", "p")
             emu.wait_for(lambda: not any(emu.list("networking.istio.io/v1", k)
-                                         for k in ISTIO_KINDS), timeout=3)
+                                         for k in ISTIO_KINDS), timeout=10)
         finally:
             writer.stop()
         writes = [(r.method, r.path.split("/")[-2]) for r in emu.requests

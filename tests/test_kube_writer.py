@@ -178,7 +178,9 @@ class TestLeaderElection:
             writers[leader].stop()
             emu.wait_for(lambda: electors[other].is_leader, timeout=4)
             took = time.monotonic() - start
-            assert 0.9 < took < 3.0
+            # The other replica counts the lease from when it last saw a renewal, up to one
+            # renew interval (0.2 s) before the crash: takeover comes 0.8-1.0 s after it.
+            assert 0.75 < took < 3.0
             emu.seed(policy_cm("shop", "p", [rule("a", "api.leng.com")]))
             emu.wait_for(lambda: ses(emu, "shop") == {"egress-authz-dns-443": ["api.leng.com"]},
                          timeout=2)
@@ -207,6 +209,7 @@ class TestPermissions:
                            is_leader=lambda: el.is_leader, backoff_cap=0.5, watch_timeout=30,
                            fences=fences.opted_in)
         fences.on_opt_in = w.poke
+        el.on_change = lambda leader: w.poke() if leader else None
         fences.start()
         w.start()
         np = ("networking.k8s.io/v1", "NetworkPolicy")
@@ -216,11 +219,11 @@ class TestPermissions:
                       "metadata": {"name": "shop", "labels": {
                           "team": "a", "egress-authz.io/egress-fence": "true"}}},
                      policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
-            emu.wait_for(lambda: ses(emu, "shop") and emu.list(*np, "shop"), timeout=3)
+            emu.wait_for(lambda: ses(emu, "shop") and emu.list(*np, "shop"), timeout=10)
             emu.modify("v1", "Namespace", "", "shop",
                        lambda o: o["metadata"]["labels"].pop("egress-authz.io/egress-fence"))
             emu.remove("v1", "ConfigMap", "shop", "p")
-            emu.wait_for(lambda: not ses(emu, "shop") and not emu.list(*np, "shop"), timeout=3)
+            emu.wait_for(lambda: not ses(emu, "shop") and not emu.list(*np, "shop"), timeout=10)
             time.sleep(0.3)  # a Lease renewal (update) happens
         finally:
             w.stop()
