@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from authz.gateway_ports import GatewayPorts
 from authz.kube.fence import FenceMonitor
+from authz.kube.gateway_service import GatewayServiceWatch
 from authz.kube.leader import LeaderElector
 from authz.kube.permissions import PERMISSIONS, verbs_of
 from authz.kube.writer import RegistryWriter
@@ -213,7 +215,10 @@ class TestPermissions:
         fences.start()
         w.start()
         np = ("networking.k8s.io/v1", "NetworkPolicy")
+        gateway = GatewayServiceWatch(replica.api(), GatewayPorts(), namespace="istio-egress")
+        gateway.start()
         try:
+            emu.wait_for(lambda: gateway.reflector.synced.is_set(), timeout=3)
             emu.wait_for(lambda: emu.events("shop"), timeout=3)
             emu.seed({"apiVersion": "v1", "kind": "Namespace",
                       "metadata": {"name": "shop", "labels": {
@@ -226,6 +231,7 @@ class TestPermissions:
             emu.wait_for(lambda: not ses(emu, "shop") and not emu.list(*np, "shop"), timeout=10)
             time.sleep(0.3)  # a Lease renewal (update) happens
         finally:
+            gateway.stop()
             w.stop()
             fences.stop()
             el.stop()

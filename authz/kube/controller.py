@@ -9,14 +9,18 @@ import socket
 from collections.abc import Callable
 
 from ..fence import FenceOptions
+from ..gateway_ports import GatewayPorts
 from ..render import RenderOptions, parse_selector
 from ..store import PolicyStore
 from ..workloads import WorkloadIndex
 from .client import KubeApi, configuration, service_namespace
 from .fence import FenceMonitor
+from .gateway_service import GatewayServiceWatch
 from .leader import LeaderElector
 from .source import KubePolicySource, KubeSettings
 from .writer import RegistryWriter
+
+GATEWAY_SYNC_WAIT = 5.0  # seconds; the API server is down if listing one Service takes longer
 
 
 class KubeController:
@@ -26,8 +30,15 @@ class KubeController:
 
     def __init__(self, api: KubeApi, index: WorkloadIndex, *, settings: KubeSettings,
                  options: RenderOptions, write: bool = True,
+                 ports: GatewayPorts | None = None, gateway_service: str | None = None,
                  fence: FenceOptions | None = None) -> None:
         self.source = KubePolicySource(api, index, settings)
+        # The gateway port map from the gateway's Service, unless a fixed map was given.
+        self.gateway_ports: GatewayServiceWatch | None = None
+        if ports is not None and gateway_service:
+            self.gateway_ports = GatewayServiceWatch(
+                api, ports, namespace=options.gateway_namespace, name=gateway_service,
+                health=self.source.health)
         identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{os.getpid()}"
         self.writer: RegistryWriter | None = None
         self.elector: LeaderElector | None = None
@@ -49,15 +60,21 @@ class KubeController:
             self.elector.on_change = lambda leader: writer.poke() if leader else None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, index: WorkloadIndex) -> KubeController:
+    def from_args(cls, args: argparse.Namespace, index: WorkloadIndex,
+                  ports: GatewayPorts | None = None) -> KubeController:
         ns = args.namespace or service_namespace()
         api = KubeApi(k8s_client(args.kubeconfig), service_ns=ns)
         return cls(api, index,
                    settings=KubeSettings(service_namespace=ns,
                                          namespace_selector=args.namespace_selector),
-                   options=RenderOptions(gateway_namespace=args.gateway_namespace,
-                                         gateway_selector=parse_selector(args.gateway_selector)),
-                   write=not args.no_write,
+                   options=RenderOptions(
+                       gateway_namespace=args.gateway_namespace,
+                       gateway_service=getattr(args, "gateway_service", None)
+                       or RenderOptions.gateway_service,
+                       gateway_selector=parse_selector(args.gateway_selector)),
+                   write=not args.no_write, ports=ports,
+                   gateway_service=None if getattr(args, "gateway_port_map", None)
+                   else getattr(args, "gateway_service", None),
                    fence=None if args.no_fence else FenceOptions(
                        gateway_namespace=args.gateway_namespace,
                        gateway_selector=parse_selector(args.gateway_selector),
@@ -67,6 +84,10 @@ class KubeController:
                        allow_cluster_pods=args.fence_cluster_pods))
 
     def start(self, store: PolicyStore, on_error: Callable[[str], None]) -> None:
+        if self.gateway_ports is not None:
+            self.gateway_ports.start()
+            # The map first, so that readiness (a policy loaded) does not come before it.
+            self.gateway_ports.wait_synced(GATEWAY_SYNC_WAIT)
         self.source.start(store, on_error)
         self.fence_monitor.store = store
         self.fence_monitor.start()
@@ -82,6 +103,8 @@ class KubeController:
             self.writer.stop()
         self.fence_monitor.stop()
         self.source.stop()
+        if self.gateway_ports is not None:
+            self.gateway_ports.stop()
 
     def ready(self) -> bool:
         return self.source.ready()

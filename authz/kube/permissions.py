@@ -16,6 +16,7 @@ from enum import StrEnum
 class Scope(StrEnum):
     CLUSTER = "cluster"  # across all namespaces: a ClusterRole
     SERVICE_NAMESPACE = "service-namespace"  # only the service's own namespace: a Role
+    GATEWAY_NAMESPACE = "gateway-namespace"  # only the egress gateway's namespace: a Role
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ PERMISSIONS: tuple[Permission, ...] = (
     _p("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", _ISTIO_WRITE,
        Scope.CLUSTER, "layer 3: fence namespaces labelled egress-authz.io/egress-fence=true; "
        "report wildcard policies in namespaces no NetworkPolicy fences"),
+    _p("", "v1", "services", "Service", "list watch", Scope.GATEWAY_NAMESPACE,
+       "the gateway Service's port -> targetPort: the gateway port map"),
 )
 
 BY_KIND: dict[str, Permission] = {p.kind: p for p in PERMISSIONS}
