@@ -11,12 +11,12 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from authz.loader import build_policy_set, load_path
 from authz.model import PolicySet
-from authz.policy import parse_configmap
+from authz.policy import PolicyError, parse_configmap
 from authz.render import render
 from tests.istio_rules import Mesh, check
 from tests.schemas import skip_unless_istio_schemas, validate_istio
@@ -190,8 +190,9 @@ class TestGenerated:
         """Whatever the policies, what render writes passes Istio's rules from every namespace."""
         try:
             ps = policies(*cms)
-        except Exception as e:  # a generated rule the parser refuses is not this test's subject
-            pytest.skip(f"policy refused: {e}")
+        except PolicyError:  # a generated rule the parser refuses is not this test's subject
+            assume(False)
+            return
         objs = render(ps)
         assert_istio_accepts(objs, chart_gateways, wildcards=True)
 
