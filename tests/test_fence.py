@@ -146,3 +146,41 @@ class TestKube:
         emu.wait_for(lambda: monitor.unfenced == {}, timeout=10)
         assert UNFENCED_WILDCARD_NAMESPACES.value() == 0
         assert len(emu.events("marketing")) == 1  # no repeat while fenced
+
+
+class TestChartFlags:
+    @pytest.mark.parametrize(("values", "fence"), [
+        ({}, FenceOptions(gateway_namespace="istio-egress",
+                          gateway_selector=dict(DEFAULT_GATEWAY_SELECTOR))),
+        ({"networkPolicy": {"allowClusterPods": False, "istiodNamespace": "mesh",
+                            "dns": {"namespace": "dns", "podLabels": {"app": "coredns"}}}},
+         FenceOptions(gateway_namespace="istio-egress",
+                      gateway_selector=dict(DEFAULT_GATEWAY_SELECTOR), dns_namespace="dns",
+                      dns_labels={"app": "coredns"}, istiod_namespace="mesh",
+                      allow_cluster_pods=False)),
+        ({"networkPolicy": {"fenceLabelledNamespaces": False}}, None),
+    ], ids=["default", "custom", "off"])
+    def test_chart_args_reach_the_fence(self, values: dict[str, Any],
+                                        fence: FenceOptions | None, tmp_path: Path) -> None:
+        """The chart's networkPolicy values, passed as flags, give the writer these options."""
+        from authz.commands.serve import build_arg_parser
+        from authz.kube.controller import KubeController
+        from authz.workloads import WorkloadIndex
+
+        with helm.Chart.load(ROOT / "charts" / "egress-authz") as chart:
+            manifests = chart.render(name="egress-authz", namespace="egress-authz",
+                                     values=values)
+        [deploy] = [d for path, text in manifests.items() if not path.endswith("NOTES.txt")
+                    for d in yaml.safe_load_all(text) if d and d["kind"] == "Deployment"]
+        args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "e",
+            "clusters": [{"name": "e", "cluster": {"server": "http://127.0.0.1:9"}}],
+            "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}]}))
+        parsed = build_arg_parser().parse_args([*args[1:], "--kubeconfig", str(kubeconfig)])
+        controller = KubeController.from_args(parsed, WorkloadIndex())
+        assert controller.writer is not None
+        assert controller.writer.fence_options == (fence or controller.writer.fence_options)
+        assert (controller.writer.fences is None) is (fence is None)
