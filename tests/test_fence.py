@@ -184,3 +184,31 @@ class TestChartFlags:
         assert controller.writer is not None
         assert controller.writer.fence_options == (fence or controller.writer.fence_options)
         assert (controller.writer.fences is None) is (fence is None)
+
+
+@pytest.mark.kube
+class TestNeverPruneOnNothing:
+    def test_fences_kept_until_the_namespace_list_is_known(
+            self, emu: KubeEmulator, replica: Replica) -> None:
+        """While the opted-in namespaces are unknown, a fence already in the cluster stays;
+        once known and empty, it is pruned."""
+        existing = fence_policy("shop", OPTIONS)
+        emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]), existing)
+        replica.start()
+        known: list[set[str] | None] = [None]
+        writer = RegistryWriter(replica.api(), replica.store, options=RenderOptions(),
+                                is_leader=lambda: True, backoff_cap=0.5, watch_timeout=30,
+                                fences=lambda: known[0])
+        for r in writer.reflectors:
+            r.start()
+        try:
+            emu.wait_for(lambda: replica.store.current is not None
+                         and all(r.synced.is_set() for r in writer.reflectors), timeout=10)
+            assert writer.reconcile()
+            assert emu.get(*NP, "shop", FENCE_NAME) is not None
+            known[0] = set()
+            assert writer.reconcile()
+            assert emu.get(*NP, "shop", FENCE_NAME) is None
+        finally:
+            for r in writer.reflectors:
+                r.stop()
