@@ -74,6 +74,11 @@ items:
     metadata: {name: frontend, namespace: shop}
     spec: {serviceAccountName: frontend}
     status: {phase: Running, podIP: 127.0.0.4}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: cart-plain, namespace: shop}
+    spec: {serviceAccountName: cart}
+    status: {phase: Running, podIP: 10.0.0.1}
 """
 
 
