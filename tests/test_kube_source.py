@@ -121,6 +121,30 @@ class TestWorkloads:
         emu.wait_for(lambda: replica.index.lookup("10.0.0.9") is None, timeout=1)
 
 
+    def test_every_pod_ip_of_a_dual_stack_pod(self, emu: KubeEmulator,
+                                              replica: Replica) -> None:
+        """status.podIPs from the watch: both families, the IPv6 one however written, and a
+        reused address that two Pods claim names neither until the old one goes."""
+        dual = pod("shop", "dual", "fd00:10:0:0:0:0:0:7", labels={"function": "finance"})
+        dual["status"]["podIPs"] = [{"ip": "fd00:10:0:0:0:0:0:7"}, {"ip": "10.0.0.7"}]
+        emu.seed(policy_cm("shop", "p", [rule("fin", "api.leng.com",
+                                               labels={"function": "finance"})]), dual,
+                 pod("shop", "host", "192.168.0.1", sa="cart") | {"spec": {
+                     "serviceAccountName": "cart", "hostNetwork": True,
+                     "containers": [{"name": "c", "image": "x"}]}})
+        assert replica.start().wait_ready(5)
+        for ip in ("10.0.0.7", "fd00:10::7", "::ffff:10.0.0.7"):
+            assert replica.allows("shop", "api.leng.com", ip=ip), ip
+        assert replica.index.lookup("192.168.0.1") is None  # the node's address: nobody's
+        emu.seed(pod("shop", "newcomer", "10.0.0.7", sa="frontend"))
+        emu.wait_for(lambda: replica.index.lookup("10.0.0.7") is None, timeout=1)
+        assert replica.index.lookup("fd00:10::7") is not None
+        emu.remove("v1", "Pod", "shop", "dual")
+        emu.wait_for(lambda: (w := replica.index.lookup("10.0.0.7")) is not None
+                     and w.name == "newcomer", timeout=1)
+        assert replica.index.lookup("fd00:10::7") is None
+
+
 class TestResilience:
     def test_dropped_watch_then_410_relists_and_misses_nothing(
             self, emu: KubeEmulator, replica: Replica) -> None:

@@ -45,6 +45,36 @@ class TestFlags:
         ])
         assert (a.workers, a.threads, a.shutdown_grace) == (2, 4, 10.0)
 
+    def test_unknown_workloads_flag(self) -> None:
+        """--unknown-workloads: deny by default, allow as the documented opt-out, else exit 2."""
+        parse = serve.build_arg_parser().parse_args
+        assert parse(["--policies", "/p"]).unknown_workloads == "deny"
+        assert parse(["--policies", "/p", "--unknown-workloads", "allow"]).unknown_workloads == (
+            "allow")
+        with pytest.raises(SystemExit) as e:
+            parse(["--policies", "/p", "--unknown-workloads", "maybe"])
+        assert e.value.code == 2
+
+    def test_kube_source_feeds_the_index_check_reads(self, tmp_path: Path) -> None:
+        """The Pod watch of `serve --kube` gets the very index the Check server reads, empty
+        as it is at start (it once got a second one: an empty index was falsy)."""
+        from authz.workloads import WorkloadIndex
+
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+            "clusters: [{name: c, cluster: {server: 'http://127.0.0.1:9'}}]\n"
+            "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+            "users: [{name: u, user: {token: t}}]\n"
+        )
+        args = serve.build_arg_parser().parse_args(
+            ["--kube", "--kubeconfig", str(kubeconfig), "--namespace", "egress-authz"])
+        index = WorkloadIndex()
+        (controller,) = serve.build_policy_sources(args, index)
+        assert controller.source.index is index  # type: ignore[attr-defined]
+        assert serve.has_pod_source(args)
+        assert not serve.has_pod_source(serve.build_arg_parser().parse_args(["--policies", "/p"]))
+
     def test_registered_with_the_cli(self) -> None:
         """`egress-authz serve` dispatches to this module."""
         a = build_parser().parse_args(["serve", "--policies", "/p"])

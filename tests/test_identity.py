@@ -1,0 +1,163 @@
+"""authz.identity: who is calling, from the principal and the Pod at the source address."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import pytest
+
+from authz.engine import compile_policy, decide
+from authz.identity import (
+    IdentityResolver,
+    UnknownWorkloads,
+    canonical_ip,
+    parse_principal,
+    verify,
+)
+from authz.model import (
+    ConfigMapRef,
+    Destination,
+    Identity,
+    Mode,
+    NamespacePolicy,
+    PolicySet,
+    Protocol,
+    Reason,
+    Rule,
+    Tier,
+    Verdict,
+    Workload,
+    WorkloadSelector,
+)
+
+CART = "spiffe://cluster.local/ns/shop/sa/cart"
+CART_POD = Workload("shop", "cart", MappingProxyType({"function": "finance"}), "cart-1",
+                    "10.0.0.7", ("10.0.0.7",))
+
+
+def snapshot(mode: Mode = Mode.ENFORCE):  # type: ignore[no-untyped-def]
+    rules = (
+        Rule("any-cart", 0, ("api.kadath.io",),
+             workloads=WorkloadSelector(service_accounts=frozenset({"cart"}))),
+        Rule("finance", 1, ("payments.kadath.io",),
+             workloads=WorkloadSelector(match_labels=MappingProxyType({"function": "finance"}))),
+    )
+    policy = NamespacePolicy(ConfigMapRef("shop", "p"), Tier.NAMESPACE, mode, rules)
+    return compile_policy(PolicySet((policy,), revision=1))
+
+
+def tls(host: str) -> Destination:
+    return Destination(port=443, protocol=Protocol.TLS, sni=host)
+
+
+class TestCanonicalIp:
+    @pytest.mark.parametrize(("text", "canonical"), [
+        ("10.0.0.7", "10.0.0.7"),
+        ("fd00::1", "fd00::1"),
+        ("fd00::0001", "fd00::1"),
+        ("FD00:0:0:0:0:0:0:1", "fd00::1"),
+        ("fd00:10:0:0:0:0:0:7", "fd00:10::7"),
+        ("::ffff:10.0.0.7", "10.0.0.7"),
+        ("::ffff:a00:7", "10.0.0.7"),
+        ("::1", "::1"),
+    ])
+    def test_one_spelling_per_address(self, text: str, canonical: str) -> None:
+        """IPv6 in RFC 5952 form, IPv4-mapped IPv6 as its IPv4 address."""
+        assert canonical_ip(text) == canonical
+
+    @pytest.mark.parametrize("text", ["", "cart", "10.0.0", "10.0.0.07", "10.0.0.7:80",
+                                      "[fd00::1]", "fd00::1::2", "1" * 300])
+    def test_not_an_address(self, text: str) -> None:
+        """What no socket peer looks like is no address (and indexes nothing)."""
+        assert canonical_ip(text) is None
+
+
+class TestResolver:
+    def test_finds_the_pod_and_requires_one(self) -> None:
+        """With a Pod source and the default, the Identity carries the Pod and requires it."""
+        asked: list[str] = []
+
+        def lookup(ip: str) -> Workload | None:
+            asked.append(ip)
+            return CART_POD if ip == "10.0.0.7" else None
+
+        resolve = IdentityResolver(lookup)
+        found = resolve(CART, "10.0.0.7")
+        assert (found.principal, found.source_ip, found.workload) == (CART, "10.0.0.7", CART_POD)
+        assert found.pod_required and resolve.requires_pod
+        missing = resolve(CART, "10.0.0.9")
+        assert missing.workload is None and missing.pod_required
+        assert resolve(CART, "").workload is None  # nothing to look up
+        assert asked == ["10.0.0.7", "10.0.0.9"]
+
+    def test_allow_unknown_requires_nothing(self) -> None:
+        """--unknown-workloads allow: Pods are still found, a miss is no denial."""
+        resolve = IdentityResolver(lambda ip: None, UnknownWorkloads.ALLOW)
+        assert not resolve(CART, "10.0.0.9").pod_required
+
+    def test_without_a_pod_source_nothing_is_required(self) -> None:
+        """No Pod source (file mode without --workloads): the principal alone."""
+        identity = IdentityResolver(None)(CART, "10.0.0.9")
+        assert identity.workload is None and not identity.pod_required
+
+
+class TestVerify:
+    def test_trusted_caller(self) -> None:
+        """Principal in the trust domain, its own Pod at the address: namespace and account."""
+        assert verify(Identity(CART, "10.0.0.7", CART_POD, True), "cluster.local") == (
+            "shop", "cart", None, "")
+
+    def test_unknown_workload(self) -> None:
+        """No Pod at the address where one is required: unknown-workload, saying where."""
+        ns, sa, reason, message = verify(Identity(CART, "10.0.0.9", None, True), "cluster.local")
+        assert (ns, sa, reason) == ("shop", "cart", Reason.UNKNOWN_WORKLOAD)
+        assert "10.0.0.9" in message and "shop/cart" in message
+
+    def test_untrusted_principal_is_reported_first(self) -> None:
+        """A foreign principal is untrusted-identity, whatever the address."""
+        identity = Identity("spiffe://evil/ns/shop/sa/cart", "10.0.0.9", None, True)
+        assert verify(identity, "cluster.local")[2] is Reason.UNTRUSTED_IDENTITY
+
+    def test_other_pods_address(self) -> None:
+        """Another service account's Pod at the address: identity-mismatch."""
+        frontend = Workload("shop", "frontend", name="fe-1", ip="10.0.0.8")
+        reason = verify(Identity(CART, "10.0.0.8", frontend, True), "cluster.local")[2]
+        assert reason is Reason.IDENTITY_MISMATCH
+        other_ns = Workload("web", "cart", name="cart-1", ip="10.0.0.8")
+        assert verify(Identity(CART, "10.0.0.8", other_ns), "cluster.local")[2] is (
+            Reason.IDENTITY_MISMATCH)
+
+    def test_principal_parser_is_shared(self) -> None:
+        """The engine's parse_principal is this one (the `check` command imports it there)."""
+        from authz import engine
+
+        assert engine.parse_principal is parse_principal
+
+
+class TestDecide:
+    def test_unknown_workload_is_denied_even_for_service_account_rules(self) -> None:
+        """The attack: cart's certificate from an address no Pod has, for a rule that
+        selects by service account only. Denied, with who and why in the Decision."""
+        d = decide(snapshot(), Identity(CART, "10.0.0.9", None, True), tls("api.kadath.io"))
+        assert (d.allowed, d.verdict, d.reason) == (False, Verdict.DENY, Reason.UNKNOWN_WORKLOAD)
+        assert d.workload == "shop/cart" and "10.0.0.9" in d.message
+
+    def test_audit_mode_does_not_lift_it(self) -> None:
+        """Audit mode relaxes a namespace's rules, never who the caller is."""
+        d = decide(snapshot(Mode.AUDIT), Identity(CART, "10.0.0.9", None, True),
+                   tls("api.kadath.io"))
+        assert (d.allowed, d.reason) == (False, Reason.UNKNOWN_WORKLOAD)
+
+    def test_opt_out_trusts_the_principal_alone(self) -> None:
+        """--unknown-workloads allow: service-account rules apply, label rules cannot."""
+        identity = Identity(CART, "10.0.0.9", None, False)
+        assert decide(snapshot(), identity, tls("api.kadath.io")).allowed
+        denied = decide(snapshot(), identity, tls("payments.kadath.io"))
+        assert denied.reason is Reason.HOST_NOT_ALLOWED
+        assert any("no Pod is known" in c.why for c in denied.explanation)
+
+    def test_known_pod_gets_its_label_rules(self) -> None:
+        """Control: the cart Pod at its own address reaches both hosts."""
+        identity = Identity(CART, "10.0.0.7", CART_POD, True)
+        assert decide(snapshot(), identity, tls("api.kadath.io")).allowed
+        assert decide(snapshot(), identity, tls("payments.kadath.io")).allowed
