@@ -161,3 +161,24 @@ class TestDecide:
         identity = Identity(CART, "10.0.0.7", CART_POD, True)
         assert decide(snapshot(), identity, tls("api.kadath.io")).allowed
         assert decide(snapshot(), identity, tls("payments.kadath.io")).allowed
+
+
+class TestExplained:
+    def test_explain_and_the_decision_log_say_why(self) -> None:
+        """`explain` shows that no Pod is known at the address and what to do; the
+        decision-log line carries the reason, the source address and no Pod."""
+        import json
+
+        from authz.commands.explain import render
+        from authz.records import DecisionRecord
+        from authz.tracing import log_line, record_detail
+
+        identity = Identity(CART, "10.0.0.9", None, True)
+        d = decide(snapshot(), identity, tls("api.kadath.io"))
+        rec = DecisionRecord(d, identity, tls("api.kadath.io"), 1, 1)
+        text = render(record_detail(rec))
+        assert "DENY (unknown-workload)" in text and "none known for 10.0.0.9" in text
+        assert "--unknown-workloads" in text and "outside its Pod" in text
+        line = json.loads(log_line(rec, None))
+        assert (line["reason"], line["source_ip"], line["pod"]) == (
+            "unknown-workload", "10.0.0.9", None)
