@@ -122,7 +122,7 @@ def verify(identity: Identity, trust_domain: str) -> tuple[str, str, Reason | No
     if workload is None:
         if identity.pod_required:
             return namespace, account, Reason.UNKNOWN_WORKLOAD, (
-                f"no Running Pod is known at source address {identity.source_ip or '(none)'}, "
+                f"no Pod is known at source address {identity.source_ip or '(none)'}, "
                 f"but the certificate says {namespace}/{account}: a mesh certificate is only "
                 "honoured from its own Pod"
             )

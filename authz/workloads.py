@@ -7,7 +7,7 @@ only an address that misses is canonicalised and tried again. Writers hold a
 lock and replace single dictionary entries (or the whole dictionary), which
 readers see atomically.
 
-An address claimed by two Running Pods at once (a reused IP whose old Pod's
+An address claimed by two live Pods at once (a reused IP whose old Pod's
 end has not been seen yet) belongs to neither until one goes: the index never
 guesses which Pod's labels a caller has.
 """
@@ -23,6 +23,12 @@ from .identity import canonical_ip
 from .model import Workload
 
 PodKey = tuple[str, str]  # (namespace, name)
+
+# Phases in which a Pod holds its address. Pending counts once it has one:
+# init containers (and a native sidecar) run before the Pod is Running.
+# Succeeded and Failed Pods have given it back; Unknown (node lost) is not
+# vouched for.
+LIVE_PHASES = frozenset({None, "Pending", "Running"})
 
 # A Pod has at most one address per family (Kubernetes validates podIPs so);
 # a manifest listing more is not a Pod's and its extra addresses are ignored.
@@ -122,14 +128,14 @@ def pod_addresses(workload: Workload) -> tuple[str, ...]:
 
 def workload_from_pod(pod: Mapping[str, Any]) -> Workload | None:
     """A Pod manifest (dict, as in YAML or the API) -> Workload, or None when it
-    does not count: only Running Pods with an address of their own carry an
-    identity. A hostNetwork Pod shares its node's address with every other
+    does not count: only live Pods (LIVE_PHASES) with an address of their own
+    carry an identity. A hostNetwork Pod shares its node's address with every other
     such Pod (and the node), so that address says nothing about who calls."""
     meta = _mapping(pod.get("metadata"))
     spec = _mapping(pod.get("spec"))
     status = _mapping(pod.get("status"))
     phase = status.get("phase")
-    if phase not in (None, "Running") or spec.get("hostNetwork") is True:
+    if phase not in LIVE_PHASES or spec.get("hostNetwork") is True:
         return None
     ips: list[str] = []
     listed = status.get("podIPs")

@@ -103,13 +103,16 @@ class TestPolicies:
 class TestWorkloads:
     def test_pod_label_change_is_used_by_the_next_check(self, emu: KubeEmulator,
                                                         replica: Replica) -> None:
-        """A rule selecting by label follows the Pod's labels; gone Pods leave the index."""
+        """A rule selecting by label follows the Pod's labels; Pods with an address count
+        from Pending on; ended Pods leave the index."""
         emu.seed(policy_cm("shop", "p", [rule("fin", "api.leng.com",
                                                labels={"function": "finance"})]),
                  pod("shop", "a", "10.0.0.7", labels={"function": "web"}),
-                 pod("shop", "pending", "10.0.0.8", phase="Pending"))
+                 pod("shop", "starting", "10.0.0.8", phase="Pending"),
+                 pod("shop", "failed", "10.0.0.6", phase="Failed"))
         assert replica.start().wait_ready(5)
-        assert replica.index.lookup("10.0.0.8") is None
+        assert replica.index.lookup("10.0.0.8") is not None  # init containers call out too
+        assert replica.index.lookup("10.0.0.6") is None
         assert not replica.allows("shop", "api.leng.com", ip="10.0.0.7")
         emu.modify("v1", "Pod", "shop", "a",
                    lambda o: o["metadata"]["labels"].update(function="finance"))

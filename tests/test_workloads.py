@@ -50,15 +50,22 @@ class TestWorkloadFromPod:
         assert w is not None and w.ips == ("10.0.0.7",)
         assert (w.namespace, w.service_account) == ("default", "default")
 
+    def test_pending_pod_with_an_address_counts(self) -> None:
+        """Init containers call out (behind a native sidecar) before the Pod is Running."""
+        w = workload_from_pod(pod("starting", "10.0.0.7", status__phase="Pending"))
+        assert w is not None and w.ips == ("10.0.0.7",)
+
     @pytest.mark.parametrize("obj", [
-        pod("pending", "10.0.0.7", status__phase="Pending"),
+        pod("pending", status__phase="Pending"),
         pod("done", "10.0.0.7", status__phase="Succeeded"),
+        pod("failed", "10.0.0.7", status__phase="Failed"),
+        pod("lost", "10.0.0.7", status__phase="Unknown"),
         pod("no-ip"),
         pod("bad-ip", "not-an-ip"),
         pod("host", "192.168.1.10", spec__hostNetwork=True),
     ])
     def test_pods_that_identify_nobody(self, obj: dict[str, Any]) -> None:
-        """Not Running, no valid address, or the node's shared address: not indexed."""
+        """Ended or unknown, no valid address, or the node's shared address: not indexed."""
         assert workload_from_pod(obj) is None
 
     def test_hostile_shapes_are_ignored_not_fatal(self) -> None:

@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     src.add_argument(
         "--unknown-workloads", choices=("deny", "allow"), default="deny",
-        help="a caller whose source address no Running Pod has (with --kube or --workloads): "
+        help="a caller whose source address no live Pod has (with --kube or --workloads): "
         "deny it as unknown-workload (default), or allow the principal alone to identify it, "
         "for meshes whose gateway does not see Pod IPs (SNAT, multi-cluster); label rules "
         "never match such callers",

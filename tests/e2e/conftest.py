@@ -268,7 +268,7 @@ class World:
         self.backend.delete_policy(namespace, name)
 
     def put_pod(self, pod: Pod) -> None:
-        """Create or replace a Running Pod."""
+        """Create or replace a Pod (Running)."""
         self.backend.put_pod(pod)
 
     def delete_pod(self, pod: Pod) -> None:
