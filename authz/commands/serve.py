@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the heavy modules are imported inside run(): `--help` stays fast
     from authz.envoy.server import AuthzServer
+    from authz.gateway_ports import GatewayPorts
     from authz.records import Recorder
     from authz.sources import PolicySource, WorkloadFileSource
     from authz.store import PolicyStore
@@ -64,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--trust-domain", default=DEFAULT_TRUST_DOMAIN,
         help="SPIFFE trust domain of accepted principals (default: %(default)s)",
+    )
+    src.add_argument(
+        "--gateway-port-map", type=_port_map, default=None, metavar="LISTEN:PORT,...",
+        help="gateway listener port -> the Service port apps dial, e.g. 8443:443,8080:80; "
+        "Checks on other listener ports are denied. Default: listener ports are judged as "
+        "is, or with --kube learnt from the gateway Service (--gateway-service)",
     )
     src.add_argument(
         "--unknown-workloads", choices=("deny", "allow"), default="deny",
@@ -133,6 +140,15 @@ def _ratio(text: str) -> float:
     return r
 
 
+def _port_map(text: str) -> str:
+    from authz.gateway_ports import PortMapError, format_port_map, parse_port_map
+
+    try:  # kept as text, normalised, so that --workers can hand it on as is
+        return format_port_map(parse_port_map(text))
+    except PortMapError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def _positive(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -165,7 +181,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def build_policy_sources(
-    args: argparse.Namespace, index: WorkloadIndex | None = None
+    args: argparse.Namespace, index: WorkloadIndex | None = None,
+    ports: GatewayPorts | None = None,
 ) -> list[PolicySource]:
     """Which sources feed the store. A Kubernetes source adds one branch here."""
     from authz.sources import DirectorySource
@@ -180,7 +197,7 @@ def build_policy_sources(
         # The Pod watch feeds the same index Check reads. (`is None`, not `or`:
         # an index is never falsy, but this once made --kube fill a second one.)
         sources.append(
-            KubeController.from_args(args, WorkloadIndex() if index is None else index)
+            KubeController.from_args(args, WorkloadIndex() if index is None else index, ports)
         )
     if not sources:
         raise UsageError("no policy source: give --policies PATH")
@@ -188,6 +205,16 @@ def build_policy_sources(
         # Each source publishes whole PolicySets; two would overwrite each other.
         raise UsageError("give one policy source")
     return sources
+
+
+def build_gateway_ports(args: argparse.Namespace) -> GatewayPorts:
+    """The gateway port map: the flag's; with --kube and no flag, empty (deny) until the
+    gateway Service's watch fills it; otherwise none (listener ports judged as is)."""
+    from authz.gateway_ports import GatewayPorts, parse_port_map
+
+    if text := getattr(args, "gateway_port_map", None):
+        return GatewayPorts(parse_port_map(text))
+    return GatewayPorts({} if getattr(args, "kube", False) else None)
 
 
 def build_workload_sources(
@@ -295,7 +322,8 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     store = PolicyStore(trust_domain=args.trust_domain)
     store.subscribe(lambda snapshot: POLICY_REVISION.set(snapshot.revision))
     index = WorkloadIndex()
-    policy_sources = build_policy_sources(args, index)
+    ports = build_gateway_ports(args)
+    policy_sources = build_policy_sources(args, index, ports)
     workload_sources = build_workload_sources(args, index)
     recorder = build_recorder(args)
     worker = args.worker_index is not None
@@ -304,6 +332,7 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         index if has_pod_source(args) else None,
         recorder,
         ServerSettings(address=args.grpc_address, threads=args.threads, reuse_port=worker),
+        ports,
         unknown_workloads=UnknownWorkloads(args.unknown_workloads),
     )
     _log_identity_mode(args)
