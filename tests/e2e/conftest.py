@@ -1,10 +1,15 @@
 """One loopback mesh and one `egress-authz serve` per policy source, per session
 (per xdist worker): every scenario that takes `world` runs once against each.
 
-    file   `serve --policies DIR --workloads pods.yaml`: one file per ConfigMap
+    file   `serve --policies DIR --workloads pods.yaml --gateway-port-map ...`:
+           one file per ConfigMap
     kube   `serve --kube` on the API emulator (tests/kube_emulator.py) through the
-           official client, as the chart runs it: ConfigMap and Pod watches, the
-           cluster tier, the registry writer and the leader Lease
+           official client, as the chart runs it: ConfigMap, Pod and gateway
+           Service watches, the cluster tier, the registry writer and the Lease
+
+The gateway listens on random loopback ports; the port map (the flag, or the
+gateway Service's targetPorts) turns them back into 443 and 80, the ports the
+rules name.
 
 Both worlds are built from the same objects (the manifests below), and change
 them the same way (World.put_policy, World.put_pod, ...), so a scenario is
@@ -82,9 +87,26 @@ data:
 
 
 def ports_of(mesh_ports: tuple[int, int]) -> str:
-    # The service takes the port from destination.address, i.e. the gateway
-    # listener, which here is a random loopback port instead of 80/443.
+    # Without a gateway port map the service judges destination.address, i.e.
+    # the gateway listener, which here is a random loopback port, not 80/443.
     return "[" + ", ".join(str(p) for p in (80, 443, *mesh_ports)) + "]"
+
+
+# With the gateway port map (the world's), rules name the ports apps dial.
+MAPPED_PORTS = "[80, 443]"
+GATEWAY_NAMESPACE = "istio-egress"  # serve's --gateway-namespace default
+GATEWAY_SERVICE = "istio-egressgateway"  # serve's --gateway-service default
+
+
+def gateway_service(mesh: LoopbackMesh) -> dict[str, Any]:
+    """The egress gateway's Service as an unprivileged install has it: Service ports
+    443/80 in front of the gateway's listener ports (targetPort)."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": GATEWAY_SERVICE, "namespace": GATEWAY_NAMESPACE},
+            "spec": {"selector": {"istio": "egressgateway"}, "ports": [
+                {"name": "http2", "port": 80, "targetPort": mesh.http_port, "protocol": "TCP"},
+                {"name": "https", "port": 443, "targetPort": mesh.tls_port, "protocol": "TCP"},
+            ]}}
 
 
 def shop_policy(ports: str) -> str:
@@ -149,7 +171,8 @@ class Backend(Protocol):
 
     mode: str
 
-    def service(self, authz_port: int, admin_port: int, log_path: Path) -> ServiceProcess: ...
+    def service(self, authz_port: int, admin_port: int, log_path: Path,
+                mesh: LoopbackMesh) -> ServiceProcess: ...
     def put_policy(self, manifest: str) -> None: ...
     def delete_policy(self, namespace: str, name: str) -> None: ...
     def put_pod(self, pod: Pod) -> None: ...
@@ -176,10 +199,12 @@ class FileBackend:
         self._pods: dict[tuple[str, str], Pod] = {}
         self._write_pods()
 
-    def service(self, authz_port: int, admin_port: int, log_path: Path) -> ServiceProcess:
+    def service(self, authz_port: int, admin_port: int, log_path: Path,
+                mesh: LoopbackMesh) -> ServiceProcess:
+        port_map = f"{mesh.tls_port}:443,{mesh.http_port}:80"
         return ServiceProcess(
             self.policies, authz_port, workloads=self.workloads, admin_port=admin_port,
-            log_path=log_path,
+            log_path=log_path, extra_args=["--gateway-port-map", port_map],
         )
 
     def _file(self, namespace: str, name: str) -> Path:
@@ -223,7 +248,9 @@ class KubeBackend:
             "users": [{"name": "egress-authz", "user": {"token": "test"}}],
         }))
 
-    def service(self, authz_port: int, admin_port: int, log_path: Path) -> ServiceProcess:
+    def service(self, authz_port: int, admin_port: int, log_path: Path,
+                mesh: LoopbackMesh) -> ServiceProcess:
+        self.emu.seed(gateway_service(mesh))  # the port map, learnt by watch
         return ServiceProcess(
             None, authz_port, admin_port=admin_port, log_path=log_path,
             extra_args=["--kube", "--kubeconfig", str(self.kubeconfig),
@@ -302,10 +329,10 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     try:
         for pod in PODS:
             backend.put_pod(pod)
-        service = backend.service(authz_port, free_port(), root / "service.log")
         with LoopbackMesh(authz_port, workdir=root / "mesh") as mesh:
             # The listener ports are final once the gateway runs.
-            ports = ports_of((mesh.http_port, mesh.tls_port))
+            service = backend.service(authz_port, free_port(), root / "service.log", mesh)
+            ports = MAPPED_PORTS
             backend.put_policy(shop_policy(ports))
             backend.put_policy(reload_policy(ports, RELOAD_HOSTS))
             backend.put_policy(cluster_policy((CLUSTER_DENIED_HOST,)))
