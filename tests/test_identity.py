@@ -182,3 +182,17 @@ class TestExplained:
         line = json.loads(log_line(rec, None))
         assert (line["reason"], line["source_ip"], line["pod"]) == (
             "unknown-workload", "10.0.0.9", None)
+
+    def test_reason_is_a_documented_contract(self) -> None:
+        """`unknown-workload` is in the README's reason table, with its opt-out flag, and
+        the flag and chart value are in the docs that tell operators when to use them."""
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[1]
+        readme = (root / "README.md").read_text()
+        row = next(line for line in readme.splitlines() if line.startswith("| `unknown-workload`"))
+        assert "--unknown-workloads allow" in row
+        security = (root / "docs" / "security.md").read_text()
+        assert "## Workload identity" in security
+        assert "--unknown-workloads allow" in security and "unknownWorkloads=allow" in security
+        assert Reason.UNKNOWN_WORKLOAD.value == "unknown-workload"
