@@ -54,6 +54,11 @@ class TestFlags:
         with pytest.raises(SystemExit) as e:
             parse(["--policies", "/p", "--unknown-workloads", "maybe"])
         assert e.value.code == 2
+        # --workers: every serving process gets the opt-out, not only the supervisor
+        opted = parse(["--policies", "/p", "--workers", "2", "--grpc-address", "0.0.0.0:9000",
+                       "--unknown-workloads", "allow"])
+        child = parse(serve.child_argv(opted)(1, 5)[4:])
+        assert child.unknown_workloads == "allow"
 
     def test_kube_source_feeds_the_index_check_reads(self, tmp_path: Path) -> None:
         """The Pod watch of `serve --kube` gets the very index the Check server reads, empty
