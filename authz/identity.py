@@ -36,15 +36,25 @@ class UnknownWorkloads(enum.StrEnum):
 # Addresses
 
 
-@functools.lru_cache(maxsize=4096)
+# The longest address text worth parsing: full IPv6 with an embedded IPv4
+# (45 characters) and room for a zone. Longer text is no address, and is
+# never parsed, cached or echoed whole.
+MAX_ADDRESS_CHARS = 64
+
+
 def canonical_ip(text: str) -> str | None:
     """One spelling per address, or None when `text` is not one.
 
     IPv6 in RFC 5952 form (`fd00::0001` -> `fd00::1`), IPv4-mapped IPv6
     (`::ffff:10.0.0.1`, `::ffff:a00:1`) as the IPv4 address it carries, so that
     an address written one way by the API server and another by Envoy is one
-    key. Cached: peers repeat, and the cache is bounded.
+    key.
     """
+    return _canonical_ip(text) if len(text) <= MAX_ADDRESS_CHARS else None
+
+
+@functools.lru_cache(maxsize=4096)  # peers repeat; entries are short (MAX_ADDRESS_CHARS)
+def _canonical_ip(text: str) -> str | None:
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -122,14 +132,20 @@ def verify(identity: Identity, trust_domain: str) -> tuple[str, str, Reason | No
     if workload is None:
         if identity.pod_required:
             return namespace, account, Reason.UNKNOWN_WORKLOAD, (
-                f"no Pod is known at source address {identity.source_ip or '(none)'}, "
+                f"no Pod is known at source address {_shown(identity.source_ip)}, "
                 f"but the certificate says {namespace}/{account}: a mesh certificate is only "
                 "honoured from its own Pod"
             )
     elif workload.namespace != namespace or workload.service_account != account:
         return namespace, account, Reason.IDENTITY_MISMATCH, (
-            f"source {identity.source_ip} is Pod {workload.namespace}/{workload.name} "
+            f"source {_shown(identity.source_ip)} is Pod {workload.namespace}/{workload.name} "
             f"(service account {workload.service_account}), but the certificate says "
             f"{namespace}/{account}"
         )
     return namespace, account, None, ""
+
+
+def _shown(address: str) -> str:
+    if not address:
+        return "(none)"
+    return address if len(address) <= MAX_ADDRESS_CHARS else address[:MAX_ADDRESS_CHARS] + "..."

@@ -72,6 +72,19 @@ class TestCanonicalIp:
         assert canonical_ip(text) is None
 
 
+    def test_overlong_text_is_refused_unparsed_and_uncached(self) -> None:
+        """A source address only Envoy should write is still hostile input: long text is
+        no address, is not kept in the cache, and is echoed clipped."""
+        from authz.identity import _canonical_ip
+
+        before = _canonical_ip.cache_info().currsize
+        huge = "f" * 100_000
+        assert canonical_ip(huge) is None
+        assert _canonical_ip.cache_info().currsize == before
+        message = verify(Identity(CART, huge, None, True), "cluster.local")[3]
+        assert len(message) < 400 and message.count("f" * 64) == 1
+
+
 class TestResolver:
     def test_finds_the_pod_and_requires_one(self) -> None:
         """With a Pod source and the default, the Identity carries the Pod and requires it."""
