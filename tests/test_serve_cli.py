@@ -161,3 +161,69 @@ class TestServe:
         out = self.run_until_ready(tmp_path, tmp_path / "missing", capfd)
         assert "no policy loaded: denying everything until one is" in out
         assert "does not exist" in caplog.text
+
+
+class TestIdentityWiring:
+    """What `serve` hands the Check server: the Pod source and --unknown-workloads."""
+
+    PODS = """\
+apiVersion: v1
+kind: Pod
+metadata: {name: cart-1, namespace: shop}
+spec: {serviceAccountName: cart}
+status: {phase: Running, podIP: 127.0.0.2}
+"""
+
+    def reasons(self, tmp_path: Path, *flags: str) -> dict[str, str]:
+        """Serve with `flags` (in a thread), then the reason for cart's certificate from
+        its own Pod's address and from an address no Pod has."""
+        import grpc
+
+        from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest, CheckResponse
+        from authz.envoy.server import CHECK_METHOD
+        from authz.testing.envoy import free_port
+
+        (tmp_path / "p.yaml").write_text(POLICY)
+        (tmp_path / "pods.yaml").write_text(self.PODS)
+        port = free_port()
+        args = serve.build_arg_parser().parse_args([
+            "--policies", str(tmp_path / "p.yaml"), "--grpc-address", f"127.0.0.1:{port}",
+            "--admin-address", "", "--no-decision-log", "--shutdown-grace", "0.5", *flags])
+        stop = threading.Event()
+        t = threading.Thread(target=serve.serve, args=(args, stop), daemon=True)
+        t.start()
+        out: dict[str, str] = {}
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                check = channel.unary_unary(CHECK_METHOD)
+                for ip in ("127.0.0.2", "127.0.0.9"):
+                    r = CheckRequest()
+                    r.attributes.source.principal = "spiffe://cluster.local/ns/shop/sa/cart"
+                    r.attributes.source.address.socket_address.address = ip
+                    r.attributes.destination.address.socket_address.port_value = 443
+                    r.attributes.tls_session.sni = "api.kadath.io"
+                    body = check(r.SerializeToString(), timeout=10, wait_for_ready=True)
+                    out[ip] = CheckResponse.FromString(body).dynamic_metadata.fields[
+                        "reason"].string_value
+        finally:
+            stop.set()
+            t.join(10)
+        return out
+
+    def test_default_denies_unknown_sources(self, tmp_path: Path) -> None:
+        """--workloads and no opt-out: the certificate only from its own Pod."""
+        got = self.reasons(tmp_path, "--workloads", str(tmp_path / "pods.yaml"))
+        assert got == {"127.0.0.2": "allowed", "127.0.0.9": "unknown-workload"}
+
+    def test_opt_out_reaches_the_check_server(self, tmp_path: Path) -> None:
+        """--unknown-workloads allow is what the Check server applies."""
+        got = self.reasons(tmp_path, "--workloads", str(tmp_path / "pods.yaml"),
+                           "--unknown-workloads", "allow")
+        assert got == {"127.0.0.2": "allowed", "127.0.0.9": "allowed"}
+
+    def test_without_a_pod_source_the_principal_alone(
+            self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """No --workloads: nothing to check addresses against, and the log says so."""
+        got = self.reasons(tmp_path)
+        assert got == {"127.0.0.2": "allowed", "127.0.0.9": "allowed"}
+        assert "no Pod source" in caplog.text
