@@ -366,6 +366,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if access.exists():
             tail = "\n".join(access.read_text().splitlines()[-20:])
             report.sections.append(("gateway access log (tail)", tail))
+        if isinstance(world.backend, KubeBackend):
+            seen = [f"{r.method} {r.path} {r.status}" for r in world.backend.emu.requests[-20:]]
+            report.sections.append(("API emulator requests (tail)", "\n".join(seen)))
 
 
 def eventually(
