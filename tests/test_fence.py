@@ -75,17 +75,35 @@ class TestFencePolicy:
 
 
 class TestLint:
-    def test_lint_warns_about_wildcards(self) -> None:
-        """`lint` names each namespace policy with a wildcard host, and only those."""
+    def lint(self, path: Path) -> list[str]:
         from authz import cli
 
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            assert cli.main(["lint", str(ROOT / "examples")]) == 0
-        warnings = [line for line in out.getvalue().splitlines() if line.startswith("warning:")]
-        assert len(warnings) == 1
-        assert "marketing/egress-policy" in warnings[0] and "*.kadath.io" in warnings[0]
-        assert FENCE_LABEL in warnings[0]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            assert cli.main(["lint", str(path)]) == 0
+        return [line for line in (out.getvalue() + err.getvalue()).splitlines()
+                if line.startswith("warning:")]
+
+    def test_lint_warns_about_unfenced_wildcards(self, tmp_path: Path) -> None:
+        """`lint` names a namespace policy with a wildcard host when nothing under PATH
+        fences its namespace; a labelled Namespace or a fencing NetworkPolicy silences it."""
+        docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "marketing.yaml").read_text())
+                if d and d["kind"] == "ConfigMap"]
+        (tmp_path / "marketing.yaml").write_text(yaml.safe_dump_all(docs))
+        [warning] = self.lint(tmp_path)
+        assert "marketing/egress-policy" in warning and "*.kadath.io" in warning
+        assert FENCE_LABEL in warning
+        (tmp_path / "fence.yaml").write_text(yaml.safe_dump(fence_policy("marketing", OPTIONS)))
+        assert self.lint(tmp_path) == []
+        (tmp_path / "fence.yaml").write_text(yaml.safe_dump(
+            namespace("marketing", {FENCE_LABEL: "true"})))
+        assert self.lint(tmp_path) == []
+        (tmp_path / "fence.yaml").write_text(yaml.safe_dump(namespace("marketing")))
+        assert len(self.lint(tmp_path)) == 1
+
+    def test_examples_fence_their_wildcard_namespace(self) -> None:
+        """examples/ opts marketing (a wildcard policy) in to the fence: lint is clean."""
+        assert self.lint(ROOT / "examples") == []
 
 
 @pytest.fixture
