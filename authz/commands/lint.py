@@ -74,8 +74,12 @@ def unfenced_wildcard_warnings(result: LoadResult) -> list[str]:
         except (OSError, UnicodeError, yaml.YAMLError):
             continue  # the loader has reported it
         for d in docs:
-            meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
-            labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
+            meta = d.get("metadata")
+            if not isinstance(meta, dict):
+                continue
+            labels = meta.get("labels")
+            if not isinstance(labels, dict):
+                labels = {}
             if d.get("kind") == "Namespace" and labels.get(FENCE_LABEL) == "true":
                 fenced.add(str(meta.get("name")))
             elif d.get("kind") == "NetworkPolicy":
