@@ -340,7 +340,7 @@ def pods_in(document: Any) -> Iterator[dict[str, Any]]:
 
 
 def load_pod_file(path: Path) -> list[Workload]:
-    """Every Running Pod with an IP in one file; raises OSError or YamlError."""
+    """Every live Pod with an IP in one file; raises OSError or YamlError."""
     with path.open("rb") as stream:  # never read more than the limit
         raw = stream.read(FILE_LIMITS.max_bytes + 1)
     if len(raw) > FILE_LIMITS.max_bytes:
