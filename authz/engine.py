@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
