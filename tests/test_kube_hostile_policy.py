@@ -110,7 +110,7 @@ from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest, CheckRespons
 from authz.envoy.server import CHECK_METHOD
 from authz.testing.envoy import free_port
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import SVC_NS, policy_cm, rule
+from tests.kube_harness import SVC_NS, pod, policy_cm, rule
 
 def request(ns):
     r = CheckRequest()
@@ -123,7 +123,8 @@ def request(ns):
 
 with KubeEmulator(bookmark_interval=0.2) as emu:
     emu.seed(policy_cm("evil", "p", [], text={bomb!r}),
-             policy_cm("shop", "p", [rule("kadath", "api.kadath.io")]))
+             policy_cm("shop", "p", [rule("kadath", "api.kadath.io")]),
+             pod("shop", "cart", "10.0.0.9"))  # the caller: no Pod would be unknown-workload
     kubeconfig = {kubeconfig!r}
     with open(kubeconfig, "w") as f:
         f.write(yaml.safe_dump({{

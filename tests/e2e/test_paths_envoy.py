@@ -2,7 +2,7 @@
 
 The gateway normalizes as Istio's MERGE_SLASHES builds it (istio/envoy/gateway.yaml);
 what Envoy leaves alone, the service denies. Judged by what the client and the loopback
-upstream saw.
+upstream saw, with both policy sources (`serve --policies`, `serve --kube`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ HOST = "paths.kadath.io"
 
 @pytest.fixture(scope="module")
 def paths_world(world: World) -> World:
-    """The shared world plus a rule allowing only /v1/ on HOST."""
-    path = world.policies / "shop-paths.yaml"
-    path.write_text(policy_configmap("paths", "shop", f"""
+    """The shared world (file or kube source) plus a rule allowing only /v1/ on HOST."""
+    world.put_policy(policy_configmap("paths", "shop", f"""
         - name: v1-only
           workloads: {{serviceAccounts: [cart]}}
           hosts: [{HOST}]
