@@ -2,9 +2,10 @@
 
 YAML written by namespace owners is hostile input. Before anything is built,
 the event stream is checked against limits (size, nesting depth, number of
-values) and anchors/aliases are refused: an alias repeats a subtree by
-reference, so a few hundred bytes can stand for billions of values (the
-"billion laughs" bomb), and policies never need them. Only then is the
+values), with aliases counted as the subtrees they repeat: an alias repeats a
+subtree by reference, so a few hundred bytes can stand for billions of values
+(the "billion laughs" bomb). Anchors themselves stay allowed, because YAML
+dumpers emit them for shared values (PyYAML's `&id001`). Only then is the
 document constructed, with two policy-friendly changes to safe YAML:
 timestamps stay strings, and a key given twice in one map is an error.
 """
@@ -86,7 +87,6 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in _SafeBase.yaml_implicit_resolvers.items()
 }
 
-_NO_ALIASES = "YAML anchors and aliases (&name, *name) are not allowed: write the value out"
 _OPEN = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
 _CLOSE = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
 
@@ -100,38 +100,62 @@ def _mark_error(problem: str, mark: Any) -> YamlError:
 def _check(text: str, limits: YamlLimits) -> None:
     """Walk the event stream once; raise YamlError at the first limit crossed.
 
-    Streaming events keeps this bounded: it stops at the first offence, and
-    nothing is built, so neither an alias bomb nor deep nesting costs more
-    than reading the text.
+    Aliases are counted as what they stand for: each anchor remembers the
+    size and height of its subtree, and an alias adds them, so the limits
+    hold for the document as expanded while nothing is built (the "billion
+    laughs" bomb is refused at the first alias that crosses the value limit).
+    Streaming keeps this bounded: it stops at the first offence.
     """
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > limits.max_bytes:
         raise YamlError(f"document is {size} bytes, over the limit of {limits.max_bytes}")
     loader = _Loader(text)
+    # Open collections: [anchor, values before it, its depth, deepest depth inside].
+    frames: list[list[Any]] = []
+    anchors: dict[str, tuple[int, int]] = {}  # anchor -> (values, height)
+    depth = nodes = 0
+
+    def deeper(reached: int, mark: Any) -> None:
+        if reached > limits.max_depth:
+            raise _mark_error(f"nesting is deeper than {limits.max_depth} levels"
+                              + (" once aliases are expanded" if anchors else ""), mark)
+        if frames and reached > frames[-1][3]:
+            frames[-1][3] = reached
+
     try:
-        depth = nodes = 0
         while loader.check_event():
             event = loader.get_event()
+            mark = event.start_mark
             if isinstance(event, yaml.AliasEvent):
-                raise _mark_error(_NO_ALIASES, event.start_mark)
-            if getattr(event, "anchor", None) is not None:
-                raise _mark_error(_NO_ALIASES, event.start_mark)
-            if isinstance(event, _OPEN):
+                if event.anchor not in anchors:
+                    raise _mark_error(f"alias *{shown(event.anchor, quote=False)} has no "
+                                      "anchor before it", mark)
+                values, height = anchors[event.anchor]
+                nodes += values
+                deeper(depth + height, mark)
+            elif isinstance(event, _OPEN):
+                nodes += 1
                 depth += 1
-                if depth > limits.max_depth:
-                    raise _mark_error(
-                        f"nesting is deeper than {limits.max_depth} levels", event.start_mark
-                    )
+                frames.append([event.anchor, nodes, depth, depth])
+                deeper(depth, mark)
             elif isinstance(event, _CLOSE):
+                anchor, before, opened, deepest = frames.pop()
+                if anchor is not None:
+                    anchors[anchor] = (nodes - before + 1, deepest - opened + 1)
+                if frames and deepest > frames[-1][3]:
+                    frames[-1][3] = deepest
                 depth -= 1
                 continue
-            elif not isinstance(event, yaml.ScalarEvent):
+            elif isinstance(event, yaml.ScalarEvent):
+                nodes += 1
+                if event.anchor is not None:
+                    anchors[event.anchor] = (1, 0)
+            else:
                 continue  # stream and document boundaries
-            nodes += 1
             if nodes > limits.max_nodes:
                 raise _mark_error(
-                    f"document holds more than {limits.max_nodes} values", event.start_mark
-                )
+                    f"document holds more than {limits.max_nodes} values"
+                    + (" once its aliases are expanded" if anchors else ""), mark)
     except yaml.YAMLError as e:
         raise _yaml_error(e) from e
     finally:

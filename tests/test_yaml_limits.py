@@ -143,11 +143,35 @@ class TestAliasBomb:
 class TestLimits:
     """The limits of the one YAML loader (authz.yamlload), and of the policy parser."""
 
-    def test_anchor_without_alias_refused(self) -> None:
-        """Anchors alone are refused too: policies never need them, and refusing both keeps
-        the rule simple to state."""
-        (msg,) = problems("rules: &r []\n")
-        assert "anchor" in msg and "line 1" in msg
+    def test_anchors_from_yaml_dumpers_are_accepted(self) -> None:
+        """PyYAML's dumper writes `&id001`/`*id001` for shared values; such a policy is
+        read as written (aliases are counted, not refused)."""
+        shared = [443, 8443]
+        body = yaml.safe_dump({"rules": [{"name": n, "hosts": [f"{n}.example.com"],
+                                          "ports": shared} for n in ("a", "b")]})
+        assert "&id001" in body and "*id001" in body
+        policy = parse_configmap(configmap(body), cluster_namespace=CLUSTER_NS)
+        assert [r.ports for r in policy.rules] == [frozenset(shared)] * 2
+
+    def test_aliases_count_towards_the_value_limit(self) -> None:
+        """An alias counts as the values it repeats: 20 aliases of a 6,000-value list
+        cross the 100,000-value limit although the text holds 6,000."""
+        items = ",".join(["1"] * 6000)
+        text = f"a: &a [{items}]\nb: [" + ",".join(["*a"] * 20) + "]\n"
+        with pytest.raises(yl().YamlError, match="once its aliases are expanded"):
+            yl().load_one(text, yl().POLICY_LIMITS)
+
+    def test_aliases_count_towards_the_depth_limit(self) -> None:
+        """An alias of a deep subtree nests it where the alias stands."""
+        deep = "[" * 20 + "]" * 20
+        with pytest.raises(yl().YamlError, match="deeper than 32"):
+            yl().load_one(f"a: &a {deep}\nb: [[[[[[[[[[[[[[*a]]]]]]]]]]]]]]\n",
+                          yl().POLICY_LIMITS)
+
+    def test_undefined_alias(self) -> None:
+        """An alias without its anchor is a located error."""
+        with pytest.raises(yl().YamlError):
+            yl().load_one("a: *nope\n", yl().POLICY_LIMITS)
 
     def test_depth(self) -> None:
         """Nesting deeper than the limit is refused before anything is built."""
@@ -235,7 +259,7 @@ class TestEcho:
 
 def test_loader_keeps_other_configmaps_in_file(tmp_path: Path) -> None:
     """A bomb in one ConfigMap's policy.yaml rejects that ConfigMap only."""
-    docs = [configmap(bomb(depth=3), name="bad"), configmap(
+    docs = [configmap(bomb(), name="bad"), configmap(
         "rules: [{name: r, hosts: [a.example]}]", name="good")]
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump_all(docs))
