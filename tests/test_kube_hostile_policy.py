@@ -160,7 +160,11 @@ with KubeEmulator(bookmark_interval=0.2) as emu:
         assert code("shop") == 0 and code("evil") == 7
         times.append((time.monotonic() - t0) / 2)
     events = emu.wait_for(lambda: emu.events("evil", reason="PolicyInvalid"), timeout=10)
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process image's peak RSS (ru_maxrss would carry the forking
+    # parent's peak across exec).
+    with open("/proc/self/status") as status:
+        hwm = next(line for line in status if line.startswith("VmHWM:"))
+    rss_mib = int(hwm.split()[1]) / 1024
     channel.close()
     stop.set()
     t.join(10)
