@@ -22,6 +22,7 @@ COMMANDS = (
     "traces",
     "explain",
     "suggest",
+    "imports",  # the `import` command (a module may not be named import)
     "demo",
 )
 
