@@ -88,6 +88,9 @@ def _validate_rule(rule: DraftRule, cluster_namespace: str) -> None:
         if wildcard_over_tld(pattern):
             rule.dropped[raw] = f"{pattern} would allow a whole top-level domain"
             continue
+        if "." not in pattern:
+            rule.dropped[raw] = f"{pattern} is a single label (a top-level domain), not a host"
+            continue
         one = yaml.safe_dump({"rules": [{"name": "check", "hosts": [pattern], "ports": [443]}]})
         problem = _problem(one, where, tier)
         if problem:
@@ -133,9 +136,9 @@ def _regrade(notes: Iterable[Note], refs: dict[int, str]) -> None:
         if not survivors:
             note.outcome = Outcome.DROPPED
             note.reason = f"{note.reason}; {why}" if note.reason else why
-        elif note.outcome is Outcome.EXACT:
+        else:
             note.outcome = Outcome.NARROWER
-            note.reason = why
+            note.reason = f"{note.reason}; {why}" if note.reason else why
 
 
 def _comment(lines: Iterable[str], indent: str) -> str:
