@@ -34,6 +34,7 @@ from .common import (
     DraftRule,
     Outcome,
     Translation,
+    as_int,
     as_list,
     as_map,
     configmap_name,
@@ -99,15 +100,19 @@ def _ports(raw: Any) -> tuple[list[int] | None, str]:
         if "portNumber" in p:
             number = as_map(p["portNumber"])
             if str(number.get("protocol") or "TCP").upper() == "TCP":
-                ports.append(int(number.get("port") or 0))
+                ports.append(as_int(number.get("port")))
         elif "portRange" in p:
             rng = as_map(p["portRange"])
             if str(rng.get("protocol") or "TCP").upper() == "TCP":
-                listed, wide = port_list(int(rng.get("start") or 0), int(rng.get("end") or 0))
+                start, end = as_int(rng.get("start")), as_int(rng.get("end"))
+                if not 0 < start <= end <= 65535:
+                    why = why or "a port range that is not one"
+                    continue
+                listed, wide = port_list(start, end)
                 ports.extend(listed)
                 why = "a wide port range is imported as the common ports in it" if wide else why
         elif "port" in p and str(p.get("protocol") or "TCP").upper() == "TCP":
-            ports.append(int(p["port"]))  # the pre-2024 v1alpha1 shape
+            ports.append(as_int(p["port"]))  # the pre-2024 v1alpha1 shape
         else:
             why = why or "named ports and non-TCP ports are not carried over"
     return [p for p in ports if 0 < p <= 65535], why
@@ -152,7 +157,8 @@ def translate(paths: list[str], options: Any) -> Translation:
         workloads, wproblem = workloads_from_selector(pod_sel)
         subjects[pname] = (namespaces, workloads, problem or wproblem, narrowed)
         # Baseline policies come after NetworkPolicy: last of all.
-        priority = 10_000 if kind == "BaselineAdminNetworkPolicy" else int(spec.get("priority") or 0)
+        baseline = kind == "BaselineAdminNetworkPolicy"
+        priority = 10_000 if baseline else as_int(spec.get("priority"))
         for i, raw in enumerate(as_list(spec.get("egress"))):
             raw = as_map(raw)
             where = f"{label} egress[{i}]" + (f' "{shown(raw["name"])}"' if raw.get("name") else "")
@@ -223,8 +229,8 @@ def translate(paths: list[str], options: Any) -> Translation:
                            "object(s) given: namespaces labelled later are not covered")
         targets = [CLUSTER] if namespaces is None else namespaces
         drafts = [
-            DraftRule(ns, configmap_name("k8s-anp", r.policy), rule_name(r.policy, f"egress{r.index}"),
-                      [], ports, None, workloads)
+            DraftRule(ns, configmap_name("k8s-anp", r.policy),
+                      rule_name(r.policy, f"egress{r.index}"), [], ports, None, workloads)
             for ns in targets
         ]
         t.rules.extend(drafts)

@@ -26,6 +26,7 @@ from .common import (
     DraftRule,
     Outcome,
     Translation,
+    as_int,
     as_list,
     as_map,
     configmap_name,
@@ -148,15 +149,15 @@ def _ports(
                 t.note(f"{loc} ports[{j}]", Outcome.DROPPED, f"protocol {shown(proto)}: the "
                        "egress gateway carries TCP (TLS and HTTP) only", anchor)
                 continue
-            if not raw.isdigit():
+            if not raw.isdigit() or len(raw) > 5 or int(raw) > 65535:
                 t.note(f"{loc} ports[{j}]", Outcome.DROPPED,
                        f"named port {shown(raw)} cannot be resolved for an external host", anchor)
                 continue
-            start = int(raw)
-            end = int(port.get("endPort") or start) if str(port.get("endPort") or "0").isdigit() else start
+            start = as_int(raw)
+            end = as_int(port.get("endPort"), start) or start
             if start == 0:  # port 0 means every port in Cilium
                 start, end = 1, 65535
-            listed, wide = port_list(start, max(start, end))
+            listed, wide = port_list(start, min(max(start, end), 65535))
             narrowed = narrowed or wide
             ports.extend(listed)
         if ports:

@@ -107,7 +107,7 @@ class Translation:
         note.targets.append((deny, pattern))
 
 
-class ImportError_(ValueError):  # noqa: N801 - ImportError is a builtin
+class ImportError_(ValueError):
     """Input that cannot be read at all (not a file, bad YAML); one line."""
 
 
@@ -123,12 +123,28 @@ def shown(value: Any) -> str:
     return text
 
 
+def one_line(text: str) -> str:
+    """Our own messages (which quote source text only through shown()): one line, whole."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def as_map(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
 def as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
+
+
+def as_int(value: Any, default: int = 0) -> int:
+    """An integer from a hostile field (a number or digits), else `default`."""
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit() and len(value) < 10:
+        return int(value)
+    return default
 
 
 # --------------------------------------------------------------------------

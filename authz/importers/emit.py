@@ -29,6 +29,7 @@ from .common import (
     Translation,
     canonical,
     narrow_by_denials,
+    one_line,
     shown,
     wildcard_over_tld,
 )
@@ -142,7 +143,7 @@ def _regrade(notes: Iterable[Note], refs: dict[int, str]) -> None:
 
 
 def _comment(lines: Iterable[str], indent: str) -> str:
-    return "".join(f"{indent}# {shown(line)}\n" for line in lines)
+    return "".join(f"{indent}# {one_line(line)}\n" for line in lines)
 
 
 def _note_line(note: Note) -> str:
@@ -271,7 +272,8 @@ _BlockDumper.add_representer(str, _str)
 
 def render(result: ImportResult, output: str) -> str:
     if output == "json":
-        return json.dumps({"apiVersion": "v1", "kind": "List", "items": result.configmaps}, indent=2)
+        listed = {"apiVersion": "v1", "kind": "List", "items": result.configmaps}
+        return json.dumps(listed, indent=2)
     docs = [
         yaml.dump(cm, Dumper=_BlockDumper, sort_keys=False, width=1000)
         for cm in result.configmaps
@@ -282,11 +284,11 @@ def render(result: ImportResult, output: str) -> str:
 def report_lines(result: ImportResult) -> list[str]:
     lines = []
     for note in result.notes:
-        line = f"{note.outcome.value:<17} {shown(note.element)}"
+        line = f"{note.outcome.value:<17} {one_line(note.element)}"
         if note.rules:
             line += f" -> {', '.join(note.rules)}"
         if note.reason:
-            line += f"\n{'':<18}{shown(note.reason)}"
+            line += f"\n{'':<18}{one_line(note.reason)}"
         lines.append(line)
     c = result.counts()
     lines.append(

@@ -105,7 +105,9 @@ def translate(paths: list[str], options: Any) -> Translation:
         for j, rule in enumerate(egress):
             rule = as_map(rule)
             where = f"{where0} egress[{j}]"
-            matches = [(f"matches[{i}]", as_map(m)) for i, m in enumerate(as_list(rule.get("matches")))]
+            matches = [
+                (f"matches[{i}]", as_map(m)) for i, m in enumerate(as_list(rule.get("matches")))
+            ]
             for k, peer in enumerate(as_list(rule.get("to"))):
                 peer = as_map(peer)
                 for i, fqdn in enumerate(as_list(peer.get("fqdns"))):

@@ -76,7 +76,7 @@ def documents(paths: list[str]) -> Iterator[Document]:
             raise ImportError_(f"{path}: not valid YAML/JSON: {str(e).splitlines()[0]}") from e
         for i, doc in enumerate(docs):
             origin = str(path) if len(docs) == 1 else f"{path}#{i}"
-            if isinstance(doc, dict) and doc.get("kind") == "List" or (
+            if (isinstance(doc, dict) and doc.get("kind") == "List") or (
                 isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List")
                 and isinstance(doc.get("items"), list)
             ):
