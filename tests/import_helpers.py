@@ -98,3 +98,17 @@ def outcome_of(result: ImportResult, fragment: str) -> str:
     found = [n.outcome.value for n in result.notes if fragment in n.element]
     assert len(found) == 1, (fragment, outcomes(result))
     return found[0]
+
+
+def near(values: list[str]) -> st.SearchStrategy[str]:
+    """Host names close to the ones a source names: each value (without its `*.` or `.`),
+    a name one or two labels below it, or any name of the small world."""
+    bases = sorted({v.lstrip("*").lstrip(".").lower() for v in values if v.strip("*.")})
+    if not bases:
+        return hostnames
+    return st.one_of(
+        hostnames,
+        st.sampled_from(bases),
+        st.builds(lambda p, b: f"{p}.{b}", st.sampled_from(LABELS), st.sampled_from(bases)),
+        st.builds(lambda p, b: f"a.{p}.{b}", st.sampled_from(LABELS), st.sampled_from(bases)),
+    )
