@@ -15,16 +15,19 @@ from tests.import_helpers import (
     hostnames,
     import_objects,
     lint_output,
+    near,
     outcome_of,
     ports,
 )
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-requests = st.lists(
-    st.tuples(hostnames, ports, st.sampled_from(["TLS", "HTTP"]), st.sampled_from(["shop", "web"])),
-    min_size=1,
-    max_size=12,
-)
+def requests(names: list[str]) -> st.SearchStrategy[list[tuple[str, int, str, str]]]:
+    return st.lists(
+        st.tuples(near(names), ports, st.sampled_from(["TLS", "HTTP"]),
+                  st.sampled_from(["shop", "web"])),
+        min_size=1,
+        max_size=12,
+    )
 
 # --------------------------------------------------------------------------
 # GKE FQDNNetworkPolicy. The documentation's rule: `name` is exact; in
@@ -112,11 +115,13 @@ gke_policies = st.lists(
 
 
 @SETTINGS
-@given(gke_policies, requests, st.sampled_from([{}, {"app": "cart"}, {"app": "web"}]))
-def test_never_allows_what_gke_denies(source, reqs, labels) -> None:
+@given(gke_policies, st.data(), st.sampled_from([{}, {"app": "cart"}, {"app": "web"}]))
+def test_never_allows_what_gke_denies(source, data, labels) -> None:
     """For generated FQDNNetworkPolicies and requests, an imported allow is a GKE allow."""
     judge = Judge(import_objects("gke", {"p.yaml": dump(*source)}))
-    for host, port, protocol, _ in reqs:
+    names = [v for p in source for r in p["spec"]["egress"] for m in r["matches"]
+             for v in m.values()]
+    for host, port, protocol, _ in data.draw(requests(names)):
         if judge.allows(host, port, protocol, labels=labels):
             assert gke_allows(source, labels, host, port), (host, port, labels)
 
@@ -202,12 +207,13 @@ aws_groups = st.lists(
 
 
 @SETTINGS
-@given(aws_groups, requests, st.sampled_from([None, "shop"]))
-def test_never_allows_what_aws_denies(groups, reqs, namespace) -> None:
+@given(aws_groups, st.data(), st.sampled_from([None, "shop"]))
+def test_never_allows_what_aws_denies(groups, data, namespace) -> None:
     """For generated domain lists and requests, an imported allow is an AWS allow."""
     files = {f"g{i}.json": rule_group(f"g{i}", g) for i, g in enumerate(groups)}
     judge = Judge(import_objects("aws-nfw", files, namespace=namespace))
-    for host, port, protocol, ns in reqs:
+    names = [t for g in groups for t in g["Targets"]]
+    for host, port, protocol, ns in data.draw(requests(names)):
         if judge.allows(host, port, protocol, namespace=ns):
             assert aws_allows(groups, host, protocol), (host, protocol)
             assert namespace in (None, ns)
@@ -305,10 +311,11 @@ entries = st.lists(
 
 
 @SETTINGS
-@given(entries, requests)
-def test_never_allows_what_istio_would_not_route(source, reqs) -> None:
+@given(entries, st.data())
+def test_never_allows_what_istio_would_not_route(source, data) -> None:
     """For generated ServiceEntries and requests, an imported allow is reachable in Istio."""
     judge = Judge(import_objects("serviceentry", {"se.yaml": dump(*source)}))
-    for host, port, protocol, ns in reqs:
+    names = [h for se in source for h in se["spec"]["hosts"]]
+    for host, port, protocol, ns in data.draw(requests(names)):
         if judge.allows(host, port, protocol, namespace=ns):
             assert istio_allows(source, ns, host, port, protocol), (ns, host, port, protocol)

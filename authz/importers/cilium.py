@@ -92,7 +92,7 @@ def _subject(
     sel = spec.get("endpointSelector")
     if not isinstance(sel, dict):
         return None, None, "no endpointSelector"
-    labels = dict(as_map(sel.get("matchLabels")))
+    labels = {str(k): v for k, v in as_map(sel.get("matchLabels")).items()}
     namespace: str | None = policy_ns
     accounts = None
     for key in list(labels):
