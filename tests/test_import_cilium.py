@@ -205,3 +205,24 @@ def test_never_allows_what_cilium_denies(source: list[dict[str, Any]], data) -> 
     for host, port, protocol, labels in requests:
         if judge.allows(host, port, protocol, labels=labels):
             assert cilium_allows(source, labels, host, port, protocol), (host, port, labels)
+
+
+def test_clusterwide_policies_map_to_the_cluster_tier_or_their_namespace() -> None:
+    """A clusterwide policy without a namespace label is the cluster tier; with one, that namespace."""
+    everywhere = {"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy",
+                  "metadata": {"name": "all"},
+                  "spec": {"endpointSelector": {"matchLabels": {"team": "pay"}},
+                           "egress": [{"toFQDNs": [{"matchName": "api.kadath.io"}],
+                                       "toPorts": [{"ports": [{"port": "443"}]}]}]}}
+    one = {**everywhere, "metadata": {"name": "one"},
+           "spec": {**everywhere["spec"], "endpointSelector": {"matchLabels": {
+               "k8s:io.kubernetes.pod.namespace": "web",
+               "io.cilium.k8s.policy.serviceaccount": "hooks"}},
+               "egress": [{"toFQDNs": [{"matchName": "hooks.leng.com"}],
+                           "toPorts": [{"ports": [{"port": "443"}]}]}]}}
+    judge = Judge(import_objects("cilium", {"p.yaml": dump(everywhere, one)}))
+    assert judge.allows("api.kadath.io", 443, namespace="anywhere", labels={"team": "pay"})
+    assert not judge.allows("api.kadath.io", 443, namespace="anywhere")
+    assert judge.allows("hooks.leng.com", 443, namespace="web", account="hooks")
+    assert not judge.allows("hooks.leng.com", 443, namespace="web", account="other")
+    assert not judge.allows("hooks.leng.com", 443, namespace="shop", account="hooks")

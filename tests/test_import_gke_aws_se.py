@@ -319,3 +319,32 @@ def test_never_allows_what_istio_would_not_route(source, data) -> None:
     for host, port, protocol, ns in data.draw(requests(names)):
         if judge.allows(host, port, protocol, namespace=ns):
             assert istio_allows(source, ns, host, port, protocol), (ns, host, port, protocol)
+
+
+class TestStricterParser:
+    """The importer follows whatever the policy parser refuses (e.g. public-suffix wildcards)."""
+
+    def test_refused_allow_and_refused_deny(self, monkeypatch) -> None:
+        """A refused allow is reported; a refused deny removes the allows it overlaps."""
+        from authz import hosts
+
+        real = hosts.parse_pattern
+
+        def stricter(raw, *, allow_any=False):
+            if isinstance(raw, str) and raw.lower() == "*.co.uk":
+                raise hosts.PatternError("'*.co.uk' is a wildcard over a public suffix")
+            return real(raw, allow_any=allow_any)
+
+        monkeypatch.setattr(hosts, "parse_pattern", stricter)
+        allow = {"GeneratedRulesType": "ALLOWLIST", "TargetTypes": ["TLS_SNI"],
+                 "Targets": [".co.uk", "api.kadath.co.uk", "api.leng.com"]}
+        deny = {"GeneratedRulesType": "DENYLIST", "TargetTypes": ["TLS_SNI"],
+                "Targets": [".co.uk"]}
+        result = import_objects("aws-nfw", {"a.json": rule_group("a", allow),
+                                            "d.json": rule_group("d", deny)}, namespace="shop")
+        assert outcome_of(result, 'ALLOWLIST ".co.uk"') == "not-translatable"
+        assert outcome_of(result, 'ALLOWLIST "api.kadath.co.uk"') == "not-translatable"
+        assert outcome_of(result, 'ALLOWLIST "api.leng.com"') == "narrower"
+        judge = Judge(result)
+        assert judge.allows("api.leng.com", 443)
+        assert not judge.allows("api.kadath.co.uk", 443)

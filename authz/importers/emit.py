@@ -75,30 +75,31 @@ def _rule_dict(rule: DraftRule, hosts: list[str], name: str) -> dict[str, Any]:
     return out
 
 
+def _host_problem(raw: str, where: ConfigMapRef, tier: Tier) -> str | None:
+    pattern = canonical(raw) or raw
+    if wildcard_over_tld(pattern):
+        return f"{pattern} would allow a whole top-level domain"
+    if "." not in pattern:
+        return f"{pattern} is a single label (a top-level domain), not a host"
+    one = yaml.safe_dump({"rules": [{"name": "check", "hosts": [pattern], "ports": [443]}]})
+    problem = _problem(one, where, tier)
+    return f"not valid in egress-authz: {problem}" if problem else None
+
+
 def _validate_rule(rule: DraftRule, cluster_namespace: str) -> None:
     """Move every host the parser refuses into `rule.dropped`; refuse the rule if need be."""
     tier = Tier.CLUSTER if rule.namespace == CLUSTER else Tier.NAMESPACE
     where = ConfigMapRef(rule.namespace or cluster_namespace, rule.configmap)
-    seen: list[str] = []
-    for raw in rule.hosts:
-        if raw in rule.dropped:
-            continue
-        pattern = canonical(raw)
-        if pattern is None:
-            pattern = raw
-        if wildcard_over_tld(pattern):
-            rule.dropped[raw] = f"{pattern} would allow a whole top-level domain"
-            continue
-        if "." not in pattern:
-            rule.dropped[raw] = f"{pattern} is a single label (a top-level domain), not a host"
-            continue
-        one = yaml.safe_dump({"rules": [{"name": "check", "hosts": [pattern], "ports": [443]}]})
-        problem = _problem(one, where, tier)
-        if problem:
-            rule.dropped[raw] = f"not valid in egress-authz: {problem}"
-            continue
-        if pattern not in seen:
-            seen.append(pattern)
+    problems = {raw: _host_problem(raw, where, tier) for raw in rule.hosts}
+    for raw, problem in problems.items():
+        if problem and raw not in rule.dropped:
+            rule.dropped[raw] = problem
+        # `.co.uk` in Squid or AWS is `co.uk` plus `*.co.uk`: when the parser refuses
+        # the wildcard (a public suffix), the bare suffix is no host to allow either.
+        apex = raw[2:] if raw.startswith("*.") else None
+        if problem and apex in problems and apex not in rule.dropped:
+            rule.dropped[apex] = f"the apex of {raw}, which is refused: {problem}"
+    seen = list(dict.fromkeys(canonical(r) or r for r in rule.hosts if r not in rule.dropped))
     if not seen:
         return
     problem = _problem(yaml.safe_dump({"rules": [_rule_dict(rule, seen, "check")]}), where, tier)
