@@ -187,3 +187,14 @@ def test_never_allows_what_anp_denies(source, data) -> None:
         for protocol in ("TLS", "HTTP"):
             if judge.allows(host, port, protocol, namespace=ns, labels=labels):
                 assert anp_allows(source, ns, labels, host, port), (ns, labels, host, port)
+
+
+def test_baseline_allows_are_not_carried_over() -> None:
+    """A BaselineAdminNetworkPolicy allow comes after NetworkPolicy: reported, not written."""
+    banp = {"apiVersion": "policy.networking.k8s.io/v1alpha1",
+            "kind": "BaselineAdminNetworkPolicy", "metadata": {"name": "default"},
+            "spec": {"subject": {"namespaces": {}}, "egress": [
+                {"action": "Allow", "to": [{"domainNames": ["api.kadath.io"]}]}]}}
+    result = import_objects("k8s-anp", {"b.yaml": dump(banp)})
+    assert outcome_of(result, '"api.kadath.io"') == "not-translatable"
+    assert not result.configmaps

@@ -220,3 +220,13 @@ def test_never_allows_what_squid_denies(conf: Conf, data: st.DataObject) -> None
     for r in data.draw(requests(conf)):
         if judge.allows(r.host, r.port, r.protocol, method=r.method):
             assert squid_allows(conf, r), (conf.text(), r)
+
+
+def test_methods_narrow_http_only() -> None:
+    """`method CONNECT GET`: TLS (CONNECT) allowed as such, HTTP only for GET."""
+    conf = ("acl a dstdomain api.kadath.io\nacl m method CONNECT GET\n"
+            "http_access allow a m\nhttp_access deny all\n")
+    judge = Judge(import_objects("squid", {"squid.conf": conf}, namespace="shop"))
+    assert judge.allows("api.kadath.io", 443)
+    assert judge.allows("api.kadath.io", 80, "HTTP", method="GET")
+    assert not judge.allows("api.kadath.io", 80, "HTTP", method="POST")

@@ -208,6 +208,12 @@ def translate(paths: list[str], options: Any) -> Translation:
                               "cluster tier deny: it beats every allow, whatever the ANP order")
                 t.deny(deny, d, note)
             continue
+        if r.priority >= 10_000:  # BaselineAdminNetworkPolicy
+            for d in r.domains:
+                t.note(f'{r.where} domainNames "{shown(d)}"', Outcome.DROPPED,
+                       "a baseline rule: NetworkPolicies decide before it, so it cannot be "
+                       "carried over as an allow (the API keeps domainNames to the Admin tier)")
+            continue
         if r.action != "Allow":
             for d in r.domains:
                 t.note(f'{r.where} domainNames "{shown(d)}" ({shown(r.action)})', Outcome.DROPPED,

@@ -101,6 +101,8 @@ def translate(paths: list[str], options: Any) -> Translation:
             t.note(f"{where0} ingress", Outcome.DROPPED,
                    "ingress rules: egress-authz decides egress only", anchor)
         workloads, problem = workloads_from_selector(spec.get("podSelector"))
+        if "podSelector" not in spec:  # required by the API: an object without it never applied
+            problem = "no podSelector"
         egress = as_list(spec.get("egress"))
         for j, rule in enumerate(egress):
             rule = as_map(rule)

@@ -429,14 +429,22 @@ def translate(paths: list[str], options: Any) -> Translation:
                 p for c in final for p in c.hosts}
             note = t.note(where, Outcome.NARROWER if lossy else Outcome.EXACT,
                           "; ".join(reasons), anchor)
-            for k, c in enumerate(final):
-                draft = DraftRule(
-                    ns, cm, rule_name(f"line{line.number}", k if len(final) > 1 else ""), [],
-                    sorted(c.ports), sorted(c.protos),
-                    methods=c.methods if "HTTP" in c.protos and c.methods else None,
+            # `http.methods` only narrows HTTP: a CONNECT part gets its own rule.
+            split = [
+                part
+                for c in final
+                for part in (
+                    [Candidate(c.hosts, c.ports, frozenset({"TLS"}), None, c.narrowed),
+                     Candidate(c.hosts, c.ports, frozenset({"HTTP"}), c.methods, c.narrowed)]
+                    if c.methods and c.protos == PROTOS else [c]
                 )
-                if c.methods and "TLS" in c.protos:
-                    draft.protocols = ["HTTP"]  # methods only exist for HTTP
+            ]
+            for k, c in enumerate(split):
+                draft = DraftRule(
+                    ns, cm, rule_name(f"line{line.number}", k if len(split) > 1 else ""), [],
+                    sorted(c.ports), sorted(c.protos),
+                    methods=c.methods if c.protos == {"HTTP"} else None,
+                )
                 t.rules.append(draft)
                 for p in c.hosts:
                     t.allow(draft, p, note)
