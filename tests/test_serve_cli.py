@@ -90,11 +90,11 @@ class TestFlags:
 
 class TestServe:
     def run_until_ready(
-        self, tmp_path: Path, policies: Path, capfd: pytest.CaptureFixture[str]
+        self, tmp_path: Path, policies: Path, capfd: pytest.CaptureFixture[str], *extra: str
     ) -> str:
         args = serve.build_arg_parser().parse_args([
             "--policies", str(policies), "--grpc-address", "127.0.0.1:0", "--admin-address", "",
-            "--shutdown-grace", "0.5",
+            "--shutdown-grace", "0.5", *extra,
         ])
         stop = threading.Event()
         result: list[int] = []
@@ -122,7 +122,26 @@ class TestServe:
     def test_ready_line_without_policy(
         self, tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
     ) -> None:
-        """A missing policy path serves (denying everything, not ready) and says so."""
-        out = self.run_until_ready(tmp_path, tmp_path / "missing", capfd)
+        """With --wait-for-paths a missing policy path serves (denying everything, not
+        ready) and says so."""
+        out = self.run_until_ready(tmp_path, tmp_path / "missing", capfd, "--wait-for-paths")
         assert "no policy loaded: denying everything until one is" in out
         assert "does not exist" in caplog.text
+
+
+class TestMissingPaths:
+    @pytest.mark.parametrize("flag", ["--policies", "--workloads"])
+    def test_a_path_that_does_not_exist_fails_at_start(
+        self, tmp_path: Path, flag: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A mistyped --policies/--workloads exits 2 naming it, before anything listens."""
+        (tmp_path / "p.yaml").write_text(POLICY)
+        given = {"--policies": str(tmp_path), "--workloads": None, flag: str(tmp_path / "typo")}
+        argv = ["--grpc-address", "127.0.0.1:0", "--admin-address", ""]
+        for name, value in given.items():
+            if value:
+                argv += [name, value]
+        assert serve.run(serve.build_arg_parser().parse_args(argv)) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {tmp_path / 'typo'}: no such file or directory" in err
+        assert "serving Check" not in err

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -39,6 +39,7 @@ class ServiceProcess:
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
         start_timeout: float = 20.0,
+        on_line: Callable[[str], None] | None = None,
     ) -> None:
         self.policies = policies
         self.workloads = workloads
@@ -47,6 +48,7 @@ class ServiceProcess:
         self.extra_args = list(extra_args)
         self.log_path = log_path
         self.start_timeout = start_timeout
+        self.on_line = on_line  # each stderr line as it arrives (the demo's reload notes)
         self.process: subprocess.Popen[str] | None = None
         self._lines: list[str] = []
         self._lock = threading.Lock()
@@ -147,6 +149,8 @@ class ServiceProcess:
                     log.flush()
                 if READY_LINE in line:
                     self._ready.set()
+                if self.on_line is not None:
+                    self.on_line(line.rstrip("\n"))
         finally:
             if log:
                 log.close()
