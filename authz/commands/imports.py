@@ -12,9 +12,12 @@ import argparse
 import sys
 from typing import Any
 
-EXIT_EXACT = 0
-EXIT_LOSSY = 1
-EXIT_UNREADABLE = 2
+from . import exits
+from ._common import add_cluster_namespace, add_output
+
+EXIT_EXACT = exits.OK
+EXIT_LOSSY = exits.NO  # something was narrowed or not translated: read the report
+EXIT_UNREADABLE = exits.USAGE  # a path that does not exist, a file that is not YAML/JSON
 
 
 def add_parser(sub: Any) -> None:
@@ -29,7 +32,7 @@ def add_parser(sub: Any) -> None:
         "translated exactly, 1 when something was narrowed or dropped (see the report on "
         "stderr), 2 when the input cannot be read. See docs/migrating.md.",
     )
-    p.add_argument("--from", dest="source", required=True, choices=list(SOURCES))
+    p.add_argument("--from", dest="source", required=True, type=str.lower, choices=list(SOURCES))
     p.add_argument("paths", nargs="+", metavar="PATH", help="files or directories")
     p.add_argument(
         "--namespace",
@@ -38,18 +41,14 @@ def add_parser(sub: Any) -> None:
         help="namespace for sources without one (Squid, AWS, objects without "
         "metadata.namespace); Squid and AWS go to the cluster tier without it",
     )
-    p.add_argument("--output", choices=("yaml", "json"), default="yaml")
+    add_output(p, "yaml", "json")
     p.add_argument(
         "--mode",
+        type=str.lower,
         choices=("enforce", "audit"),
         help="write this mode into the namespace policies (audit: roll out without breaking)",
     )
-    p.add_argument(
-        "--cluster-namespace",
-        default="egress-authz",
-        metavar="NS",
-        help="namespace of the cluster-tier policy (default egress-authz)",
-    )
+    add_cluster_namespace(p)
     p.add_argument("--quiet", "-q", action="store_true", help="print only the summary on stderr")
     p.set_defaults(run=run)
 
