@@ -58,10 +58,10 @@ class TestCommand:
         assert "# not-translatable: shop/shop-egress egress[0] toFQDNs[1]" in out
 
     def test_json_output_and_audit_mode(self, tmp_path, capsys) -> None:
-        """--output json prints a List; --mode audit writes the mode into namespace policies."""
+        """-o json (any case) prints a List; --mode audit writes the mode into namespace policies."""
         src = tmp_path / "cnp.yaml"
         src.write_text(EXACT)
-        code, out, _ = run(capsys, "--from", "cilium", str(src), "--output", "json",
+        code, out, _ = run(capsys, "--from", "CILIUM", str(src), "-o", "JSON",
                            "--mode", "audit")
         assert code == 0
         listed = json.loads(out)
