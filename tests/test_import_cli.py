@@ -146,3 +146,15 @@ def test_non_string_label_keys_are_refused_not_crashed() -> None:
     result = import_objects("cilium", {"p.yaml": text})
     assert not result.configmaps
     assert {n.outcome.value for n in result.notes} == {"not-translatable"}
+
+
+def test_names_from_the_source_become_valid_kubernetes_names() -> None:
+    """Odd policy names give valid ConfigMap names; an invalid namespace drops its rules."""
+    text = EXACT.replace("name: shop-egress", "name: Shop..Egress_v2.-x").replace(
+        "namespace: shop", "namespace: shop")
+    result = import_objects("cilium", {"p.yaml": text})
+    (cm,) = result.configmaps
+    assert cm["metadata"]["name"] == "import-cilium-shop-egress-v2-x"
+    odd = import_objects("cilium", {"p.yaml": EXACT.replace("namespace: shop", "namespace: Shop_1")})
+    assert not odd.configmaps
+    assert all("is not a valid name" in n.reason for n in odd.notes)

@@ -151,7 +151,8 @@ def as_int(value: Any, default: int = 0) -> int:
 # Names we generate for ConfigMaps and rules.
 
 _RULE_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
-_CM_BAD = re.compile(r"[^a-z0-9.-]+")
+_CM_BAD = re.compile(r"[^a-z0-9]+")  # ConfigMap names: DNS labels joined by "-"
+NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 
 
 def _short_hash(text: str) -> str:
@@ -169,9 +170,9 @@ def rule_name(*parts: Any) -> str:
 
 def configmap_name(source: str, *parts: Any) -> str:
     raw = "-".join(["import", source, *(str(p) for p in parts if str(p))])
-    name = _CM_BAD.sub("-", raw.lower()).strip("-.") or "import"
+    name = _CM_BAD.sub("-", raw.lower()).strip("-") or "import"
     if len(name) > 200:
-        name = f"{name[:190].strip('-.')}-{_short_hash(raw)}"
+        name = f"{name[:190].strip('-')}-{_short_hash(raw)}"
     return name
 
 

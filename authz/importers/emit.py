@@ -22,6 +22,7 @@ from ..model import POLICY_DATA_KEY, POLICY_LABEL, TIER_CLUSTER, TIER_LABEL, Con
 from ..policy import PolicyError, parse_policy_yaml
 from .common import (
     CLUSTER,
+    NAMESPACE_NAME,
     DraftDeny,
     DraftRule,
     Note,
@@ -90,6 +91,10 @@ def _validate_rule(rule: DraftRule, cluster_namespace: str) -> None:
     """Move every host the parser refuses into `rule.dropped`; refuse the rule if need be."""
     tier = Tier.CLUSTER if rule.namespace == CLUSTER else Tier.NAMESPACE
     where = ConfigMapRef(rule.namespace or cluster_namespace, rule.configmap)
+    if rule.namespace != CLUSTER and not NAMESPACE_NAME.match(rule.namespace):
+        for raw in rule.hosts:
+            rule.dropped.setdefault(raw, f"namespace {shown(rule.namespace)} is not a valid name")
+        return
     problems = {raw: _host_problem(raw, where, tier) for raw in rule.hosts}
     for raw, problem in problems.items():
         if problem and raw not in rule.dropped:
