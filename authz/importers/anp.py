@@ -251,7 +251,8 @@ def translate(paths: list[str], options: Any) -> Translation:
                 why = (f"{hit.where} ({hit.action}) comes first and may match it"
                        + (" (its networks/nodes may hold any name's addresses)"
                           if hit.address_peer else ""))
-                t.note(element, Outcome.DROPPED, why)
+                anchor = (drafts[0].namespace, drafts[0].configmap) if drafts else None
+                t.note(element, Outcome.DROPPED, why, anchor)
                 continue
             if not drafts:
                 t.note(element, Outcome.DROPPED, "its namespace selector matches no namespace")
