@@ -401,6 +401,20 @@ class TestDeployment:
         with pytest.raises(helm.HelmError, match="gatewayPortMap"):
             chart.render(values={"gatewayPortMap": "8443=443"}, name=RELEASE, namespace=NAMESPACE)
 
+    def test_unknown_workloads_opt_out(self, chart: helm.Chart) -> None:
+        """unknownWorkloads: allow becomes `--unknown-workloads allow`, which serve parses;
+        the default (deny, serve's own default) adds no flag; other values fail the schema."""
+        from authz.commands import serve
+
+        args = container(render(chart, {"unknownWorkloads": "allow"}))["args"]
+        assert args[args.index("--unknown-workloads") + 1] == "allow"
+        assert serve.build_arg_parser().parse_args(args[1:]).unknown_workloads == "allow"
+        default = container(render(chart))["args"]
+        assert "--unknown-workloads" not in default
+        assert serve.build_arg_parser().parse_args(default[1:]).unknown_workloads == "deny"
+        with pytest.raises(helm.HelmError, match="unknownWorkloads"):
+            chart.validate_schema({"unknownWorkloads": "yes"})
+
     def test_serve_accepts_args(self, chart: helm.Chart) -> None:
         """`egress-authz serve` parses the Deployment's args in every variant (dry parse)."""
         from authz import cli  # the parser the console script itself uses
