@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,14 @@ import yaml
 
 from authz.commands.serve import build_arg_parser, serve
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import SVC_NS, emu, pod, policy_cm, rule  # noqa: F401 (fixture)
+from tests.kube_harness import SVC_NS, pod, policy_cm, rule
 from tests.test_server import CART, Client, check_request, free_port
+
+
+@pytest.fixture
+def api() -> Iterator[KubeEmulator]:
+    with KubeEmulator(bookmark_interval=0.2) as e:
+        yield e
 
 
 def kubeconfig(emu: KubeEmulator, path: Path) -> Path:
@@ -45,14 +52,14 @@ def read_ready(fd: int, timeout: float) -> str:
 
 class TestWorkerStart:
     def test_worker_listens_only_after_its_policy_loaded(
-        self, emu: KubeEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+        self, api: KubeEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
         """While the API server is unreachable a worker keeps the port closed and reports
         nothing; once the policy loads it listens, reports its revision and allows."""
-        emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]),
+        api.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]),
                  pod("shop", "cart", "10.0.0.1", sa="cart"))
-        config = kubeconfig(emu, tmp_path / "kubeconfig")
-        emu.stop()  # the worker starts during an API outage (or a slow first list)
+        config = kubeconfig(api, tmp_path / "kubeconfig")
+        api.stop()  # the worker starts during an API outage (or a slow first list)
         port = free_port()
         ready_r, ready_w = os.pipe()
         args = build_arg_parser().parse_args([
@@ -64,11 +71,11 @@ class TestWorkerStart:
         worker = threading.Thread(target=serve, args=(args, stop), daemon=True)
         worker.start()
         try:
-            emu.wait_for(lambda: "API server unreachable" in caplog.text, timeout=10)
+            api.wait_for(lambda: "API server unreachable" in caplog.text, timeout=10)
             # It has tried to load and failed: the port must be closed, not answering no-policy.
             assert not listening(port)
             assert read_ready(ready_r, 0) == ""
-            emu.start()
+            api.start()
             word = read_ready(ready_r, 20)
             assert word.startswith("ready ") and int(word.split()[1]) >= 1, word
             client = Client(port)
@@ -84,11 +91,11 @@ class TestWorkerStart:
         assert not worker.is_alive()
 
     def test_worker_stopped_before_loading_exits_cleanly(
-        self, emu: KubeEmulator, tmp_path: Path
+        self, api: KubeEmulator, tmp_path: Path
     ) -> None:
         """SIGTERM (the stop event) during the first load: exit 0 without ever listening."""
-        config = kubeconfig(emu, tmp_path / "kubeconfig")
-        emu.stop()
+        config = kubeconfig(api, tmp_path / "kubeconfig")
+        api.stop()
         port = free_port()
         args = build_arg_parser().parse_args([
             "--kube", "--kubeconfig", str(config), "--namespace", SVC_NS, "--no-write",
