@@ -275,6 +275,9 @@ class KubeEmulator:
         self.bookmark_interval = bookmark_interval
         self.history_limit = history_limit
         self.requests: list[RequestRecord] = []
+        # Called with (method, path) before each request other than a watch is handled,
+        # on the request's own thread: tests slow down or block one API with it.
+        self.before_request: Callable[[str, str], None] | None = None
         self.port = 0
         self._by_path = {(r.group, r.version, r.plural): r for r in self.resources}
         self._by_kind = {(r.api_version, r.kind): r for r in self.resources}
@@ -848,6 +851,9 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 200
                 # Logged when it starts: a watch may stay open for the whole test.
                 self.emulator._log(RequestRecord(self.command, url.path, q, ctype, status))
+            hook = self.emulator.before_request
+            if hook is not None and not watch:
+                hook(self.command, url.path)
             result = self.emulator.handle(self.command, url.path, q, ctype, body,
                                           send_event if watch else None)
             if not isinstance(result, bool):

@@ -204,6 +204,10 @@ class TestPermissions:
         w.start()
         try:
             emu.wait_for(lambda: emu.events("shop"), timeout=3)
+            for text in ("rules: []", "rules: {bad: 1}"):  # the same error again: a PATCH
+                emu.modify("v1", "ConfigMap", "shop", "p",
+                           lambda o, t=text: o["data"].update({"policy.yaml": t}))
+            emu.wait_for(lambda: any(e.get("count") == 2 for e in emu.events("shop")), timeout=5)
             emu.seed({"apiVersion": "v1", "kind": "Namespace",
                       "metadata": {"name": "shop", "labels": {"team": "a"}}},
                      policy_cm("shop", "p", [rule("a", "api.kadath.io")]))

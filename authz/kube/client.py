@@ -160,6 +160,11 @@ class KubeApi:
                           query={"fieldManager": field_manager,
                                  "force": "true" if force else None})
 
+    def patch(self, kind: str, namespace: str, name: str, body: Obj) -> Obj:
+        """A JSON merge patch (RFC 7386): the fields in `body` replace the stored ones."""
+        return self._call(kind, "PATCH", namespace=namespace, name=name, body=body,
+                          content_type="application/merge-patch+json")
+
     def delete(self, kind: str, namespace: str, name: str) -> None:
         self._call(kind, "DELETE", namespace=namespace, name=name)
 
