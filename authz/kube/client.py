@@ -23,6 +23,7 @@ Obj = dict[str, Any]
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 REQUEST_TIMEOUT = (3.0, 10.0)  # connect, read: a hung API server must not hang a loop
+LIST_PAGE_SIZE = 500  # client-go's reflector pages lists by 500 too
 
 
 class KubeError(Exception):
@@ -105,11 +106,38 @@ class KubeApi:
     # -------------------------------------------------------------- the calls we make
 
     def list(self, kind: str, *, label_selector: str | None = None,
-             field_selector: str | None = None) -> tuple[list[Obj], str]:
-        """All objects of `kind` (all namespaces) and the list's resourceVersion."""
-        body = self._call(kind, "GET", collection=True, query={
-            "labelSelector": label_selector, "fieldSelector": field_selector})
-        return list(body.get("items") or []), str(body["metadata"]["resourceVersion"])
+             field_selector: str | None = None, resource_version: str | None = None,
+             page_size: int = LIST_PAGE_SIZE) -> tuple[list[Obj], str]:
+        """All objects of `kind` (all namespaces) and the list's resourceVersion.
+
+        Read in pages of `page_size` (`limit`/`continue`), so that a large cluster's
+        Pods are never one unbounded read. resource_version "0": whatever the API
+        server has cached will do (served from its watch cache, no etcd read; the
+        server may then ignore the limit, as client-go's reflector relies on);
+        None: the latest state, a consistent read from etcd, page by page."""
+        items: list[Obj] = []
+        token: str | None = None
+        restarted = False
+        while True:
+            query = {"labelSelector": label_selector, "fieldSelector": field_selector,
+                     "limit": str(page_size)}
+            if token:
+                query["continue"] = token  # it carries the snapshot: no resourceVersion
+            elif resource_version is not None:
+                query["resourceVersion"] = resource_version
+            try:
+                body = self._call(kind, "GET", collection=True, query=query)
+            except KubeGone:
+                if token is None or restarted:
+                    raise
+                # The snapshot behind the token was compacted mid-list: start over, once.
+                items, token, restarted = [], None, True
+                continue
+            items.extend(body.get("items") or [])
+            meta = body.get("metadata") or {}
+            token = meta.get("continue") or None
+            if token is None:
+                return items, str(meta["resourceVersion"])
 
     def watch(self, kind: str, resource_version: str, *, timeout_seconds: int,
               label_selector: str | None = None, field_selector: str | None = None,
