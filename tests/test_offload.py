@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,37 @@ class TestGcPaused:
         release.set()
         t.join(5)
         assert gc.isenabled()
+
+    def test_replaced_snapshot_is_released_intact(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The reaper lets go of a replaced snapshot without changing it: a Check still
+        deciding on it gets the old answer."""
+        from authz.engine import decide
+        from authz.loader import build_policy_set
+        from authz.model import Destination, Identity, Protocol
+        from authz.store import _REAPER
+
+        monkeypatch.setattr(type(_REAPER), "DELAY", 0.0)
+        path = Path(self.tmp) / "p.yaml"
+        write(path, configmap("a"))
+        store = PolicyStore()
+        store.publish(build_policy_set(load_path(path).policies))
+        old = store.current
+        assert old is not None
+        released = _REAPER.released
+        write(path, configmap("a", "[api.leng.com]"))
+        store.publish(build_policy_set(load_path(path).policies))
+        deadline = time.monotonic() + 10
+        while _REAPER.released == released and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _REAPER.released > released
+        who = Identity(principal="spiffe://cluster.local/ns/shop/sa/default", source_ip="")
+        where = Destination(port=443, protocol=Protocol.TLS, sni="api.kadath.io")
+        assert decide(old, who, where).allowed
+        assert store.current is not None and not decide(store.current, who, where).allowed
+
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
 
     def test_publish_leaves_the_collector_on(self) -> None:
         """A publish pauses collection while compiling, and only then."""
