@@ -49,6 +49,8 @@ class Reason(enum.StrEnum):
     UNTRUSTED_IDENTITY = "untrusted-identity"
     IDENTITY_MISMATCH = "identity-mismatch"
     BAD_REQUEST = "bad-request"
+    PORT_MISMATCH = "port-mismatch"
+    UNKNOWN_WORKLOAD = "unknown-workload"
 
 
 # Denials that audit mode never lifts: they are about the request itself, not
@@ -62,6 +64,8 @@ ALWAYS_ENFORCED = frozenset(
         Reason.UNTRUSTED_IDENTITY,
         Reason.IDENTITY_MISMATCH,
         Reason.BAD_REQUEST,
+        Reason.PORT_MISMATCH,
+        Reason.UNKNOWN_WORKLOAD,
     }
 )
 
@@ -98,7 +102,8 @@ class Workload:
     service_account: str
     labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_LABELS)
     name: str = ""
-    ip: str = ""
+    ip: str = ""  # status.podIP
+    ips: tuple[str, ...] = ()  # every address of status.podIPs (dual-stack: one per family)
 
 
 @dataclass(slots=True)
@@ -108,12 +113,15 @@ class Identity:
     `principal` is the raw peer principal (a SPIFFE URI when the mesh is
     healthy); `workload` is the Pod the resolver found for `source_ip`, or
     None when no Pod is known for it (then rules that select by label do not
-    apply).
+    apply). `pod_required`: every legitimate caller is a known Pod (a Pod
+    source is configured and unknown sources are refused), so no Pod at
+    `source_ip` is a denial, `unknown-workload` (see authz/identity.py).
     """
 
     principal: str
     source_ip: str = ""
     workload: Workload | None = None
+    pod_required: bool = False
 
 
 @dataclass(slots=True)
@@ -122,7 +130,9 @@ class Destination:
 
     `sni` comes from the TLS session (network filter, or TLS under the HTTP
     filter); `http_host` from the Host/:authority header. `protocol` is HTTP
-    when the HTTP filter saw the request, TLS otherwise.
+    when the HTTP filter saw the request, TLS otherwise. `port` is the port
+    the app dialled: the gateway listener port translated by the gateway port
+    map, or 0 when the map does not know that listener port.
     """
 
     port: int
@@ -131,6 +141,7 @@ class Destination:
     http_host: str | None = None
     method: str | None = None
     path: str | None = None
+    listener_port: int = 0  # the gateway's own listener port, before the port map
 
 
 # --------------------------------------------------------------------------
@@ -170,6 +181,9 @@ class WorkloadSelector:
 class HttpMatch:
     methods: frozenset[str] | None = None  # upper case; None = any
     paths: tuple[str, ...] | None = None  # prefixes; None = any
+    # Whole paths, matched exactly (`suggest` writes these: what was seen, no more).
+    # A request passes the path stage when it matches a prefix or an exact path.
+    exact_paths: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

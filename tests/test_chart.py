@@ -383,6 +383,8 @@ class TestDeployment:
             "platform-egress",
             "--gateway-namespace",
             "istio-egress",
+            "--gateway-service",
+            "istio-egressgateway",
             "--shutdown-delay",
             "5",
             "--shutdown-grace",
@@ -398,6 +400,34 @@ class TestDeployment:
         assert args[args.index("--workers") + 1] == "4"
         assert "--no-write" not in args
         assert "--no-write" in container(render(chart, {"writeIstioRegistry": False}))["args"]
+
+    def test_gateway_port_map(self, chart: helm.Chart) -> None:
+        """gatewayPortMap replaces the gateway Service watch with a fixed map; the schema
+        refuses a malformed one before anything is applied."""
+        args = container(render(chart, {"gatewayPortMap": "8443:443,8080:80"}))["args"]
+        assert args[args.index("--gateway-port-map") + 1] == "8443:443,8080:80"
+        assert "--gateway-service" not in args
+        from authz import cli
+
+        assert cli.build_parser().parse_args(args).gateway_port_map == "8080:80,8443:443"
+        args = container(render(chart, {"gatewayService": "egress-gw"}))["args"]
+        assert args[args.index("--gateway-service") + 1] == "egress-gw"
+        with pytest.raises(helm.HelmError, match="gatewayPortMap"):
+            chart.render(values={"gatewayPortMap": "8443=443"}, name=RELEASE, namespace=NAMESPACE)
+
+    def test_unknown_workloads_opt_out(self, chart: helm.Chart) -> None:
+        """unknownWorkloads: allow becomes `--unknown-workloads allow`, which serve parses;
+        the default (deny, serve's own default) adds no flag; other values fail the schema."""
+        from authz.commands import serve
+
+        args = container(render(chart, {"unknownWorkloads": "allow"}))["args"]
+        assert args[args.index("--unknown-workloads") + 1] == "allow"
+        assert serve.build_arg_parser().parse_args(args[1:]).unknown_workloads == "allow"
+        default = container(render(chart))["args"]
+        assert "--unknown-workloads" not in default
+        assert serve.build_arg_parser().parse_args(default[1:]).unknown_workloads == "deny"
+        with pytest.raises(helm.HelmError, match="unknownWorkloads"):
+            chart.validate_schema({"unknownWorkloads": "yes"})
 
     def test_serve_accepts_args(self, chart: helm.Chart) -> None:
         """`egress-authz serve` parses the Deployment's args in every variant (dry parse)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the heavy modules are imported inside run(): `--help` stays fast
     from authz.envoy.server import AuthzServer
+    from authz.gateway_ports import GatewayPorts
     from authz.records import Recorder
     from authz.sources import PolicySource, WorkloadFileSource
     from authz.store import PolicyStore
@@ -57,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "to namespace, service account and labels; reloaded when files change",
     )
     src.add_argument(
+        "--wait-for-paths", action="store_true",
+        help="start even if --policies or --workloads does not exist yet, and load it when "
+        "it appears (denying everything until then); without it a missing path is an error",
+    )
+    src.add_argument(
         "--cluster-namespace", default=DEFAULT_CLUSTER_NAMESPACE, metavar="NS",
         help="namespace whose ConfigMaps labelled egress-authz.io/tier=cluster form the "
         "cluster tier (default: %(default)s)",
@@ -64,6 +70,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--trust-domain", default=DEFAULT_TRUST_DOMAIN,
         help="SPIFFE trust domain of accepted principals (default: %(default)s)",
+    )
+    src.add_argument(
+        "--gateway-port-map", type=_port_map, default=None, metavar="LISTEN:PORT,...",
+        help="gateway listener port -> the Service port apps dial, e.g. 8443:443,8080:80; "
+        "Checks on other listener ports are denied. Default: listener ports are judged as "
+        "is, or with --kube learnt from the gateway Service (--gateway-service)",
+    )
+    src.add_argument(
+        "--unknown-workloads", choices=("deny", "allow"), default="deny",
+        help="a caller whose source address no live Pod has (with --kube or --workloads): "
+        "deny it as unknown-workload (default), or allow the principal alone to identify it, "
+        "for meshes whose gateway does not see Pod IPs (SNAT, multi-cluster); label rules "
+        "never match such callers",
     )
     net = p.add_argument_group("serving")
     net.add_argument(
@@ -126,6 +145,15 @@ def _ratio(text: str) -> float:
     return r
 
 
+def _port_map(text: str) -> str:
+    from authz.gateway_ports import PortMapError, format_port_map, parse_port_map
+
+    try:  # kept as text, normalised, so that --workers can hand it on as is
+        return format_port_map(parse_port_map(text))
+    except PortMapError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def _positive(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -158,26 +186,53 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def build_policy_sources(
-    args: argparse.Namespace, index: WorkloadIndex | None = None
+    args: argparse.Namespace, index: WorkloadIndex | None = None,
+    ports: GatewayPorts | None = None,
 ) -> list[PolicySource]:
     """Which sources feed the store. A Kubernetes source adds one branch here."""
     from authz.sources import DirectorySource
 
     sources: list[PolicySource] = []
+    _require_paths(args)
     if args.policies:
         sources.append(DirectorySource(args.policies, cluster_namespace=args.cluster_namespace))
     if getattr(args, "kube", False):
         from authz.kube.controller import KubeController
         from authz.workloads import WorkloadIndex
 
-        # The Pod watch feeds the same index Check reads.
-        sources.append(KubeController.from_args(args, index or WorkloadIndex()))
+        # The Pod watch feeds the same index Check reads. (`is None`, not `or`:
+        # an index is never falsy, but this once made --kube fill a second one.)
+        sources.append(
+            KubeController.from_args(args, WorkloadIndex() if index is None else index, ports)
+        )
     if not sources:
         raise UsageError("no policy source: give --policies PATH")
     if len(sources) > 1:
         # Each source publishes whole PolicySets; two would overwrite each other.
         raise UsageError("give one policy source")
     return sources
+
+
+def _require_paths(args: argparse.Namespace) -> None:
+    """A mistyped path would otherwise serve "deny everything" while looking healthy."""
+    if getattr(args, "wait_for_paths", False):
+        return
+    for flag, path in (("--policies", args.policies), ("--workloads", args.workloads)):
+        if path and not os.path.exists(path):
+            raise UsageError(
+                f"{flag} {path}: no such file or directory (--wait-for-paths starts anyway "
+                "and loads it when it appears)"
+            )
+
+
+def build_gateway_ports(args: argparse.Namespace) -> GatewayPorts:
+    """The gateway port map: the flag's; with --kube and no flag, empty (deny) until the
+    gateway Service's watch fills it; otherwise none (listener ports judged as is)."""
+    from authz.gateway_ports import GatewayPorts, parse_port_map
+
+    if text := getattr(args, "gateway_port_map", None):
+        return GatewayPorts(parse_port_map(text))
+    return GatewayPorts({} if getattr(args, "kube", False) else None)
 
 
 def build_workload_sources(
@@ -276,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
     from authz.envoy.server import AuthzServer, ServerSettings
+    from authz.identity import UnknownWorkloads
     from authz.metrics import POLICY_REVISION
     from authz.store import PolicyStore
     from authz.workloads import WorkloadIndex
@@ -284,16 +340,20 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     store = PolicyStore(trust_domain=args.trust_domain)
     store.subscribe(lambda snapshot: POLICY_REVISION.set(snapshot.revision))
     index = WorkloadIndex()
-    policy_sources = build_policy_sources(args, index)
+    ports = build_gateway_ports(args)
+    policy_sources = build_policy_sources(args, index, ports)
     workload_sources = build_workload_sources(args, index)
     recorder = build_recorder(args)
     worker = args.worker_index is not None
     server = AuthzServer(
         store,
-        index,
+        index if has_pod_source(args) else None,
         recorder,
         ServerSettings(address=args.grpc_address, threads=args.threads, reuse_port=worker),
+        ports,
+        unknown_workloads=UnknownWorkloads(args.unknown_workloads),
     )
+    _log_identity_mode(args)
     state = ServeState(store, index, recorder, server, list(policy_sources))
     _install_signal_handlers(stop)
 
@@ -371,6 +431,25 @@ def _wait_loaded(store: PolicyStore, stop: threading.Event) -> bool:
         if stop.is_set():
             return False
     return True
+
+
+def has_pod_source(args: argparse.Namespace) -> bool:
+    """Whether Pods are known (a Pod watch or --workloads): only then can a source
+    address be checked against the certificate and labels be read."""
+    return bool(getattr(args, "kube", False) or args.workloads)
+
+
+def _log_identity_mode(args: argparse.Namespace) -> None:
+    if not has_pod_source(args):
+        log.warning(
+            "no Pod source (--kube or --workloads): the certificate alone identifies callers, "
+            "from any address, and rules that select by label never match"
+        )
+    elif args.unknown_workloads == "allow":
+        log.warning(
+            "--unknown-workloads allow: callers at addresses no Pod has are identified by "
+            "their certificate alone"
+        )
 
 
 def _report_ready(fd: int | None, revision: int) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from authz.model import Destination, Identity, Protocol, Workload
+from authz.model import Destination, Identity, Protocol
 
 from .gen.envoy_service_auth_v3_pb2 import AttributeContext, CheckRequest
 
@@ -29,7 +29,10 @@ MAX_TRACE_HEADER_CHARS = 512  # W3C: traceparent is 55 chars, tracestate <= 512
 HTTP_FILTER = "http"
 NETWORK_FILTER = "network"
 
-WorkloadLookup = Callable[[str], Workload | None]
+# principal, source address -> Identity: authz.identity.IdentityResolver, which
+# finds the Pod at the address; without one, the Identity carries no Pod.
+IdentityResolve = Callable[[str, str], Identity]
+PortTranslation = Callable[[int], int]  # gateway listener port -> the port the app dialled
 
 
 @dataclass(slots=True)  # not frozen: built once per Check, and frozen costs ~1.5 µs
@@ -54,20 +57,24 @@ class BadRequest:
 
 
 def parse_check_request(
-    data: bytes, lookup: WorkloadLookup | None = None
+    data: bytes, resolve: IdentityResolve | None = None, ports: PortTranslation | None = None
 ) -> ParsedCheck | BadRequest:
     """Parse one serialised CheckRequest; never raises.
 
-    `lookup` resolves the source IP to the Pod behind it (the WorkloadIndex);
-    without it, or when no Pod is known, `identity.workload` is None.
+    `resolve` makes the Identity from the principal and source address (the
+    server's IdentityResolver finds the Pod behind the address); without it
+    the Identity carries no Pod. `ports` translates the gateway listener port
+    (GatewayPorts.translate); without it the listener port is judged as is.
     """
     try:
-        return _parse(data, lookup)
+        return _parse(data, Identity if resolve is None else resolve, ports)
     except Exception as e:  # the parser must not take the server down, whatever arrives
         return BadRequest(f"unreadable CheckRequest: {type(e).__name__}: {_clip(str(e))}")
 
 
-def _parse(data: bytes, lookup: WorkloadLookup | None) -> ParsedCheck | BadRequest:
+def _parse(
+    data: bytes, resolve: IdentityResolve, ports: PortTranslation | None
+) -> ParsedCheck | BadRequest:
     if len(data) > MAX_REQUEST_BYTES:
         return BadRequest(f"CheckRequest of {len(data)} bytes exceeds {MAX_REQUEST_BYTES}")
     request = CheckRequest()
@@ -81,12 +88,14 @@ def _parse(data: bytes, lookup: WorkloadLookup | None) -> ParsedCheck | BadReque
     source = attrs.source
     principal = source.principal
     source_ip = _ip(source.address.socket_address.address)
-    port = attrs.destination.address.socket_address.port_value
+    listener = attrs.destination.address.socket_address.port_value
+    # The listener port is the gateway pod's, not the one the app dialled.
+    port = ports(listener) if ports is not None and listener else listener
     sni = attrs.tls_session.sni or None
 
     request_ctx = attrs.request
     if request_ctx.HasField("http"):
-        return _http(request_ctx.http, principal, source_ip, port, sni, lookup)
+        return _http(request_ctx.http, principal, source_ip, listener, port, sni, resolve)
 
     # The network filter sends no request: the destination name is the SNI,
     # from tls_session when the filter sets include_tls_session, else from
@@ -94,10 +103,11 @@ def _parse(data: bytes, lookup: WorkloadLookup | None) -> ParsedCheck | BadReque
     sni = sni or attrs.destination.service or None
     if max(len(principal), len(sni or "")) > MAX_FIELD_CHARS:
         return BadRequest(_too_long(principal=principal, sni=sni), NETWORK_FILTER)
-    workload = lookup(source_ip) if lookup is not None and source_ip else None
     return ParsedCheck(
-        identity=Identity(principal=principal, source_ip=source_ip, workload=workload),
-        destination=Destination(port=port, protocol=Protocol.TLS, sni=sni),
+        identity=resolve(principal, source_ip),
+        destination=Destination(
+            port=port, protocol=Protocol.TLS, sni=sni, listener_port=listener
+        ),
         filter=NETWORK_FILTER,
     )
 
@@ -106,9 +116,10 @@ def _http(
     http: AttributeContext.HttpRequest,
     principal: str,
     source_ip: str,
+    listener: int,
     port: int,
     sni: str | None,
-    lookup: WorkloadLookup | None,
+    resolve: IdentityResolve,
 ) -> ParsedCheck | BadRequest:
     headers = http.headers
     traceparent = tracestate = None
@@ -138,11 +149,10 @@ def _http(
     if max(len(principal), len(host), len(path), len(method), len(sni or "")) > MAX_FIELD_CHARS:
         too_long = _too_long(principal=principal, sni=sni, host=host, path=path, method=method)
         return BadRequest(too_long, HTTP_FILTER, traceparent, tracestate)
-    if not port:  # no listener address: fall back on the scheme's port
+    if not listener:  # no listener address: fall back on the scheme's port
         port = {"https": 443, "http": 80}.get(http.scheme, 0)
-    workload = lookup(source_ip) if lookup is not None and source_ip else None
     return ParsedCheck(
-        identity=Identity(principal=principal, source_ip=source_ip, workload=workload),
+        identity=resolve(principal, source_ip),
         destination=Destination(
             port=port,
             protocol=Protocol.HTTP,
@@ -150,6 +160,7 @@ def _http(
             http_host=host or None,
             method=method or None,
             path=path or None,
+            listener_port=listener,
         ),
         filter=HTTP_FILTER,
         traceparent=traceparent,
