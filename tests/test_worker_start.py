@@ -65,6 +65,7 @@ class TestWorkerStart:
         args = build_arg_parser().parse_args([
             "--kube", "--kubeconfig", str(config), "--namespace", SVC_NS, "--no-write",
             "--grpc-address", f"127.0.0.1:{port}", "--admin-address", "",
+            "--gateway-port-map", "443:443",  # no gateway Service in this cluster
             "--worker-index", "1", "--worker-ready-fd", str(ready_w)])
         stop = threading.Event()
         caplog.set_level(logging.WARNING, logger="authz.kube.watch")
