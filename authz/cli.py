@@ -24,6 +24,7 @@ COMMANDS = (
     "traces",
     "explain",
     "suggest",
+    "ui",
     "demo",
 )
 
