@@ -60,10 +60,13 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+def run(
+    args: argparse.Namespace, out: TextIO | None = None, *, stop: threading.Event | None = None
+) -> int:
+    """Print the page's URL; with --kube, forward until Ctrl-C (or `stop` is set)."""
     out = out or sys.stdout
     if args.kube:
-        return _run_kube(args, out)
+        return _run_kube(args, out, stop or threading.Event())
     from ..client import AdminClient
 
     url = AdminClient(args.server).server + "/"
@@ -124,10 +127,15 @@ class Forwarder:
     share one.
     """
 
-    def __init__(self, connect: Callable[[], Any], local_port: int = 0) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        local_port: int = 0,
+        stopping: threading.Event | None = None,
+    ) -> None:
         self.connect = connect
         self.listener = socket.create_server(("127.0.0.1", local_port))
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
 
     @property
     def port(self) -> int:
@@ -175,7 +183,7 @@ def _pump(src: Any, dst: Any) -> None:
             s.close()
 
 
-def _run_kube(args: argparse.Namespace, out: TextIO) -> int:
+def _run_kube(args: argparse.Namespace, out: TextIO, stop: threading.Event) -> int:
     from kubernetes import client as k8s
     from kubernetes.stream import portforward
 
@@ -205,7 +213,7 @@ def _run_kube(args: argparse.Namespace, out: TextIO) -> int:
         sock.setblocking(True)
         return sock
 
-    forwarder = Forwarder(connect, args.local_port)
+    forwarder = Forwarder(connect, args.local_port, stop)
     url = f"http://127.0.0.1:{forwarder.port}/"
     print(
         f"{url}\n(forwarding to pod {args.namespace}/{name} port {port}; "
