@@ -12,8 +12,14 @@ import tempfile
 from pathlib import Path
 
 from tests.ui_harness import (
-    ANALYTICS, CART, CHROMIUM_ARGS, ROOT, WAIT_MS, chromium_path, running_serve,
-)  # fmt: skip
+    ANALYTICS,
+    CART,
+    CHROMIUM_ARGS,
+    ROOT,
+    WAIT_MS,
+    chromium_path,
+    running_serve,
+)
 
 DOCS = ROOT / "docs"
 
