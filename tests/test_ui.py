@@ -311,3 +311,20 @@ class TestUiKube:
             code, out, err = cli(capsys, "ui", "--kube", "--kubeconfig", str(kubeconfig))
         assert code == 1 and out == ""
         assert "no ready pod in namespace egress-authz" in err and "(of 1 found)" in err
+
+
+class TestBrowserAvailability:
+    def test_no_chromium_skips_saying_why_and_fails_in_ci(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without a Chromium the browser tests skip with a message naming the package
+        to install; under CI=true the same condition is a failure, never a silent skip."""
+        from tests import ui_harness
+
+        monkeypatch.setattr(ui_harness, "chromium_path", lambda: None)
+        monkeypatch.delenv("CI", raising=False)
+        with pytest.raises(pytest.skip.Exception, match="install Debian's `chromium` package"):
+            ui_harness.need_browser()
+        monkeypatch.setenv("CI", "true")
+        with pytest.raises(pytest.fail.Exception, match="browser tests must run in CI"):
+            ui_harness.need_browser()
