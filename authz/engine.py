@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import hosts
+from .identity import parse_principal as parse_principal  # re-exported: `check`, tests
+from .identity import verify
 from .model import (
     ALWAYS_ENFORCED,
     Decision,
@@ -151,33 +153,6 @@ def compile_policy(policy_set: PolicySet, *, trust_domain: str = "cluster.local"
         deny_any=deny_any,
         cluster_mode=Mode.AUDIT if cluster_modes == {Mode.AUDIT} else Mode.ENFORCE,
     )
-
-
-# --------------------------------------------------------------------------
-# Identity
-
-_SPIFFE_PATH = re.compile(
-    r"/ns/([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)/sa/([a-z0-9][-a-z0-9.]{0,252})\Z"
-)
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_principal(principal: str, trust_domain: str) -> tuple[str, str, str]:
-    """SPIFFE URI -> (namespace, service account, "") or ("", "", why not)."""
-    prefix = f"spiffe://{trust_domain}/"
-    if not principal:
-        return "", "", "no mTLS peer principal (is the gateway listener requiring client certs?)"
-    if not principal.startswith(prefix):
-        shown = principal if len(principal) <= 200 else principal[:200] + "..."
-        return "", "", f"principal {shown!r} is not a SPIFFE id in trust domain {trust_domain!r}"
-    m = _SPIFFE_PATH.match(principal, len(prefix) - 1)
-    if not m:
-        return (
-            "",
-            "",
-            f"principal {principal[:200]!r} is not of the form spiffe://{trust_domain}/ns/NAMESPACE/sa/ACCOUNT",
-        )
-    return m.group(1), m.group(3), ""
 
 
 # --------------------------------------------------------------------------
@@ -375,22 +350,12 @@ def decide(
 ) -> Decision:
     """The one decision of one Check. Pure apart from the clock and the id."""
     revision = snapshot.revision
-    namespace, account, why = parse_principal(identity.principal, snapshot.trust_domain)
-    if why:
-        return reject(Reason.UNTRUSTED_IDENTITY, why, revision=revision)
-    workload = identity.workload
-    if workload is not None and (
-        workload.namespace != namespace or workload.service_account != account
-    ):
+    namespace, account, reason, message = verify(identity, snapshot.trust_domain)
+    if reason is not None:
         return reject(
-            Reason.IDENTITY_MISMATCH,
-            f"source {identity.source_ip} is Pod {workload.namespace}/{workload.name} "
-            f"(service account {workload.service_account}), but the certificate says "
-            f"{namespace}/{account}",
-            revision=revision,
-            namespace=namespace,
-            service_account=account,
+            reason, message, revision=revision, namespace=namespace, service_account=account
         )
+    workload = identity.workload
     host, port, reason, message = _destination_host(destination)
     if reason is not None:
         return reject(

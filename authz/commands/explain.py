@@ -39,6 +39,10 @@ _NOT_A_POLICY_MATTER = {
     "names. This happens briefly when a Pod IP is reused; if it persists, investigate.",
     "bad-request": "Envoy sent a Check this service could not read. Check the gateway's "
     "ext_authz configuration (see the README).",
+    "unknown-workload": "No Pod is known at the source address, so the certificate "
+    "is not honoured there: it may be used outside its Pod. If the Pod is new, retry; if the "
+    "gateway does not see Pod IPs (SNAT, multi-cluster), see `--unknown-workloads` in "
+    "docs/security.md.",
 }
 
 

@@ -58,6 +58,39 @@ def expired_warnings(result: LoadResult, now: float | None = None) -> list[str]:
     ]
 
 
+def unfenced_wildcard_warnings(result: LoadResult) -> list[str]:
+    """Namespace policies with a wildcard host whose namespace nothing under PATH fences:
+    no Namespace labelled egress-authz.io/egress-fence=true, no fencing NetworkPolicy
+    (`serve --kube` judges the same against the cluster)."""
+    import yaml
+
+    from ..fence import FENCE_LABEL, unfenced_wildcards, wildcard_hosts
+
+    fenced: set[str] = set()
+    netpols: dict[str, list[dict[str, Any]]] = {}
+    for path in result.files:  # already read, under the loader's size limit
+        try:
+            docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+        except (OSError, UnicodeError, yaml.YAMLError):
+            continue  # the loader has reported it
+        for d in docs:
+            meta = d.get("metadata")
+            if not isinstance(meta, dict):
+                continue
+            labels = meta.get("labels")
+            if not isinstance(labels, dict):
+                labels = {}
+            if d.get("kind") == "Namespace" and labels.get(FENCE_LABEL) == "true":
+                fenced.add(str(meta.get("name")))
+            elif d.get("kind") == "NetworkPolicy":
+                netpols.setdefault(str(meta.get("namespace") or "default"), []).append(d)
+    found = unfenced_wildcards(result.policies, netpols)
+    return [f"{p.source}: wildcard host(s) {', '.join(wildcard_hosts(p))} cannot be routed "
+            f"through the egress gateway; unless a NetworkPolicy fences namespace {ns} "
+            f"(label it {FENCE_LABEL}=true), its pods reach them directly"
+            for ns, ps in sorted(found.items()) if ns not in fenced for p in ps]
+
+
 def _explain(result: LoadResult, name: str) -> dict[str, Any]:
     from ..engine import compile_policy, rules_matching_host
 
@@ -85,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     if not result.files and result.problems:
         raise UsageError("; ".join(result.problems))
     explained = _explain(result, args.explain) if args.explain else None
-    warnings = [*result.warnings, *expired_warnings(result)]
+    warnings = [*result.warnings, *expired_warnings(result),
+                *unfenced_wildcard_warnings(result)]
     rules = sum(len(p.rules) for p in result.policies)
     checked = len(result.by_ref)
     if result.problems:

@@ -15,6 +15,15 @@ from . import exits
 from ._common import add_cluster_namespace, add_output, load_or_report
 
 
+def _selector(text: str) -> dict[str, str]:
+    from ..render import parse_selector
+
+    try:
+        return parse_selector(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "render",
@@ -30,6 +39,9 @@ def add_parser(sub: Any) -> None:
                    help="Service of the egress gateway (default: %(default)s)")
     p.add_argument("--gateway-name", default="egress-authz", metavar="NAME",
                    help="the chart's Gateway for plain HTTP (default: %(default)s)")
+    p.add_argument("--gateway-selector", metavar="K=V,...", type=_selector,
+                   default="istio=egressgateway,egress-authz.io/gateway=egress-authz",
+                   help="labels of the egress gateway pods (default: %(default)s)")
     add_output(p, "yaml", "json")
     add_cluster_namespace(p)
     p.set_defaults(run=run)
@@ -45,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if result is None:
         return exits.USAGE  # policy errors, printed
     options = RenderOptions(gateway_namespace=args.gateway_namespace,
-                            gateway_service=args.gateway_service, gateway_name=args.gateway_name)
+                            gateway_service=args.gateway_service, gateway_name=args.gateway_name,
+                            gateway_selector=args.gateway_selector)
     objects = render(build_policy_set(result.policies), options)
     if args.output == "json":
         import json

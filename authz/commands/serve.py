@@ -77,6 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Checks on other listener ports are denied. Default: listener ports are judged as "
         "is, or with --kube learnt from the gateway Service (--gateway-service)",
     )
+    src.add_argument(
+        "--unknown-workloads", choices=("deny", "allow"), default="deny",
+        help="a caller whose source address no live Pod has (with --kube or --workloads): "
+        "deny it as unknown-workload (default), or allow the principal alone to identify it, "
+        "for meshes whose gateway does not see Pod IPs (SNAT, multi-cluster); label rules "
+        "never match such callers",
+    )
     net = p.add_argument_group("serving")
     net.add_argument(
         "--grpc-address", default=DEFAULT_GRPC_ADDRESS, metavar="HOST:PORT",
@@ -193,8 +200,11 @@ def build_policy_sources(
         from authz.kube.controller import KubeController
         from authz.workloads import WorkloadIndex
 
-        # The Pod watch feeds the same index Check reads.
-        sources.append(KubeController.from_args(args, index or WorkloadIndex(), ports))
+        # The Pod watch feeds the same index Check reads. (`is None`, not `or`:
+        # an index is never falsy, but this once made --kube fill a second one.)
+        sources.append(
+            KubeController.from_args(args, WorkloadIndex() if index is None else index, ports)
+        )
     if not sources:
         raise UsageError("no policy source: give --policies PATH")
     if len(sources) > 1:
@@ -321,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
     from authz.envoy.server import AuthzServer, ServerSettings
+    from authz.identity import UnknownWorkloads
     from authz.metrics import POLICY_REVISION
     from authz.store import PolicyStore
     from authz.workloads import WorkloadIndex
@@ -336,11 +347,13 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     worker = args.worker_index is not None
     server = AuthzServer(
         store,
-        index,
+        index if has_pod_source(args) else None,
         recorder,
         ServerSettings(address=args.grpc_address, threads=args.threads, reuse_port=worker),
         ports,
+        unknown_workloads=UnknownWorkloads(args.unknown_workloads),
     )
+    _log_identity_mode(args)
     state = ServeState(store, index, recorder, server, list(policy_sources))
     _install_signal_handlers(stop)
 
@@ -387,6 +400,25 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         close()
     log.info("stopped")
     return 0
+
+
+def has_pod_source(args: argparse.Namespace) -> bool:
+    """Whether Pods are known (a Pod watch or --workloads): only then can a source
+    address be checked against the certificate and labels be read."""
+    return bool(getattr(args, "kube", False) or args.workloads)
+
+
+def _log_identity_mode(args: argparse.Namespace) -> None:
+    if not has_pod_source(args):
+        log.warning(
+            "no Pod source (--kube or --workloads): the certificate alone identifies callers, "
+            "from any address, and rules that select by label never match"
+        )
+    elif args.unknown_workloads == "allow":
+        log.warning(
+            "--unknown-workloads allow: callers at addresses no Pod has are identified by "
+            "their certificate alone"
+        )
 
 
 def _report_ready(fd: int | None, revision: int) -> None:

@@ -27,11 +27,14 @@ class ServiceError(RuntimeError):
 
 
 class ServiceProcess:
-    """Runs `python -m authz serve` on 127.0.0.1:`port`; restartable on the same port."""
+    """Runs `python -m authz serve` on 127.0.0.1:`port`; restartable on the same port.
+
+    `policies` None: no --policies (give the source in `extra_args`, e.g. --kube).
+    """
 
     def __init__(
         self,
-        policies: Path,
+        policies: Path | None,
         port: int,
         *,
         workloads: Path | None = None,
@@ -59,16 +62,9 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "authz",
-            "serve",
-            "--policies",
-            str(self.policies),
-            "--grpc-address",
-            self.address,
-        ]
+        cmd = [sys.executable, "-m", "authz", "serve", "--grpc-address", self.address]
+        if self.policies is not None:
+            cmd += ["--policies", str(self.policies)]
         if self.workloads is not None:
             cmd += ["--workloads", str(self.workloads)]
         if self.admin_port is not None:
