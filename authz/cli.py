@@ -25,6 +25,7 @@ COMMANDS = (
     "explain",
     "suggest",
     "imports",  # the `import` command (a module may not be named import)
+    "ui",
     "demo",
 )
 

@@ -281,6 +281,8 @@ class KubeEmulator:
         # Called with (method, path) before each request other than a watch is handled,
         # on the request's own thread: tests slow down or block one API with it.
         self.before_request: Callable[[str, str], None] | None = None
+        # pods/portforward (tests/kube_portforward.py): (namespace, pod, port) -> address
+        self.port_forwards: dict[tuple[str, str, int], tuple[str, int]] = {}
         self.port = 0
         self._by_path = {(r.group, r.version, r.plural): r for r in self.resources}
         self._by_kind = {(r.api_version, r.kind): r for r in self.resources}
@@ -866,6 +868,14 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         watch = self.command == "GET" and q.get("watch") in ("true", "1")
+        forward = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/portforward", url.path)
+        if forward and (self.headers.get("Upgrade") or "").lower() == "websocket":
+            from tests.kube_portforward import serve as serve_portforward
+
+            status = serve_portforward(self, forward[1], forward[2], q)
+            self.emulator._log(RequestRecord(self.command, url.path, q, ctype, status))
+            self.close_connection = True
+            return
 
         def send_event(ev: Obj) -> None:
             data = json.dumps(ev).encode() + b"\n"
