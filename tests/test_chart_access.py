@@ -31,7 +31,8 @@ from tests.test_chart import (
 )
 
 GATEWAY_NS = "istio-egress"
-GATEWAY_LABELS = {"istio": "egressgateway"}
+# Our gateway pods carry the chart's default gateway selector (istio/ gives them both labels).
+GATEWAY_LABELS = {"istio": "egressgateway", "egress-authz.io/gateway": "egress-authz"}
 HELM_GATEWAY = f"cluster.local/ns/{GATEWAY_NS}/sa/istio-egressgateway"
 ISTIOCTL_GATEWAY = f"cluster.local/ns/{GATEWAY_NS}/sa/istio-egressgateway-service-account"
 PROMETHEUS = "cluster.local/ns/monitoring/sa/prometheus"
