@@ -230,3 +230,14 @@ def test_methods_narrow_http_only() -> None:
     assert judge.allows("api.kadath.io", 443)
     assert judge.allows("api.kadath.io", 80, "HTTP", method="GET")
     assert not judge.allows("api.kadath.io", 80, "HTTP", method="POST")
+
+
+def test_splice_with_a_negated_domain_does_not_splice_it() -> None:
+    """`ssl_bump splice d1 !d1` never matches, so the `bump` after it takes kadath.io's TLS
+    (found by the property test): TLS is not imported, plain HTTP still is."""
+    conf = ("acl d1 dstdomain kadath.io\nhttp_access allow d1\n"
+            "ssl_bump splice d1 !d1\nssl_bump bump\n")
+    judge = Judge(import_objects("squid", {"squid.conf": conf}, namespace="shop"))
+    assert not judge.allows("kadath.io", 443)
+    assert not judge.allows("kadath.io", 80, "TLS")
+    assert judge.allows("kadath.io", 80, "HTTP", method="GET")

@@ -174,6 +174,8 @@ class Region:
     ports: tuple[str, set[int]] = ("all", set())
     protos: frozenset[str] = PROTOS
     never: bool = False  # a condition that is false for the imported workloads
+    # `!acl` domain conditions: names they cover make the line not match
+    negated: list[str] = field(default_factory=list)
 
 
 def _ports_of(values: list[str]) -> set[int] | None:
@@ -218,6 +220,7 @@ def deny_region(line: Line, acls: dict[str, Acl]) -> Region:
         # anything else may match: stays over-approximated
     if r.hosts[0] == "all" and negated_hosts:
         r.hosts = ("out", negated_hosts)
+    r.negated = negated_hosts
     return r
 
 
@@ -355,6 +358,8 @@ def spliced(pattern: str, bumps: list[Line], acls: dict[str, Acl]) -> str:
                 for _, n in line.conditions
             )
             full = kind == "all" or (kind == "in" and any(covers(s, pattern) for s in pats))
+            # `splice d1 !d2`: no name of `pattern` that d2 may match is spliced by it
+            full = full and not any(overlaps(pattern, s) for s in region.negated)
             if known and full and "TLS" in region.protos:
                 return ""
             continue
