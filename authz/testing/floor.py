@@ -134,6 +134,7 @@ class FloorProcess:
         self.workers = workers
         self.aio = aio
         self.process: subprocess.Popen[str] | None = None
+        self.ready_line = ""
 
     def start(self, timeout: float = 15.0) -> FloorProcess:
         self.process = subprocess.Popen(
@@ -154,6 +155,7 @@ class FloorProcess:
         )
         assert self.process.stderr is not None
         line = self.process.stderr.readline()  # the ready line, or a traceback's first
+        self.ready_line = line.strip()
         if "serving Check" not in line:
             self.stop()
             raise RuntimeError(f"floor server did not start: {line}")
