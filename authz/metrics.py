@@ -165,3 +165,10 @@ TRACE_DROPPED = REGISTRY.add(
         ("sink",),
     )
 )
+UNFENCED_WILDCARD_NAMESPACES = REGISTRY.add(
+    Gauge(
+        "egress_authz_unfenced_wildcard_namespaces",
+        "Namespaces whose policy allows a wildcard host while no NetworkPolicy fences their "
+        "egress (`serve --kube`; Warning Event WildcardUnfenced on the policy ConfigMap).",
+    )
+)

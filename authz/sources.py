@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 import yaml
 
-from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set, load_path
+from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set
 from .metrics import POLICY_ERRORS
 from .model import ConfigMapRef, NamespacePolicy, Workload
+from .offload import load_file
 from .store import PolicyStore
 from .workloads import WorkloadIndex, workload_from_pod
 
@@ -233,7 +234,7 @@ class DirectorySource:
         key = _stat_key(f)
         if key is not None and key == state.key:
             return 0
-        result = load_path(f, cluster_namespace=self.cluster_namespace)
+        result = load_file(f, cluster_namespace=self.cluster_namespace)  # big: another process
         for warning in result.warnings:
             log.warning("%s", warning)
         good: dict[ConfigMapRef, NamespacePolicy] = {}
@@ -278,7 +279,7 @@ def pods_in(document: Any) -> Iterator[dict[str, Any]]:
 
 
 def load_pod_file(path: Path) -> list[Workload]:
-    """Every Running Pod with an IP in one file; raises OSError or YAMLError."""
+    """Every live Pod with an IP in one file; raises OSError or YAMLError."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # dumps can be large
     workloads: list[Workload] = []
     with path.open() as stream:

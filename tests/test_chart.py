@@ -34,6 +34,8 @@ NAMESPACE = "egress-authz"
 # Oldest (Chart.yaml kubeVersion) and newest Kubernetes the chart is checked against;
 # both ship offline inside kubernetes-validate.
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
+# The default egress gateway selector: Istio's label plus one only our gateway has.
+GATEWAY_SELECTOR = {"istio": "egressgateway", "egress-authz.io/gateway": "egress-authz"}
 
 # Values variants the chart must render cleanly. Each is (id, values, namespace).
 VARIANTS: list[tuple[str, dict[str, Any], str]] = [
@@ -191,8 +193,22 @@ def notes(chart: helm.Chart, values: dict[str, Any] | None = None) -> str:
     return next(text for path, text in manifests.items() if path.endswith("NOTES.txt"))
 
 
-def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] == kind]
+def by_kind(
+    objects: list[dict[str, Any]], kind: str, *, app_namespaces: bool = False
+) -> list[dict[str, Any]]:
+    """Objects of `kind`; app_namespaces: only those outside the release namespace."""
+    return [
+        o for o in objects
+        if o["kind"] == kind
+        and not (app_namespaces and o["metadata"].get("namespace") == NAMESPACE)
+    ]
+
+
+def in_gateway_namespace(
+    objects: list[dict[str, Any]], namespace: str = "istio-egress"
+) -> list[dict[str, Any]]:
+    """The Istio objects wiring the gateway (the release's own access objects excluded)."""
+    return [o for o in objects if is_istio(o) and o["metadata"].get("namespace") == namespace]
 
 
 def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -369,6 +385,15 @@ class TestDeployment:
             "platform-egress",
             "--gateway-namespace",
             "istio-egress",
+            "--gateway-selector",
+            "egress-authz.io/gateway=egress-authz,istio=egressgateway",
+            "--fence-dns-namespace",
+            "kube-system",
+            "--fence-dns-labels",
+            "k8s-app=kube-dns",
+            "--fence-istiod-namespace",
+            "istio-system",
+            "--fence-cluster-pods",
             "--gateway-service",
             "istio-egressgateway",
             "--shutdown-delay",
@@ -400,6 +425,20 @@ class TestDeployment:
         assert args[args.index("--gateway-service") + 1] == "egress-gw"
         with pytest.raises(helm.HelmError, match="gatewayPortMap"):
             chart.render(values={"gatewayPortMap": "8443=443"}, name=RELEASE, namespace=NAMESPACE)
+
+    def test_unknown_workloads_opt_out(self, chart: helm.Chart) -> None:
+        """unknownWorkloads: allow becomes `--unknown-workloads allow`, which serve parses;
+        the default (deny, serve's own default) adds no flag; other values fail the schema."""
+        from authz.commands import serve
+
+        args = container(render(chart, {"unknownWorkloads": "allow"}))["args"]
+        assert args[args.index("--unknown-workloads") + 1] == "allow"
+        assert serve.build_arg_parser().parse_args(args[1:]).unknown_workloads == "allow"
+        default = container(render(chart))["args"]
+        assert "--unknown-workloads" not in default
+        assert serve.build_arg_parser().parse_args(default[1:]).unknown_workloads == "deny"
+        with pytest.raises(helm.HelmError, match="unknownWorkloads"):
+            chart.validate_schema({"unknownWorkloads": "yes"})
 
     def test_serve_accepts_args(self, chart: helm.Chart) -> None:
         """`egress-authz serve` parses the Deployment's args in every variant (dry parse)."""
@@ -480,10 +519,10 @@ class TestIstioObjects:
 
     def test_authorization_policy(self, chart: helm.Chart) -> None:
         """CUSTOM action, egress-authz provider, on the egress gateway, for every request."""
-        policy = one(render(chart), "AuthorizationPolicy")
+        policy = one(in_gateway_namespace(render(chart)), "AuthorizationPolicy")
         assert policy["metadata"]["namespace"] == "istio-egress"
         assert policy["spec"] == {
-            "selector": {"matchLabels": {"istio": "egressgateway"}},
+            "selector": {"matchLabels": GATEWAY_SELECTOR},
             "action": "CUSTOM",
             "provider": {"name": "egress-authz"},
             "rules": [{}],  # no rules would match nothing; one empty rule matches everything
@@ -496,7 +535,7 @@ class TestIstioObjects:
             "egress-authz",
             "istio-egress",
         )
-        assert gateway["spec"]["selector"] == {"istio": "egressgateway"}
+        assert gateway["spec"]["selector"] == GATEWAY_SELECTOR
         [server] = gateway["spec"]["servers"]
         assert server["port"]["number"] == 80 and server["port"]["protocol"] == "HTTPS"
         assert server["tls"] == {"mode": "ISTIO_MUTUAL"}
@@ -517,7 +556,7 @@ class TestIstioObjects:
         """Both gateway ext_authz filters send the TLS session (SNI) and peer certificate,
         and the gateway's tcp_proxy dials only after ext_authz let data through."""
         envoy_filter = one(render(chart), "EnvoyFilter")
-        assert envoy_filter["spec"]["workloadSelector"] == {"labels": {"istio": "egressgateway"}}
+        assert envoy_filter["spec"]["workloadSelector"] == {"labels": GATEWAY_SELECTOR}
         patches = envoy_filter["spec"]["configPatches"]
         assert {p["applyTo"] for p in patches} == {"NETWORK_FILTER", "HTTP_FILTER"}
         by_filter = {}
@@ -540,7 +579,7 @@ class TestIstioObjects:
             {"gatewayNamespace": "edge-out", "istio": {"gatewaySelector": {"app": "my-egress"}}},
         )
         for kind in ("AuthorizationPolicy", "Gateway", "EnvoyFilter"):
-            assert one(objects, kind)["metadata"]["namespace"] == "edge-out"
+            assert one(in_gateway_namespace(objects, "edge-out"), kind)
         assert one(objects, "Gateway")["spec"]["selector"] == {"app": "my-egress"}
         assert "--gateway-namespace" in container(objects)["args"]
         args = container(objects)["args"]
@@ -555,8 +594,8 @@ class TestIstioObjects:
             ("envoyFilter", "EnvoyFilter"),
         ):
             objects = render(chart, {"istio": {switch: {"enabled": False}}})
-            assert not by_kind(objects, kind)
-            assert len([o for o in objects if is_istio(o)]) == 2
+            assert not by_kind(in_gateway_namespace(objects), kind)
+            assert len(in_gateway_namespace(objects)) == 2
 
 
 class TestNetworkPolicy:
@@ -564,14 +603,14 @@ class TestNetworkPolicy:
 
     def test_off_by_default(self, chart: helm.Chart) -> None:
         """No NetworkPolicy unless asked for."""
-        assert not by_kind(render(chart), "NetworkPolicy")
+        assert not by_kind(render(chart), "NetworkPolicy", app_namespaces=True)
 
     def test_one_per_namespace(self, chart: helm.Chart) -> None:
         """Each listed namespace gets an egress-only policy: DNS, gateway, istiod, cluster pods."""
         objects = render(
             chart, {"networkPolicy": {"enabled": True, "namespaces": ["shop", "billing"]}}
         )
-        policies = by_kind(objects, "NetworkPolicy")
+        policies = by_kind(objects, "NetworkPolicy", app_namespaces=True)
         assert sorted(p["metadata"]["namespace"] for p in policies) == ["billing", "shop"]
         for policy in policies:
             spec = policy["spec"]
@@ -584,7 +623,7 @@ class TestNetworkPolicy:
             assert gateway["namespaceSelector"]["matchLabels"] == {
                 "kubernetes.io/metadata.name": "istio-egress"
             }
-            assert gateway["podSelector"]["matchLabels"] == {"istio": "egressgateway"}
+            assert gateway["podSelector"]["matchLabels"] == GATEWAY_SELECTOR
 
     def test_strict_mode(self, chart: helm.Chart) -> None:
         """allowClusterPods=false leaves only DNS, the gateway and istiod."""
@@ -592,7 +631,7 @@ class TestNetworkPolicy:
             chart,
             {"networkPolicy": {"enabled": True, "namespaces": ["shop"], "allowClusterPods": False}},
         )
-        spec = one(objects, "NetworkPolicy")["spec"]
+        spec = one(by_kind(objects, "NetworkPolicy", app_namespaces=True), "NetworkPolicy")["spec"]
         assert len(spec["egress"]) == 3
         assert {"namespaceSelector": {}} not in [peer for r in spec["egress"] for peer in r["to"]]
 

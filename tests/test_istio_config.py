@@ -81,6 +81,15 @@ ISTIO_OPERATOR_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "profile": {"type": "string"},
+                # Helm values passed through to istiod's chart: only pilot.env is used.
+                "values": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"pilot": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"env": {"type": "object",
+                                               "additionalProperties": {"type": "string"}}}}},
+                },
                 "meshConfig": {
                     "type": "object",
                     "additionalProperties": False,
@@ -299,7 +308,8 @@ class TestMeshConfig:
         self, chart_objects: list[dict[str, Any]]
     ) -> None:
         """The chart's CUSTOM AuthorizationPolicy refers to the provider defined here."""
-        policy = next(o for o in chart_objects if o["kind"] == "AuthorizationPolicy")
+        policy = next(o for o in chart_objects if o["kind"] == "AuthorizationPolicy"
+                      and o["spec"].get("action") == "CUSTOM")  # not the service's own
         [provider] = mesh_configs()["mesh-config.yaml"]["extensionProviders"]
         assert policy["spec"]["provider"]["name"] == provider["name"]
 

@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "to namespace, service account and labels; reloaded when files change",
     )
     src.add_argument(
+        "--wait-for-paths", action="store_true",
+        help="start even if --policies or --workloads does not exist yet, and load it when "
+        "it appears (denying everything until then); without it a missing path is an error",
+    )
+    src.add_argument(
         "--cluster-namespace", default=DEFAULT_CLUSTER_NAMESPACE, metavar="NS",
         help="namespace whose ConfigMaps labelled egress-authz.io/tier=cluster form the "
         "cluster tier (default: %(default)s)",
@@ -71,6 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="gateway listener port -> the Service port apps dial, e.g. 8443:443,8080:80; "
         "Checks on other listener ports are denied. Default: listener ports are judged as "
         "is, or with --kube learnt from the gateway Service (--gateway-service)",
+    )
+    src.add_argument(
+        "--unknown-workloads", choices=("deny", "allow"), default="deny",
+        help="a caller whose source address no live Pod has (with --kube or --workloads): "
+        "deny it as unknown-workload (default), or allow the principal alone to identify it, "
+        "for meshes whose gateway does not see Pod IPs (SNAT, multi-cluster); label rules "
+        "never match such callers",
     )
     net = p.add_argument_group("serving")
     net.add_argument(
@@ -181,20 +193,36 @@ def build_policy_sources(
     from authz.sources import DirectorySource
 
     sources: list[PolicySource] = []
+    _require_paths(args)
     if args.policies:
         sources.append(DirectorySource(args.policies, cluster_namespace=args.cluster_namespace))
     if getattr(args, "kube", False):
         from authz.kube.controller import KubeController
         from authz.workloads import WorkloadIndex
 
-        # The Pod watch feeds the same index Check reads.
-        sources.append(KubeController.from_args(args, index or WorkloadIndex(), ports))
+        # The Pod watch feeds the same index Check reads. (`is None`, not `or`:
+        # an index is never falsy, but this once made --kube fill a second one.)
+        sources.append(
+            KubeController.from_args(args, WorkloadIndex() if index is None else index, ports)
+        )
     if not sources:
         raise UsageError("no policy source: give --policies PATH")
     if len(sources) > 1:
         # Each source publishes whole PolicySets; two would overwrite each other.
         raise UsageError("give one policy source")
     return sources
+
+
+def _require_paths(args: argparse.Namespace) -> None:
+    """A mistyped path would otherwise serve "deny everything" while looking healthy."""
+    if getattr(args, "wait_for_paths", False):
+        return
+    for flag, path in (("--policies", args.policies), ("--workloads", args.workloads)):
+        if path and not os.path.exists(path):
+            raise UsageError(
+                f"{flag} {path}: no such file or directory (--wait-for-paths starts anyway "
+                "and loads it when it appears)"
+            )
 
 
 def build_gateway_ports(args: argparse.Namespace) -> GatewayPorts:
@@ -303,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
     from authz.envoy.server import AuthzServer, ServerSettings
+    from authz.identity import UnknownWorkloads
     from authz.metrics import POLICY_REVISION
     from authz.store import PolicyStore
     from authz.workloads import WorkloadIndex
@@ -318,24 +347,40 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     worker = args.worker_index is not None
     server = AuthzServer(
         store,
-        index,
+        index if has_pod_source(args) else None,
         recorder,
         ServerSettings(address=args.grpc_address, threads=args.threads, reuse_port=worker),
         ports,
+        unknown_workloads=UnknownWorkloads(args.unknown_workloads),
     )
+    _log_identity_mode(args)
     state = ServeState(store, index, recorder, server, list(policy_sources))
     _install_signal_handlers(stop)
 
+    def start_sources() -> None:
+        for ws in workload_sources:
+            ws.start(on_error=lambda msg: log.error("%s", msg))
+        for source in policy_sources:
+            source.start(store, on_error=lambda msg: log.error("%s", msg))
+
+    admin = None
+    if worker:
+        # Workers share the port (SO_REUSEPORT): one listening before its policy is in
+        # force takes its share of connections and can only deny them with no-policy (a
+        # restarted worker did so for 14.6 s with 31k rules). Load first, then listen.
+        admin = start_admin(args, state)  # worker 0: /healthz answers meanwhile
+        start_sources()
+        if not _wait_loaded(store, stop):  # stopped before a policy arrived: never listened
+            _close(policy_sources, workload_sources, admin, recorder)
+            return 0
     try:
         port = server.start()
     except RuntimeError as e:
         log.error("%s", e)
         return 1
-    admin = start_admin(args, state)
-    for ws in workload_sources:
-        ws.start(on_error=lambda msg: log.error("%s", msg))
-    for source in policy_sources:
-        source.start(store, on_error=lambda msg: log.error("%s", msg))
+    if not worker:
+        admin = start_admin(args, state)
+        start_sources()
     store.subscribe(lambda snapshot: log.info("policy revision %d in force", snapshot.revision))
 
     address = f"{args.grpc_address.rpartition(':')[0]}:{port}"
@@ -358,6 +403,12 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         time.sleep(args.shutdown_delay)
     log.info("shutting down: draining in-flight Checks (up to %.1fs)", args.shutdown_grace)
     server.stop(args.shutdown_grace)
+    _close(policy_sources, workload_sources, admin, recorder)
+    return 0
+
+
+def _close(policy_sources: Sequence[PolicySource], workload_sources: Sequence[WorkloadFileSource],
+           admin: Closeable | None, recorder: Recorder) -> None:
     for source in policy_sources:
         source.stop()
     for ws in workload_sources:
@@ -368,7 +419,37 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     if callable(close):
         close()
     log.info("stopped")
-    return 0
+
+
+def _wait_loaded(store: PolicyStore, stop: threading.Event) -> bool:
+    """Block until a policy is in force (True) or `stop` is set first (False)."""
+    loaded = threading.Event()
+    store.subscribe(lambda _snapshot: loaded.set())
+    if store.loaded:  # published before we subscribed
+        loaded.set()
+    while not loaded.wait(0.1):
+        if stop.is_set():
+            return False
+    return True
+
+
+def has_pod_source(args: argparse.Namespace) -> bool:
+    """Whether Pods are known (a Pod watch or --workloads): only then can a source
+    address be checked against the certificate and labels be read."""
+    return bool(getattr(args, "kube", False) or args.workloads)
+
+
+def _log_identity_mode(args: argparse.Namespace) -> None:
+    if not has_pod_source(args):
+        log.warning(
+            "no Pod source (--kube or --workloads): the certificate alone identifies callers, "
+            "from any address, and rules that select by label never match"
+        )
+    elif args.unknown_workloads == "allow":
+        log.warning(
+            "--unknown-workloads allow: callers at addresses no Pod has are identified by "
+            "their certificate alone"
+        )
 
 
 def _report_ready(fd: int | None, revision: int) -> None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -27,11 +27,14 @@ class ServiceError(RuntimeError):
 
 
 class ServiceProcess:
-    """Runs `python -m authz serve` on 127.0.0.1:`port`; restartable on the same port."""
+    """Runs `python -m authz serve` on 127.0.0.1:`port`; restartable on the same port.
+
+    `policies` None: no --policies (give the source in `extra_args`, e.g. --kube).
+    """
 
     def __init__(
         self,
-        policies: Path,
+        policies: Path | None,
         port: int,
         *,
         workloads: Path | None = None,
@@ -41,6 +44,7 @@ class ServiceProcess:
         start_timeout: float = 20.0,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        on_line: Callable[[str], None] | None = None,
     ) -> None:
         self.policies = policies
         self.workloads = workloads
@@ -51,6 +55,7 @@ class ServiceProcess:
         self.start_timeout = start_timeout
         self.env = env or {}  # added to os.environ (e.g. PYTHONPATH of another build)
         self.cwd = cwd
+        self.on_line = on_line  # each stderr line as it arrives (the demo's reload notes)
         self.process: subprocess.Popen[str] | None = None
         self._lines: list[str] = []
         self._lock = threading.Lock()
@@ -61,16 +66,9 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "authz",
-            "serve",
-            "--policies",
-            str(self.policies),
-            "--grpc-address",
-            self.address,
-        ]
+        cmd = [sys.executable, "-m", "authz", "serve", "--grpc-address", self.address]
+        if self.policies is not None:
+            cmd += ["--policies", str(self.policies)]
         if self.workloads is not None:
             cmd += ["--workloads", str(self.workloads)]
         if self.admin_port is not None:
@@ -152,6 +150,8 @@ class ServiceProcess:
                     log.flush()
                 if READY_LINE in line:
                     self._ready.set()
+                if self.on_line is not None:
+                    self.on_line(line.rstrip("\n"))
         finally:
             if log:
                 log.close()
