@@ -190,7 +190,20 @@ class _Handler(BaseHTTPRequestHandler):
             elif path.startswith("/v1/decisions"):
                 self._decisions(path, parse_qs(url.query, keep_blank_values=True))
             else:
-                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path: {url.path}"})
+                # The page (authz/ui): its static files and the views it reads.
+                from .ui.routes import answer
+
+                page = answer(path, parse_qs(url.query, keep_blank_values=True),
+                              self.server.recorder)  # fmt: skip
+                if page is None:
+                    self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path: {url.path}"})
+                    return
+                self.send_response(page.status)
+                for name, value in {"Content-Type": page.content_type, **page.headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(page.body)))
+                self.end_headers()
+                self.wfile.write(page.body)
         except QueryError as e:
             self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         except (BrokenPipeError, ConnectionResetError):

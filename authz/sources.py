@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .echo import shown
-from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set, is_policy_file_name, load_path
+from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set, is_policy_file_name
 from .metrics import POLICY_ERRORS
 from .model import ConfigMapRef, NamespacePolicy, Workload
+from .offload import load_file
 from .store import PolicyStore
 from .workloads import WorkloadIndex, workload_from_pod
 from .yamlload import FILE_LIMITS, YamlError, load_all
@@ -283,7 +284,8 @@ class DirectorySource:
         state = _FileState()
         state.key = key  # unchanged, it would give the same problems again
         try:
-            result = load_path(f, cluster_namespace=self.cluster_namespace)
+            # big files are parsed in another process
+            result = load_file(f, cluster_namespace=self.cluster_namespace)
         except Exception as e:  # one surprising file must not stop the others
             log.exception("loading %s failed", f)
             state.good = dict(previous.good)
