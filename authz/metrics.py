@@ -165,3 +165,10 @@ TRACE_DROPPED = REGISTRY.add(
         ("sink",),
     )
 )
+ADMIN_REFUSED = REGISTRY.add(
+    Counter(
+        "egress_authz_admin_refused_total",
+        "Admin connections closed or refused by a limit (authz/httpserve.py), by reason.",
+        ("reason",),
+    )
+)

@@ -1,0 +1,195 @@
+"""The recent decisions the admin endpoint serves, shared fairly between sources.
+
+`DecisionRecorder.record()` appends each (bounded) record here on the Check
+path; the admin endpoint reads snapshots and live subscribers get batches
+from the recorder's thread.
+
+Fair share: the ring holds at most `size` records; when it is full, the
+oldest record of the source holding the most is evicted. A caller flooding
+Checks therefore only ever evicts its own decisions once it holds more than
+anyone else: every other source keeps at least an equal share. A source is
+the namespace of the Pod the caller's address resolved to; callers with no
+resolved Pod (no workload index, an unknown address, a forged request) share
+one bucket, so inventing namespaces in forged principals buys nothing.
+Records evicted from a source holding more than an equal share are counted
+in `egress_authz_trace_records_dropped_total{sink="ring-share"}`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+from collections.abc import Sequence
+
+from .metrics import TRACE_DROPPED
+from .records import DecisionRecord
+
+UNRESOLVED = ""  # the one bucket of callers without a resolved Pod
+
+
+def source_of(rec: DecisionRecord) -> str:
+    """The fair-share key: the resolved Pod's namespace, else the shared bucket."""
+    ident = rec.identity
+    workload = ident.workload if ident is not None else None
+    return workload.namespace if workload is not None else UNRESOLVED
+
+
+class Subscription:
+    """One live reader (an SSE client); a slow reader loses records, never blocks.
+
+    The recorder hands over whole batches (one call per batch, not per record
+    and reader); the reader takes everything pending at once.
+    """
+
+    def __init__(self, size: int = 1000) -> None:
+        self.size = size
+        self.dropped = 0
+        self._batches: collections.deque[Sequence[DecisionRecord]] = collections.deque()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self.ready = threading.Event()
+
+    def offer(self, batch: Sequence[DecisionRecord]) -> None:
+        with self._lock:
+            room = self.size - self._pending
+            if room < len(batch):
+                lost = len(batch) - max(0, room)
+                self.dropped += lost
+                TRACE_DROPPED.inc("stream", amount=float(lost))
+                batch = batch[: max(0, room)]
+            if batch:
+                self._batches.append(batch)
+                self._pending += len(batch)
+        self.ready.set()
+
+    def take(self) -> list[DecisionRecord]:
+        """Everything pending, oldest first."""
+        with self._lock:
+            self.ready.clear()
+            out = [rec for batch in self._batches for rec in batch]
+            self._batches.clear()
+            self._pending = 0
+        return out
+
+    def qsize(self) -> int:
+        return self._pending
+
+
+class RingBuffer:
+    """The last `size` records over all sources, newest last, shared fairly."""
+
+    def __init__(self, size: int) -> None:
+        self._capacity = max(1, size)
+        self._seq = itertools.count()
+        self._by_source: dict[str, collections.deque[tuple[int, DecisionRecord]]] = {}
+        # sources by how many records they hold, and the largest such count:
+        # O(1) to find whom to evict, since counts move by one at a time.
+        self._sizes: dict[int, set[str]] = {}
+        self._largest = 0
+        self._total = 0
+        self._lock = threading.Lock()
+        self._subscribers: set[Subscription] = set()
+
+    def __len__(self) -> int:
+        return self._total
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def held_by(self, source: str) -> int:
+        """How many records `source` holds now."""
+        dq = self._by_source.get(source)
+        return len(dq) if dq is not None else 0
+
+    def append(self, rec: DecisionRecord, source: str | None = None) -> None:
+        key = source_of(rec) if source is None else source
+        with self._lock:
+            dq = self._by_source.get(key)
+            if dq is None:
+                dq = self._by_source[key] = collections.deque()
+            n = len(dq)
+            dq.append((next(self._seq), rec))
+            sizes = self._sizes
+            if n:
+                same = sizes[n]
+                same.discard(key)
+                if not same:
+                    del sizes[n]
+            grown = sizes.get(n + 1)
+            if grown is None:
+                sizes[n + 1] = {key}
+            else:
+                grown.add(key)
+            if n + 1 > self._largest:
+                self._largest = n + 1
+            self._total += 1
+            if self._total > self._capacity:
+                self._evict(key)
+
+    def _evict(self, appended: str) -> None:
+        largest = self._largest
+        holders = self._sizes[largest]
+        victim = appended if appended in holders else next(iter(holders))
+        dq = self._by_source[victim]
+        dq.popleft()
+        holders.discard(victim)
+        if not holders:
+            del self._sizes[largest]
+            self._largest = largest - 1
+        if largest > 1:
+            self._sizes.setdefault(largest - 1, set()).add(victim)
+        else:
+            del self._by_source[victim]
+        self._total -= 1
+        if largest > self._capacity // max(1, len(self._by_source)):
+            TRACE_DROPPED.inc("ring-share")
+
+    def snapshot(self) -> list[DecisionRecord]:
+        """A copy, oldest first."""
+        with self._lock:
+            items = [item for dq in self._by_source.values() for item in dq]
+        if len(self._by_source) > 1:
+            items.sort(key=_seq_of)
+        return [rec for _, rec in items]
+
+    def find(self, decision_id: str) -> DecisionRecord | None:
+        with self._lock:
+            deques = list(self._by_source.values())
+        for dq in deques:
+            for _, rec in reversed(dq.copy()):
+                if rec.decision.decision_id == decision_id:
+                    return rec
+        return None
+
+    def subscribe(self, size: int = 1000) -> Subscription:
+        sub = Subscription(size)
+        with self._lock:
+            self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            self._subscribers.discard(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def has_subscribers(self) -> bool:
+        return bool(self._subscribers)
+
+    def publish(self, batch: Sequence[DecisionRecord]) -> None:
+        """Hand records to every live subscriber (called off the Check path)."""
+        if not self._subscribers or not batch:
+            return
+        with self._lock:
+            subs = list(self._subscribers)
+        for sub in subs:
+            sub.offer(batch)
+
+
+def _seq_of(item: tuple[int, DecisionRecord]) -> int:
+    return item[0]
