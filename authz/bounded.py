@@ -21,23 +21,25 @@ from dataclasses import dataclass, replace
 from .model import Destination, Identity, RuleCheck
 from .records import DecisionRecord
 
-ELLIPSIS = "…"
+ELLIPSIS = "..."  # ASCII: one "…" would make the whole string 2 bytes a character
 
 
 @dataclass(frozen=True, slots=True)
 class RecordLimits:
     """Maximum sizes, in characters, of recorded fields (docs/tracing.md, "Bounds")."""
 
-    host: int = 256
-    """host, SNI and Host header; a DNS name is at most 253 characters, so a valid
-    one is never cut."""
-    path: int = 512
+    host: int = 260
+    """host, SNI and Host header: a DNS name (253) with a `:port` is never cut."""
+    not_a_host: int = 64
+    """what is kept of a host, SNI or Host header longer than `host`: it cannot be a
+    name, and 64 characters are enough to recognise it."""
+    path: int = 256
     """the HTTP path, after the query string's values are dropped."""
     principal: int = 256
     """the peer principal (a SPIFFE URI)."""
     name: int = 128
     """namespace, service account (from the principal), source address, method."""
-    message: int = 512
+    message: int = 256
     """the decision's message and each explanation's `why`."""
     explanation: int = 32
     """rules kept in an explanation; the rest are summed up in one last entry."""
@@ -51,10 +53,10 @@ DEFAULT_LIMITS = RecordLimits()
 
 
 def cut(text: str, limit: int) -> str:
-    """`text` if it fits, else its first `limit - 1` characters and an ellipsis."""
+    """`text` if it fits, else its first characters and "...", `limit` in all."""
     if len(text) <= limit:
         return text
-    return text[: max(0, limit - 1)] + ELLIPSIS
+    return text[: max(0, limit - len(ELLIPSIS))] + ELLIPSIS
 
 
 def _cut_opt(text: str | None, limit: int) -> str | None:
@@ -109,7 +111,8 @@ def _bound_slow(rec: DecisionRecord, limits: RecordLimits) -> DecisionRecord:
     d, ident, dest = rec.decision, rec.identity, rec.destination
     lh, ln = limits.host, limits.name
     replacements: list[tuple[str, str]] = []  # raw text -> recorded text, for messages
-    host = cut(d.host, lh)
+    lnh = limits.not_a_host
+    host = d.host if len(d.host) <= lh else cut(d.host, lnh)
     if host is not d.host:
         replacements.append((d.host, host))
     new_dest = dest
@@ -122,11 +125,14 @@ def _bound_slow(rec: DecisionRecord, limits: RecordLimits) -> DecisionRecord:
                 replacements.append((path, clean))
             path = clean
 
+        shared: dict[str, str] = {host: host}
+
         def same_or_cut(value: str | None) -> str | None:
-            # SNI and Host usually name the destination host: share one string.
+            # SNI and Host usually name the same thing: store one string for both.
             if value is None or len(value) <= lh:
                 return value
-            return host if value == d.host else cut(value, lh)
+            short = cut(value, lnh)
+            return shared.setdefault(short, short)
 
         new_dest = Destination(
             port=dest.port,
@@ -199,7 +205,7 @@ def bound_explanation(
         return checks
     kept = tuple(RuleCheck(c.rule, c.matched, fix(c.why), c.owner) for c in checks[:most])
     if len(checks) > most:
-        kept += (RuleCheck("…", False, f"{len(checks) - most} more rules not shown"),)
+        kept += (RuleCheck(ELLIPSIS, False, f"{len(checks) - most} more rules not shown"),)
     return kept
 
 

@@ -36,7 +36,7 @@ from typing import IO, Any, Protocol
 
 from .bounded import DEFAULT_LIMITS, RecordLimits, bound_explanation, bound_record, cut
 from .metrics import CHECK_SECONDS, CHECKS, TRACE_DROPPED
-from .model import Mode, Reason, Verdict
+from .model import Mode, Reason, RuleCheck, Verdict
 from .model import Protocol as NetProtocol
 from .records import DecisionRecord
 from .ring import RingBuffer, Subscription, source_of
@@ -325,6 +325,10 @@ class Spans(Protocol):
     def shutdown(self, timeout: float = 5.0) -> None: ...
 
 
+def _NOT_EXPLAINED() -> tuple[RuleCheck, ...]:
+    return (RuleCheck("...", False, "not explained: the recorder was behind"),)
+
+
 def new_trace_id() -> str:
     return f"{random.getrandbits(128) or 1:032x}"
 
@@ -381,6 +385,10 @@ class DecisionRecorder:
             self.ring.append(record, source_of(record))
             if len(self._pending) >= self.settings.queue_size:
                 TRACE_DROPPED.inc("queue")
+                if d.explainer is not None:
+                    # Never explained now: let go of what the explainer holds (the
+                    # request as sent, a policy snapshot) rather than keep it in the ring.
+                    d.explainer = _NOT_EXPLAINED
                 return
             span = self.spans is not None and self._keep_span(record)
             line = ""

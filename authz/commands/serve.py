@@ -41,6 +41,10 @@ class UsageError(Exception):
     """Bad flags: reported on stderr with exit code 2."""
 
 
+class StartError(Exception):
+    """Something `serve` needs could not start (a port taken): stderr, exit code 1."""
+
+
 # --------------------------------------------------------------------------
 # Flags
 
@@ -74,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--admin-address", default=DEFAULT_ADMIN_ADDRESS, metavar="HOST:PORT",
         help="health, readiness, metrics and decisions over HTTP; '' turns it off "
         "(default: %(default)s)",
+    )
+    net.add_argument(
+        "--admin-max-streams", type=_positive, default=32, metavar="N",
+        help="open /v1/decisions/stream clients at most; more get 503 (default: %(default)s)",
     )
     net.add_argument(
         "--workers", type=_positive, default=1, metavar="N",
@@ -110,6 +118,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rec.add_argument(
         "--decision-log", action=argparse.BooleanOptionalAction, default=True,
         help="write one JSON line per decision to stdout (default: on)",
+    )
+    rec.add_argument(
+        "--record-query-values", action="store_true",
+        help="keep query values in recorded paths; by default only the parameter names "
+        "are kept (/v1/report?api_key), as values are often secrets",
     )
     # Set by the --workers supervisor on the processes it starts.
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
@@ -190,6 +203,7 @@ def build_workload_sources(
 
 def build_recorder(args: argparse.Namespace) -> Recorder:
     """What records each decision: metrics, ring buffer, decision log, spans."""
+    from authz.bounded import RecordLimits
     from authz.spans import TracingConfigError, spans_from_env
     from authz.tracing import DecisionRecorder, TracingSettings
 
@@ -203,6 +217,7 @@ def build_recorder(args: argparse.Namespace) -> Recorder:
         ring_size=args.decision_buffer,
         allow_ratio=args.trace_allow_ratio,
         decision_log=args.decision_log,
+        limits=RecordLimits(keep_query_values=args.record_query_values),
     )
     if spans is not None:
         log.info("tracing: spans exported per OTEL_* (allow ratio %g)", args.trace_allow_ratio)
@@ -222,18 +237,23 @@ def start_admin(args: argparse.Namespace, state: ServeState) -> Closeable | None
     if not args.admin_address:
         return None
     from authz.admin import AdminServer
+    from authz.httpserve import HTTPLimits
     from authz.tracing import DecisionRecorder
 
     recorder = state.recorder if isinstance(state.recorder, DecisionRecorder) else None
+    limits = HTTPLimits(max_streams=args.admin_max_streams)
     try:
-        admin = AdminServer(args.admin_address, recorder, state.ready)
+        admin = AdminServer(args.admin_address, recorder, state.ready, limits=limits)
     except ValueError as e:
         raise UsageError(str(e)) from e
     except OSError as e:
-        # Check is what Envoy needs; a taken admin port costs probes and
-        # metrics, so it is loud in the log but does not stop the service.
-        log.error("admin endpoint not started on %s: %s", args.admin_address, e)
-        return None
+        # Without it the probes fail and Kubernetes restarts the pod in a loop
+        # with no clear cause: stop at once, saying why.
+        raise StartError(
+            f"cannot serve the admin endpoint on {args.admin_address}: "
+            f"{e.strerror or e}; free the port, or give another --admin-address "
+            "('' turns the endpoint off)"
+        ) from e
     admin.start()
     log.info("admin endpoint on %s", admin.url)
     return admin
@@ -271,6 +291,9 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"egress-authz serve: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except StartError as e:
+        print(f"egress-authz serve: {e}", file=sys.stderr)
+        return 1
 
 
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
@@ -302,7 +325,14 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     except RuntimeError as e:
         log.error("%s", e)
         return 1
-    admin = start_admin(args, state)
+    try:
+        admin = start_admin(args, state)
+    except StartError:
+        server.stop(0)
+        close = getattr(recorder, "close", None)
+        if callable(close):
+            close()
+        raise
     for ws in workload_sources:
         ws.start(on_error=lambda msg: log.error("%s", msg))
     for source in policy_sources:
