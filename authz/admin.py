@@ -24,6 +24,7 @@ limit (default 100; at most 1000 for the list).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import re
@@ -37,9 +38,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .httpserve import BoundedHTTPServer, CpuBudget, HTTPLimits, Meter, Request, response_head
-from .metrics import REGISTRY
+from .metrics import ADMIN_REFUSED, REGISTRY, TRACE_DROPPED
 from .model import Reason, Verdict
 from .records import DecisionRecord
+from .ring import Subscription
 from .tracing import DecisionRecorder, detail_json
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ MAX_LIMIT = 1000  # the list's largest page: larger asks get this many (and say 
 STREAM_PATH = "/v1/decisions/stream"
 STREAM_QUEUE = 5000  # records a stream may have waiting; beyond, dropped and counted
 STREAM_INTERVAL = 0.1  # seconds between a stream's writes: batches, not a write per record
+STREAM_BUFFER = 1 << 20  # bytes a stream may have unsent; beyond, events are dropped
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _FILTERS = frozenset({"namespace", "workload", "host", "verdict", "reason", "since", "limit"})
@@ -205,13 +208,8 @@ class AdminServer:
         # (twenty readers of one record encode it once). Bounded: LRU.
         self._encoded: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._encoded_lock = threading.Lock()
-        self.httpd = BoundedHTTPServer(
-            parse_address(address),
-            self._handle,
-            self._stream,
-            lambda path: path == STREAM_PATH,
-            self.limits,
-        )
+        self.httpd = BoundedHTTPServer(parse_address(address), self._handle, self.limits)
+        self.streams = _StreamPump(self)
 
     @property
     def port(self) -> int:
@@ -226,10 +224,12 @@ class AdminServer:
 
     def start(self) -> AdminServer:
         self.httpd.start()
+        self.streams.start()
         return self
 
     def stop(self) -> None:
-        self.httpd.stop()  # ends open streams within half a second
+        self.httpd.stop()
+        self.streams.stop()  # closes open streams
 
     close = stop  # what `serve` calls on everything it started
 
@@ -259,6 +259,8 @@ class AdminServer:
             elif path == "/metrics":
                 body = REGISTRY.render().encode()
                 self._send(req, HTTPStatus.OK, METRICS_CONTENT_TYPE, body)
+            elif path == STREAM_PATH:
+                self._open_stream(req, self._recorder(), _params(url.query), meter)
             elif path.startswith("/v1/decisions"):
                 recorder = self._recorder()
                 self._decisions(req, recorder, path, _params(url.query), meter)
@@ -268,6 +270,10 @@ class AdminServer:
             self._json(req, a.status, a.body)
         finally:
             meter.done()
+
+    def recorder_unsubscribe(self, sub: Subscription) -> None:
+        if self.recorder is not None:
+            self.recorder.ring.unsubscribe(sub)
 
     def _recorder(self) -> DecisionRecorder:
         if self.recorder is None:
@@ -284,10 +290,8 @@ class AdminServer:
     ) -> None:
         if path == "/v1/decisions":
             query = _query(params, MAX_LIMIT)
-            snapshot = recorder.ring.snapshot()
-            meter.tick()
             found: list[str] = []
-            for i, rec in enumerate(reversed(snapshot)):
+            for i, rec in enumerate(recorder.ring.newest_first()):
                 if query.matches(rec):
                     found.append(self._encode(rec))
                     if len(found) >= query.limit:
@@ -327,86 +331,53 @@ class AdminServer:
                     self._encoded.popitem(last=False)
         return text
 
-    # -- streams (a thread each, at most limits.max_streams) ----------------
+    # -- streams: opened on a worker, then served by the pump ---------------
 
-    def _stream(self, req: Request) -> None:
+    def _open_stream(
+        self,
+        req: Request,
+        recorder: DecisionRecorder,
+        params: dict[str, list[str]],
+        meter: Meter,
+    ) -> None:
         """Server-sent events: replay from `since` if given, then live decisions."""
-        meter = self.budget.meter()
-        try:
-            recorder = self._recorder()
-            params = _params(urlsplit(req.target).query)
-            query = _query(params, None)
-        except _Answer as a:
-            self._json(req, a.status, a.body)
-            return
-        limited = "limit" in params
-        sub = recorder.ring.subscribe(STREAM_QUEUE)
-        timeout = self.limits.write_timeout
-        try:
-            req.send(
-                response_head(
-                    HTTPStatus.OK,
-                    {
-                        "Content-Type": "text/event-stream; charset=utf-8",
-                        "Cache-Control": "no-cache",
-                    },
-                )
-                + b": stream open\n\n",
-                timeout,
+        query = _query(params, None)
+        if len(self.streams) >= self.limits.max_streams:
+            ADMIN_REFUSED.inc("streams-full")
+            self._send(
+                req,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                f"too many open streams (at most {self.limits.max_streams})\n".encode(),
+                {"Retry-After": "5"},
             )
-            sent = 0
+            return
+        stream = _Stream(req, recorder.ring.subscribe(STREAM_QUEUE), query, "limit" in params)
+        head = response_head(
+            HTTPStatus.OK,
+            {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"},
+        )
+        req.send(head + b": stream open\n\n", self.limits.write_timeout)
+        if query.since_unix_ns is not None:
             # Subscribed before the snapshot, so a record appended in between
             # is both replayed and queued: skip it the second time.
-            replayed: set[str] = set()
-            if query.since_unix_ns is not None:
-                out: list[str] = []
-                for i, rec in enumerate(recorder.ring.snapshot()):
-                    if query.matches(rec):
-                        out.append(self._event(rec))
-                        replayed.add(rec.decision.decision_id)
-                        sent += 1
-                        if limited and sent >= query.limit:
-                            break
-                    if not i & 63:
-                        meter.tick()
-                if out:
-                    req.send("".join(out).encode(), timeout)
-                if limited and sent >= query.limit:
-                    return
-            last_write = time.monotonic()
-            stopping = self.httpd.stopping
-            while not stopping.is_set():
-                sub.ready.wait(min(0.5, self.heartbeat))
-                recs = sub.take()
-                now = time.monotonic()
-                if not recs:
-                    # A heartbeat keeps proxies from closing an idle stream and
-                    # is how a vanished client is noticed (the write fails).
-                    if now - last_write >= self.heartbeat:
-                        req.send(b": keepalive\n\n", timeout)
-                        last_write = now
-                    continue
-                out = []
-                for i, rec in enumerate(recs):
-                    if rec.decision.decision_id in replayed or not query.matches(rec):
-                        continue
+            out: list[str] = []
+            for i, rec in enumerate(recorder.ring.snapshot()):
+                if query.matches(rec):
                     out.append(self._event(rec))
-                    sent += 1
-                    if limited and sent >= query.limit:
+                    stream.replayed.add(rec.decision.decision_id)
+                    stream.sent += 1
+                    if stream.done:
                         break
-                    if not i & 63:
-                        meter.tick()
-                meter.tick()
-                if out:
-                    req.send("".join(out).encode(), timeout)
-                    last_write = time.monotonic()
-                if limited and sent >= query.limit:
-                    return
-                # Gather a batch: at most ten writes a second per stream.
-                stopping.wait(STREAM_INTERVAL)
-        finally:
-            recorder.ring.unsubscribe(sub)
-            meter.done()
+                if not i & 63:
+                    meter.tick()
+            if out:
+                req.send("".join(out).encode(), self.limits.write_timeout)
+        if stream.done:
+            recorder.ring.unsubscribe(stream.sub)
+            return
+        req.detach()
+        self.streams.add(stream)
 
     def _event(self, rec: DecisionRecord) -> str:
         return f"id: {rec.decision.decision_id}\nevent: decision\ndata: {self._encode(rec)}\n\n"
@@ -420,11 +391,138 @@ class AdminServer:
     def _text(self, req: Request, status: HTTPStatus, text: str) -> None:
         self._send(req, status, "text/plain; charset=utf-8", text.encode())
 
-    def _send(self, req: Request, status: HTTPStatus, content_type: str, body: bytes) -> None:
+    def _send(
+        self,
+        req: Request,
+        status: HTTPStatus,
+        content_type: str,
+        body: bytes,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         head = response_head(
-            status, {"Content-Type": content_type, "Content-Length": str(len(body))}
+            status,
+            {"Content-Type": content_type, "Content-Length": str(len(body)), **(extra or {})},
         )
         req.send(head if req.method == "HEAD" else head + body, self.limits.write_timeout)
+
+
+class _Stream:
+    """One open event stream, served by the pump."""
+
+    def __init__(self, req: Request, sub: Subscription, query: DecisionQuery, limited: bool):
+        self.req = req
+        self.sock = req.sock
+        self.sub = sub
+        self.query = query
+        self.limited = limited
+        self.sent = 0
+        self.replayed: set[str] = set()
+        self.buf = bytearray()
+        self.last_write = self.last_progress = time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return self.limited and self.sent >= self.query.limit
+
+
+class _StreamPump:
+    """Every open stream, served by one thread waking STREAM_INTERVAL apart.
+
+    One thread, not one per client: twenty readers cost ten wake-ups a second
+    (each a GIL hand-over the Check threads would feel), and the sockets are
+    written without blocking. A reader that takes nothing for
+    `write_timeout` is closed; one that falls behind by STREAM_BUFFER bytes
+    loses events, counted in egress_authz_trace_records_dropped_total{sink="stream"}.
+    """
+
+    def __init__(self, admin: AdminServer) -> None:
+        self.admin = admin
+        self._streams: list[_Stream] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, stream: _Stream) -> None:
+        stream.sock.setblocking(False)
+        with self._lock:
+            self._streams.append(stream)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="admin-streams", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        with self._lock:
+            streams, self._streams = self._streams, []
+        for st in streams:
+            self._close(st)
+
+    def _run(self) -> None:
+        while not self._stop.wait(STREAM_INTERVAL):
+            with self._lock:
+                streams = list(self._streams)
+            if not streams:
+                continue
+            meter = self.admin.budget.meter()
+            for st in streams:
+                try:
+                    keep = self._serve(st, meter)
+                except OSError:
+                    keep = False
+                if not keep:
+                    with self._lock:
+                        self._streams.remove(st)
+                    self._close(st)
+            meter.done()
+
+    def _serve(self, st: _Stream, meter: Meter) -> bool:
+        """Queue what is new for one stream and write what the socket takes."""
+        now = time.monotonic()
+        recs = st.sub.take()
+        query = st.query
+        for i, rec in enumerate(recs):
+            if st.done:
+                break
+            if rec.decision.decision_id in st.replayed or not query.matches(rec):
+                continue
+            if len(st.buf) >= STREAM_BUFFER:
+                st.sub.dropped += 1
+                TRACE_DROPPED.inc("stream")
+                continue
+            st.buf += self.admin._event(rec).encode()
+            st.sent += 1
+            if not i & 63:
+                meter.tick()
+        if not st.buf and now - st.last_write >= self.admin.heartbeat:
+            # A heartbeat keeps proxies from closing an idle stream and is
+            # how a vanished client is noticed (the write fails).
+            st.buf += b": keepalive\n\n"
+        if st.buf:
+            try:
+                n = st.sock.send(st.buf)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n:
+                del st.buf[:n]
+                st.last_write = st.last_progress = now
+            elif now - st.last_progress > self.admin.limits.write_timeout:
+                log.debug("decision stream %s: client stopped reading", st.req.peer)
+                return False
+        else:
+            st.last_progress = now
+        return not (st.done and not st.buf)
+
+    def _close(self, st: _Stream) -> None:
+        self.admin.recorder_unsubscribe(st.sub)
+        with contextlib.suppress(OSError):
+            st.sock.close()
 
 
 def _params(query: str) -> dict[str, list[str]]:

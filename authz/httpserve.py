@@ -11,9 +11,10 @@ Check path, so everything it can be made to spend is capped:
   probe that sends its request at once);
 - complete requests go to `workers` threads through a queue of `backlog`;
   beyond it they are answered 503 at once;
-- long-lived streams (server-sent events) get a thread each, at most
-  `max_streams`; beyond that, 503;
-- every answer must be written within `write_timeout` (streams: each write);
+- a handler may keep its connection (`Request.detach()`) for a long-lived
+  stream, served by its owner without a thread of its own (authz/admin.py
+  serves every event stream from one thread, at most `max_streams`);
+- every answer must be written within `write_timeout`;
 - `CpuBudget` caps the CPU time the handlers spend, in all threads together,
   to a share of one core: in Python that time is GIL time the Check threads
   cannot have.
@@ -58,7 +59,7 @@ class HTTPLimits:
     backlog: int = 16
     """Complete requests waiting for a worker; beyond it, 503."""
     max_streams: int = 32
-    """Concurrent event streams (a thread each); beyond it, 503."""
+    """Concurrent event streams; beyond it, 503."""
     write_timeout: float = 10.0
     """Seconds to send a whole answer, or one write of a stream."""
     cpu_share: float = 0.05
@@ -130,7 +131,12 @@ class Request:
         self.peer = peer
         self.method = method
         self.target = target
-        self.deadline = 0.0
+        self.detached = False
+
+    def detach(self) -> socket.socket:
+        """Keep the connection open after the handler returns: the caller owns it now."""
+        self.detached = True
+        return self.sock
 
     def send(self, data: bytes, timeout: float) -> None:
         """Write all of `data` within `timeout` seconds, or raise TimeoutError."""
@@ -170,21 +176,16 @@ class _Pending:
 
 
 class BoundedHTTPServer:
-    """Accepts on `address`; `handle(request)` answers ordinary requests on a
-    worker thread, `stream(request)` long-lived ones (when `is_stream(path)`)."""
+    """Accepts on `address`; `handle(request)` answers each request on a worker thread."""
 
     def __init__(
         self,
         address: tuple[str, int],
         handle: Callable[[Request], None],
-        stream: Callable[[Request], None],
-        is_stream: Callable[[str], bool],
         limits: HTTPLimits,
     ) -> None:
         self.limits = limits
         self._handle = handle
-        self._stream = stream
-        self._is_stream = is_stream
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -201,9 +202,6 @@ class BoundedHTTPServer:
         os.set_blocking(self._wake_r, False)
         self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
         self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=limits.backlog)
-        self._streams = threading.BoundedSemaphore(limits.max_streams)
-        self.open_streams = 0
-        self._count_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ----------------------------------------------------------
@@ -331,24 +329,6 @@ class BoundedHTTPServer:
             )
             return
         request = Request(p.sock, p.peer, method, target)
-        if self._is_stream(target.split("?", 1)[0].rstrip("/")):
-            if not self._streams.acquire(blocking=False):
-                self._drop(
-                    sel,
-                    p,
-                    "streams-full",
-                    simple_response(
-                        HTTPStatus.SERVICE_UNAVAILABLE,
-                        f"too many open streams (at most {self.limits.max_streams})\n",
-                        {"Retry-After": "5"},
-                    ),
-                )
-                return
-            p.sock.setblocking(True)
-            threading.Thread(
-                target=self._run_stream, args=(request,), name="admin-stream", daemon=True
-            ).start()
-            return
         p.sock.setblocking(True)
         try:
             self._queue.put_nowait(request)
@@ -403,25 +383,16 @@ class BoundedHTTPServer:
                 if request is not None:
                     request.sock.close()
                 return
-            self._serve(self._handle, request)
+            self._serve(request)
 
-    def _run_stream(self, request: Request) -> None:
-        with self._count_lock:
-            self.open_streams += 1
+    def _serve(self, request: Request) -> None:
         try:
-            self._serve(self._stream, request)
-        finally:
-            with self._count_lock:
-                self.open_streams -= 1
-            self._streams.release()
-
-    def _serve(self, handler: Callable[[Request], None], request: Request) -> None:
-        try:
-            handler(request)
+            self._handle(request)
         except (OSError, TimeoutError) as e:
             log.debug("admin client %s: %s", request.peer, e)
         except Exception:
             log.exception("admin request %s failed", request.target[:200])
         finally:
-            with contextlib.suppress(OSError):
-                request.sock.close()
+            if not request.detached:
+                with contextlib.suppress(OSError):
+                    request.sock.close()

@@ -18,9 +18,10 @@ in `egress_authz_trace_records_dropped_total{sink="ring-share"}`.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from .metrics import TRACE_DROPPED
 from .records import DecisionRecord
@@ -146,19 +147,33 @@ class RingBuffer:
         if largest > self._capacity // max(1, len(self._by_source)):
             TRACE_DROPPED.inc("ring-share")
 
+    def _copies(self) -> list[list[tuple[int, DecisionRecord]]]:
+        # list(deque) is one C call per source: the lock (which record() takes
+        # on the Check path) is held for microseconds, not a Python loop.
+        with self._lock:
+            return [list(dq) for dq in self._by_source.values()]
+
     def snapshot(self) -> list[DecisionRecord]:
         """A copy, oldest first."""
-        with self._lock:
-            items = [item for dq in self._by_source.values() for item in dq]
-        if len(self._by_source) > 1:
-            items.sort(key=_seq_of)
+        copies = self._copies()
+        if len(copies) == 1:
+            return [rec for _, rec in copies[0]]
+        items = [item for copy in copies for item in copy]
+        items.sort(key=_seq_of)
         return [rec for _, rec in items]
 
+    def newest_first(self) -> Iterator[DecisionRecord]:
+        """The records newest first, merged lazily: a reader that stops after N
+        records (a list with a limit) touches about N of them, not the whole ring."""
+        copies = self._copies()
+        if len(copies) == 1:
+            return (rec for _, rec in reversed(copies[0]))
+        merged = heapq.merge(*(reversed(c) for c in copies), key=_seq_of, reverse=True)
+        return (rec for _, rec in merged)
+
     def find(self, decision_id: str) -> DecisionRecord | None:
-        with self._lock:
-            deques = list(self._by_source.values())
-        for dq in deques:
-            for _, rec in reversed(dq.copy()):
+        for copy in self._copies():
+            for _, rec in reversed(copy):
                 if rec.decision.decision_id == decision_id:
                     return rec
         return None
