@@ -21,6 +21,7 @@ spends its time in write(2), with the GIL released.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import json.encoder
 import logging
@@ -464,7 +465,7 @@ class DecisionRecorder:
                 rec, line, span, trace_id = self._pending.popleft()
             except IndexError:
                 break
-            if rec.decision.verdict is not Verdict.ALLOW or span:
+            if rec.decision.explainer is not None or span:
                 try:
                     self._process(rec, line, span, trace_id)
                 except Exception:
@@ -500,15 +501,16 @@ class DecisionRecorder:
 
     def _process(self, rec: DecisionRecord, line: str, span: bool, trace_id: str | None) -> None:
         d = rec.decision
-        if d.verdict is not Verdict.ALLOW:
+        if d.explainer is not None:
             # The engine explains denials lazily; do it here, off the Check
             # path, bounded (authz.bounded), then swap the explainer for one
             # holding only the answer, so that the ring does not keep
             # superseded policy snapshots alive through its closure (and an
             # admin thread reading it meanwhile still finds a callable).
+            # partial(tuple, t) returns t: smaller than a lambda and its cell.
             explanation = bound_explanation(d.explanation, self._limits)
-            d.explainer = lambda: explanation
             d._explanation = explanation
+            d.explainer = functools.partial(tuple, explanation)
         if span and self.spans is not None:
             # The trace id the line names (chosen in record()) is the span's.
             self.spans.emit(rec, record_fields(rec, trace_id), line)
