@@ -203,7 +203,10 @@ class AdminServer:
         self.ready = ready
         self.heartbeat = heartbeat
         self.limits = limits or HTTPLimits()
-        self.budget = CpuBudget(self.limits.cpu_share)
+        # Half the share for requests, half for streams: four query loops must
+        # not starve the streams, nor twenty streams the probes and queries.
+        self.budget = CpuBudget(self.limits.cpu_share / 2)
+        self.stream_budget = CpuBudget(self.limits.cpu_share / 2)
         # Decisions as JSON, shared by every stream and list that sends them
         # (twenty readers of one record encode it once). Bounded: LRU.
         self._encoded: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -470,7 +473,7 @@ class _StreamPump:
                 streams = list(self._streams)
             if not streams:
                 continue
-            meter = self.admin.budget.meter()
+            meter = self.admin.stream_budget.meter()
             for st in streams:
                 try:
                     keep = self._serve(st, meter)

@@ -63,7 +63,8 @@ class HTTPLimits:
     write_timeout: float = 10.0
     """Seconds to send a whole answer, or one write of a stream."""
     cpu_share: float = 0.05
-    """Share of one CPU the handlers may use together, on average (CpuBudget)."""
+    """Share of one CPU the handlers may use together, on average (CpuBudget):
+    half for requests, half for streams."""
 
 
 class CpuBudget:

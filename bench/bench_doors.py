@@ -153,12 +153,15 @@ class Disturber:
         q, b = self.proc.stdout.readline().split()
         return int(q), int(b)
 
-    def stop(self) -> tuple[int, int, float]:
-        """(queries answered, stream bytes read, seconds) while it ran."""
-        end = self._read()
+    def stop(self) -> tuple[int, int]:
+        """(queries answered, stream bytes read) since it was ready: its last line."""
         self.proc.kill()
+        assert self.proc.stdout is not None
+        lines = self.proc.stdout.read().split("\n")
         self.proc.wait()
-        return end[0] - self.start[0], end[1] - self.start[1], 0.0
+        last = [line.split() for line in lines if line.strip()]
+        q, b = (int(last[-1][0]), int(last[-1][1])) if last else self.start
+        return q - self.start[0], b - self.start[1]
 
 
 # ---------------------------------------------------------------- measuring
@@ -229,8 +232,9 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
                 t0 = time.monotonic()
                 disturbed["sat"].append(saturate(svc, short, sat_n))
                 disturbed["fixed"].append(fixed(svc, short, fixed_s))
-                q, b, _ = d.stop()
-                admin_work.append((q, b, time.monotonic() - t0))
+                elapsed = time.monotonic() - t0
+                q, b = d.stop()
+                admin_work.append((q, b, elapsed))
         finally:
             svc.stop()
 
