@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 
 from authz.bounded import DEFAULT_LIMITS
 from authz.commands import serve
@@ -21,6 +23,8 @@ from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest
 from authz.envoy.server import CHECK_METHOD
 from authz.testing.envoy import free_port
 from authz.tracing import LOG_LINE_MAX
+from tests.kube_emulator import KubeEmulator
+from tests.kube_harness import SVC_NS, pod, policy_cm, rule
 from tests.test_server import PODS, policy_yaml
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,37 +61,64 @@ class Served:
             return body
 
 
-@pytest.fixture
-def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
-    """`serve` in a thread, file mode with a workload file; its stdout (the decision
-    log) goes to the file `served.log`."""
+def kube_args(tmp_path: Path) -> Iterator[list[str]]:
+    """`--kube` flags against the API emulator, seeded with the shop policy and Pod."""
+    with KubeEmulator(bookmark_interval=0.2) as emu:
+        emu.seed(
+            policy_cm("shop", "egress-policy", [rule("cart", "api.kadath.io")]),
+            pod("shop", "cart-finance", "127.0.0.2", sa="cart"),
+        )
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "e",
+                "clusters": [{"name": "e", "cluster": {"server": emu.url}}],
+                "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+            })
+        )  # fmt: skip
+        yield ["--kube", "--kubeconfig", str(kubeconfig), "--namespace", SVC_NS]
+
+
+@pytest.fixture(params=["file", "kube"])
+def served(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Served]:
+    """`serve` in a thread, in file mode (with a workload file) and in `--kube` mode
+    on the API emulator; its stdout (the decision log) goes to a file."""
     log = (tmp_path / "decisions.log").open("w")
     monkeypatch.setattr(sys, "stdout", log)
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "shop.yaml").write_text(policy_yaml(["api.kadath.io"]))
-    (tmp_path / "pods.yaml").write_text(PODS)
-    grpc_port, admin_port = free_port(), free_port()
-    args = serve.build_arg_parser().parse_args([
-        "--policies", str(tmp_path / "policies"), "--workloads", str(tmp_path / "pods.yaml"),
-        "--grpc-address", f"127.0.0.1:{grpc_port}",
-        "--admin-address", f"127.0.0.1:{admin_port}", "--shutdown-grace", "0.5",
-    ])  # fmt: skip
-    stop = threading.Event()
-    t = threading.Thread(target=serve.serve, args=(args, stop), daemon=True)
-    t.start()
-    s = Served(grpc_port, admin_port, tmp_path / "decisions.log")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{s.admin}/readyz", timeout=1) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.05)
-    yield s
-    s.channel.close()
-    stop.set()
-    t.join(10)
+    with contextlib.ExitStack() as stack:
+        if request.param == "kube":
+            source = stack.enter_context(contextlib.contextmanager(kube_args)(tmp_path))
+        else:
+            (tmp_path / "policies").mkdir()
+            (tmp_path / "policies" / "shop.yaml").write_text(policy_yaml(["api.kadath.io"]))
+            (tmp_path / "pods.yaml").write_text(PODS)
+            source = ["--policies", str(tmp_path / "policies"),
+                      "--workloads", str(tmp_path / "pods.yaml")]  # fmt: skip
+        grpc_port, admin_port = free_port(), free_port()
+        args = serve.build_arg_parser().parse_args([
+            *source, "--grpc-address", f"127.0.0.1:{grpc_port}",
+            "--admin-address", f"127.0.0.1:{admin_port}", "--shutdown-grace", "0.5",
+            "--decision-buffer", "100",
+        ])  # fmt: skip
+        stop = threading.Event()
+        t = threading.Thread(target=serve.serve, args=(args, stop), daemon=True)
+        t.start()
+        s = Served(grpc_port, admin_port, tmp_path / "decisions.log")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{s.admin}/readyz", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.05)
+        yield s
+        s.channel.close()
+        stop.set()
+        t.join(10)
     log.close()
 
 
@@ -125,6 +156,25 @@ class TestRecordedThroughServe:
         assert SECRET not in out
         assert all(len(line.encode()) <= LOG_LINE_MAX for line in lines)
         assert max(len(line) for line in lines) < 2_000
+
+
+    def test_forged_flood_leaves_real_decisions(self, served: Served) -> None:
+        """Through the gRPC port, 1,000 forged Checks (no Pod behind the address, a new
+        namespace each) do not evict a real workload's decisions from a 100-decision
+        buffer."""
+        for _ in range(20):
+            served.check(http_check("api.kadath.io", "/real"), timeout=5)
+        for i in range(1_000):
+            r = CheckRequest()
+            r.attributes.source.principal = f"spiffe://cluster.local/ns/forged{i}/sa/x"
+            r.attributes.source.address.socket_address.address = "10.66.6.6"
+            r.attributes.destination.address.socket_address.port_value = 443
+            r.attributes.tls_session.sni = "forged.example.com"
+            served.check(r.SerializeToString(), timeout=5)
+        body = served.decisions("host=api.kadath.io&limit=1000")
+        every = served.decisions("limit=1000")["decisions"]
+        print({(d["namespace"], d["pod"], d["host"]) for d in every})
+        assert body["count"] == 20 and body["buffered"] == 100
 
 
 class TestAdminPortAtStart:
