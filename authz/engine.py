@@ -319,8 +319,16 @@ def _destination_host(dest: Destination) -> tuple[str, int, Reason | None, str]:
         )
         if reason is not None:
             return "", port, reason, f"Host: {message}"
-        if host_port is not None:
-            port = host_port  # the port the caller asked for, not the listener's
+        # The port judged is the connection's, never the Host header's: else
+        # cleartext on port 80 could claim a rule written for 443.
+        if host_port is not None and host_port != port:
+            return (
+                "",
+                port,
+                Reason.PORT_MISMATCH,
+                f"HTTP Host {host_name}:{host_port} names port {host_port}, but the "
+                f"connection is to port {port}" + _listener(dest),
+            )
     if sni_name and host_name and sni_name != host_name:
         return (
             "",
@@ -332,6 +340,18 @@ def _destination_host(dest: Destination) -> tuple[str, int, Reason | None, str]:
     if not name:
         return "", port, Reason.INVALID_HOST, "no destination host: neither SNI nor Host was sent"
     return name, port, None, ""
+
+
+def _listener(dest: Destination) -> str:
+    """How the gateway port map got to the judged port, when it changed it."""
+    if dest.listener_port and dest.listener_port != dest.port:
+        if not dest.port:
+            return (
+                f" (the gateway port map knows no Service port for gateway listener "
+                f"port {dest.listener_port})"
+            )
+        return f" (gateway listener port {dest.listener_port})"
+    return ""
 
 
 def _candidates(scope: _Scope | None, host: str) -> Iterable[_Entry]:
@@ -490,7 +510,7 @@ def _message(
     if reason is Reason.NO_POLICY:
         return f"namespace {namespace} has no egress policy, and no cluster rule allows {host}"
     if reason is Reason.PORT_NOT_ALLOWED:
-        return f"{who} may reach {host}, but not on port {port}"
+        return f"{who} may reach {host}, but not on port {port}" + _listener(dest)
     if reason is Reason.PROTOCOL_NOT_ALLOWED:
         return f"{who} may reach {host}, but not over {dest.protocol.value}"
     if reason is Reason.METHOD_NOT_ALLOWED:
@@ -540,7 +560,7 @@ def _why(
         allowed = ", ".join(sorted(p.value for p in rule.protocols))
         return False, f"protocol {dest.protocol.value} is not in protocols [{allowed}]"
     if stage == _PORT:
-        return False, f"port {port} is not in ports {sorted(rule.ports)}"
+        return False, f"port {port} is not in ports {sorted(rule.ports)}" + _listener(dest)
     if stage == _EXPIRED:
         return False, f"the rule expired at {rule.expires_text}"
     http = rule.http

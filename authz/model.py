@@ -49,6 +49,7 @@ class Reason(enum.StrEnum):
     UNTRUSTED_IDENTITY = "untrusted-identity"
     IDENTITY_MISMATCH = "identity-mismatch"
     BAD_REQUEST = "bad-request"
+    PORT_MISMATCH = "port-mismatch"
 
 
 # Denials that audit mode never lifts: they are about the request itself, not
@@ -62,6 +63,7 @@ ALWAYS_ENFORCED = frozenset(
         Reason.UNTRUSTED_IDENTITY,
         Reason.IDENTITY_MISMATCH,
         Reason.BAD_REQUEST,
+        Reason.PORT_MISMATCH,
     }
 )
 
@@ -122,7 +124,9 @@ class Destination:
 
     `sni` comes from the TLS session (network filter, or TLS under the HTTP
     filter); `http_host` from the Host/:authority header. `protocol` is HTTP
-    when the HTTP filter saw the request, TLS otherwise.
+    when the HTTP filter saw the request, TLS otherwise. `port` is the port
+    the app dialled: the gateway listener port translated by the gateway port
+    map, or 0 when the map does not know that listener port.
     """
 
     port: int
@@ -131,6 +135,7 @@ class Destination:
     http_host: str | None = None
     method: str | None = None
     path: str | None = None
+    listener_port: int = 0  # the gateway's own listener port, before the port map
 
 
 # --------------------------------------------------------------------------

@@ -54,6 +54,7 @@ DEFAULT_RESOURCES = (
     Resource("", "v1", "pods", "Pod"),
     Resource("", "v1", "events", "Event"),
     Resource("", "v1", "namespaces", "Namespace", namespaced=False),
+    Resource("", "v1", "services", "Service"),  # the gateway's: its port map
     Resource("coordination.k8s.io", "v1", "leases", "Lease"),
     Resource("networking.istio.io", "v1", "serviceentries", "ServiceEntry"),
     Resource("networking.istio.io", "v1", "virtualservices", "VirtualService"),

@@ -369,6 +369,8 @@ class TestDeployment:
             "platform-egress",
             "--gateway-namespace",
             "istio-egress",
+            "--gateway-service",
+            "istio-egressgateway",
             "--shutdown-delay",
             "5",
             "--shutdown-grace",
@@ -384,6 +386,20 @@ class TestDeployment:
         assert args[args.index("--workers") + 1] == "4"
         assert "--no-write" not in args
         assert "--no-write" in container(render(chart, {"writeIstioRegistry": False}))["args"]
+
+    def test_gateway_port_map(self, chart: helm.Chart) -> None:
+        """gatewayPortMap replaces the gateway Service watch with a fixed map; the schema
+        refuses a malformed one before anything is applied."""
+        args = container(render(chart, {"gatewayPortMap": "8443:443,8080:80"}))["args"]
+        assert args[args.index("--gateway-port-map") + 1] == "8443:443,8080:80"
+        assert "--gateway-service" not in args
+        from authz import cli
+
+        assert cli.build_parser().parse_args(args).gateway_port_map == "8080:80,8443:443"
+        args = container(render(chart, {"gatewayService": "egress-gw"}))["args"]
+        assert args[args.index("--gateway-service") + 1] == "egress-gw"
+        with pytest.raises(helm.HelmError, match="gatewayPortMap"):
+            chart.render(values={"gatewayPortMap": "8443=443"}, name=RELEASE, namespace=NAMESPACE)
 
     def test_serve_accepts_args(self, chart: helm.Chart) -> None:
         """`egress-authz serve` parses the Deployment's args in every variant (dry parse)."""

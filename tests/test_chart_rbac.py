@@ -55,15 +55,17 @@ def grants(rules: Iterable[dict[str, Any]]) -> set[Grant]:
 
 def expected_grants() -> tuple[set[Grant], set[Grant]]:
     """(cluster-wide, own-namespace) grants from the code's permissions table."""
-    from authz.kube.permissions import PERMISSIONS, Scope
+    from authz.kube.permissions import Scope
 
-    cluster: set[Grant] = set()
-    namespaced: set[Grant] = set()
-    for entry in PERMISSIONS:
-        target = {Scope.CLUSTER: cluster, Scope.SERVICE_NAMESPACE: namespaced}[entry.scope]
-        for verb in entry.verbs:
-            target.add((entry.group, entry.resource, verb))
-    return cluster, namespaced
+    return scope_grants(Scope.CLUSTER), scope_grants(Scope.SERVICE_NAMESPACE)
+
+
+def scope_grants(scope: Any) -> set[Grant]:
+    """The table's grants of one Scope."""
+    from authz.kube.permissions import PERMISSIONS
+
+    return {(p.group, p.resource, verb) for p in PERMISSIONS if p.scope is scope
+            for verb in p.verbs}
 
 
 def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -90,12 +92,36 @@ class TestRbac:
         """The Role (own namespace only) grants exactly the table's namespaced calls."""
         _, namespaced = expected_grants()
         objects = render(chart, namespace)
-        role = one(objects, "Role")
+        role = one([o for o in objects if not o["metadata"]["name"].endswith("-gateway-ports")],
+                   "Role")
         assert role["metadata"]["namespace"] == namespace
         assert grants(role["rules"]) == namespaced, (
             f"missing from chart: {sorted(namespaced - grants(role['rules']))}; "
             f"not used by code: {sorted(grants(role['rules']) - namespaced)}"
         )
+
+    @pytest.mark.parametrize("gateway_ns", ["istio-egress", "egress-authz"])
+    def test_gateway_role_equals_table(self, chart: helm.Chart, gateway_ns: str) -> None:
+        """The gateway-namespace Role grants exactly the table's gateway-namespace calls
+        (the gateway Service, for the port map), bound to the service account; also when
+        the gateway shares the release namespace (distinct names, no clash)."""
+        from authz.kube.permissions import Scope
+
+        objects = render(chart, "egress-authz", {"gatewayNamespace": gateway_ns})
+        role = one([o for o in objects if o["metadata"]["name"].endswith("-gateway-ports")],
+                   "Role")
+        assert role["metadata"]["namespace"] == gateway_ns
+        assert grants(role["rules"]) == scope_grants(Scope.GATEWAY_NAMESPACE) != set()
+        binding = one([o for o in objects if o["metadata"]["name"].endswith("-gateway-ports")],
+                      "RoleBinding")
+        assert binding["metadata"]["namespace"] == gateway_ns
+        assert binding["roleRef"]["name"] == role["metadata"]["name"]
+        account = one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account, "namespace": "egress-authz"}]
+        names = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
+                 for o in objects]
+        assert len(names) == len(set(names))
 
     def test_no_wildcards(self, chart: helm.Chart) -> None:
         """No `*` in any group, resource, verb or name, and no nonResourceURLs."""
@@ -119,6 +145,7 @@ class TestRbac:
         objects = render(chart, namespace)
         account = one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
         assert one(objects, "ServiceAccount")["metadata"]["name"] == account
+        objects = [o for o in objects if not o["metadata"]["name"].endswith("-gateway-ports")]
         for binding_kind, role_kind in (
             ("ClusterRoleBinding", "ClusterRole"),
             ("RoleBinding", "Role"),
@@ -146,13 +173,18 @@ class TestInstallGuideRbac:
         """Each documented (scope, group, resource, verb) is granted by the code, and back."""
         text = (ROOT / "docs" / "install.md").read_text()
         table = text.split("| scope | API group | resources | verbs |", 1)[1].split("\n\n", 1)[0]
+        from authz.kube.permissions import Scope
+
         cluster: set[Grant] = set()
         namespaced: set[Grant] = set()
+        gateway: set[Grant] = set()
         for row in table.strip().splitlines()[1:]:
             scope, groups, resources, verbs = (c.strip() for c in row.strip("|").split("|"))
-            target = cluster if scope == "cluster" else namespaced
+            target = {"cluster": cluster, "own namespace": namespaced,
+                      "gateway namespace": gateway}[scope]
             for group in groups.split(", "):
                 for resource in resources.split(", "):
                     for verb in verbs.split(", "):
                         target.add(("" if group == "core" else group, resource, verb))
         assert (cluster, namespaced) == expected_grants()
+        assert gateway == scope_grants(Scope.GATEWAY_NAMESPACE)

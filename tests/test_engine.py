@@ -96,7 +96,7 @@ class TestAllow:
         s = snapshot(SHOP)
         ident = who(labels={"function": "api-connector"})
         assert decide(s, ident, tls("API.KADATH.IO.")).allowed
-        assert decide(s, ident, http("Api.Kadath.Io:443", port=8080)).allowed
+        assert decide(s, ident, http("Api.Kadath.Io:443", port=443)).allowed
 
     def test_cluster_rules_apply_to_every_namespace(self) -> None:
         """A cluster rule is a baseline for namespaces with or without their own policy."""
@@ -188,7 +188,7 @@ rules:
         ("dest", "reason"),
         [
             (tls("web.example.com"), Reason.PROTOCOL_NOT_ALLOWED),
-            (http("web.example.com:8080"), Reason.PORT_NOT_ALLOWED),
+            (http("web.example.com", port=8080), Reason.PORT_NOT_ALLOWED),
             (http("web.example.com", method="DELETE", path="/v1/x"), Reason.METHOD_NOT_ALLOWED),
             (http("web.example.com", path="/admin"), Reason.PATH_NOT_ALLOWED),
             (http("web.example.com", path="/v1/../admin"), Reason.PATH_NOT_ALLOWED),

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from authz.gateway_ports import GatewayPorts
+from authz.kube.gateway_service import GatewayServiceWatch
 from authz.kube.leader import LeaderElector
 from authz.kube.permissions import PERMISSIONS, verbs_of
 from authz.kube.writer import RegistryWriter
@@ -202,7 +204,10 @@ class TestPermissions:
         w = RegistryWriter(replica.api(), replica.store, options=RenderOptions(),
                            is_leader=lambda: el.is_leader, backoff_cap=0.5, watch_timeout=30)
         w.start()
+        gateway = GatewayServiceWatch(replica.api(), GatewayPorts(), namespace="istio-egress")
+        gateway.start()
         try:
+            emu.wait_for(lambda: gateway.reflector.synced.is_set(), timeout=3)
             emu.wait_for(lambda: emu.events("shop"), timeout=3)
             emu.seed({"apiVersion": "v1", "kind": "Namespace",
                       "metadata": {"name": "shop", "labels": {"team": "a"}}},
@@ -212,6 +217,7 @@ class TestPermissions:
             emu.wait_for(lambda: not ses(emu, "shop"), timeout=3)
             time.sleep(0.3)  # a Lease renewal (update) happens
         finally:
+            gateway.stop()
             w.stop()
             el.stop()
         by_path = {}

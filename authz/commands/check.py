@@ -44,7 +44,8 @@ def add_parser(sub: Any) -> None:
         help="destination host: the Host header for http, the SNI for tls",
     )
     p.add_argument(
-        "--port", type=int, metavar="N", help="destination port (default 443 for tls, 80 for http)"
+        "--port", type=int, metavar="N",
+        help="destination port (default 443 for tls; for http the --host port, else 80)"
     )
     p.add_argument("--sni", metavar="NAME", help="TLS SNI, when it differs from --host")
     p.add_argument(
@@ -136,6 +137,12 @@ def run(args: argparse.Namespace) -> int:
         else Protocol.TLS
     )
     port = args.port if args.port is not None else (80 if protocol is Protocol.HTTP else 443)
+    if args.port is None and protocol is Protocol.HTTP:
+        # `--host x:8080`: the port the client dialled (a Host port that differs from
+        # --port is judged port-mismatch, as at the gateway).
+        from ..hosts import normalize_or_reason
+
+        port = normalize_or_reason(args.host, with_port=True)[1] or port
     if not 0 < port <= 65535:
         print(f"error: --port {port} is out of range 1-65535", file=sys.stderr)
         return EXIT_ERROR

@@ -24,6 +24,9 @@ _NOT_A_POLICY_MATTER = {
     "call the service by its DNS name.",
     "sni-host-mismatch": "The TLS SNI and the HTTP Host name different hosts (domain "
     "fronting), which is denied in every mode. Make the client send the same name in both.",
+    "port-mismatch": "The HTTP Host header names a port other than the one the connection "
+    "was made to (after the gateway port map), which is denied in every mode. Make the "
+    "client send Host without a port, or with the port it dialled.",
     "untrusted-identity": "The caller's certificate is not a SPIFFE identity of this mesh's "
     "trust domain. Is the Pod in the mesh (sidecar injected, mTLS to the egress gateway)?",
     "identity-mismatch": "The source IP belongs to a different Pod than the certificate "

@@ -30,6 +30,7 @@ HTTP_FILTER = "http"
 NETWORK_FILTER = "network"
 
 WorkloadLookup = Callable[[str], Workload | None]
+PortTranslation = Callable[[int], int]  # gateway listener port -> the port the app dialled
 
 
 @dataclass(slots=True)  # not frozen: built once per Check, and frozen costs ~1.5 µs
@@ -54,20 +55,24 @@ class BadRequest:
 
 
 def parse_check_request(
-    data: bytes, lookup: WorkloadLookup | None = None
+    data: bytes, lookup: WorkloadLookup | None = None, ports: PortTranslation | None = None
 ) -> ParsedCheck | BadRequest:
     """Parse one serialised CheckRequest; never raises.
 
     `lookup` resolves the source IP to the Pod behind it (the WorkloadIndex);
     without it, or when no Pod is known, `identity.workload` is None.
+    `ports` translates the gateway listener port (GatewayPorts.translate);
+    without it the listener port is judged as is.
     """
     try:
-        return _parse(data, lookup)
+        return _parse(data, lookup, ports)
     except Exception as e:  # the parser must not take the server down, whatever arrives
         return BadRequest(f"unreadable CheckRequest: {type(e).__name__}: {_clip(str(e))}")
 
 
-def _parse(data: bytes, lookup: WorkloadLookup | None) -> ParsedCheck | BadRequest:
+def _parse(
+    data: bytes, lookup: WorkloadLookup | None, ports: PortTranslation | None
+) -> ParsedCheck | BadRequest:
     if len(data) > MAX_REQUEST_BYTES:
         return BadRequest(f"CheckRequest of {len(data)} bytes exceeds {MAX_REQUEST_BYTES}")
     request = CheckRequest()
@@ -81,12 +86,14 @@ def _parse(data: bytes, lookup: WorkloadLookup | None) -> ParsedCheck | BadReque
     source = attrs.source
     principal = source.principal
     source_ip = _ip(source.address.socket_address.address)
-    port = attrs.destination.address.socket_address.port_value
+    listener = attrs.destination.address.socket_address.port_value
+    # The listener port is the gateway pod's, not the one the app dialled.
+    port = ports(listener) if ports is not None and listener else listener
     sni = attrs.tls_session.sni or None
 
     request_ctx = attrs.request
     if request_ctx.HasField("http"):
-        return _http(request_ctx.http, principal, source_ip, port, sni, lookup)
+        return _http(request_ctx.http, principal, source_ip, listener, port, sni, lookup)
 
     # The network filter sends no request: the destination name is the SNI,
     # from tls_session when the filter sets include_tls_session, else from
@@ -97,7 +104,9 @@ def _parse(data: bytes, lookup: WorkloadLookup | None) -> ParsedCheck | BadReque
     workload = lookup(source_ip) if lookup is not None and source_ip else None
     return ParsedCheck(
         identity=Identity(principal=principal, source_ip=source_ip, workload=workload),
-        destination=Destination(port=port, protocol=Protocol.TLS, sni=sni),
+        destination=Destination(
+            port=port, protocol=Protocol.TLS, sni=sni, listener_port=listener
+        ),
         filter=NETWORK_FILTER,
     )
 
@@ -106,6 +115,7 @@ def _http(
     http: AttributeContext.HttpRequest,
     principal: str,
     source_ip: str,
+    listener: int,
     port: int,
     sni: str | None,
     lookup: WorkloadLookup | None,
@@ -138,7 +148,7 @@ def _http(
     if max(len(principal), len(host), len(path), len(method), len(sni or "")) > MAX_FIELD_CHARS:
         too_long = _too_long(principal=principal, sni=sni, host=host, path=path, method=method)
         return BadRequest(too_long, HTTP_FILTER, traceparent, tracestate)
-    if not port:  # no listener address: fall back on the scheme's port
+    if not listener:  # no listener address: fall back on the scheme's port
         port = {"https": 443, "http": 80}.get(http.scheme, 0)
     workload = lookup(source_ip) if lookup is not None and source_ip else None
     return ParsedCheck(
@@ -150,6 +160,7 @@ def _http(
             http_host=host or None,
             method=method or None,
             path=path or None,
+            listener_port=listener,
         ),
         filter=HTTP_FILTER,
         traceparent=traceparent,

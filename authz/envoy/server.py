@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from authz.engine import Snapshot, decide, reject
+from authz.gateway_ports import GatewayPorts
 from authz.model import Reason
 from authz.records import DecisionRecord, NullRecorder, Recorder
 from authz.store import PolicyStore
@@ -57,10 +58,12 @@ class CheckService:
         store: PolicyStore,
         workloads: WorkloadIndex | None = None,
         recorder: Recorder | None = None,
+        ports: GatewayPorts | None = None,
     ) -> None:
         self.store = store
         self.workloads = workloads
         self.recorder: Recorder = recorder or NullRecorder()
+        self.ports = ports
 
     def check(self, data: bytes, context: Any = None) -> bytes:
         started_ns = time.time_ns()
@@ -70,7 +73,8 @@ class CheckService:
         traceparent = tracestate = None
         try:
             lookup = self.workloads.lookup if self.workloads is not None else None
-            parsed = parse_check_request(data, lookup)
+            ports = self.ports.translate if self.ports is not None else None
+            parsed = parse_check_request(data, lookup, ports)
             snapshot: Snapshot | None = self.store.current  # read once: one snapshot per Check
             revision = snapshot.revision if snapshot is not None else 0
             filter_kind = parsed.filter
@@ -121,10 +125,11 @@ class AuthzServer:
         workloads: WorkloadIndex | None = None,
         recorder: Recorder | None = None,
         settings: ServerSettings | None = None,
+        ports: GatewayPorts | None = None,
     ) -> None:
         self.settings = settings or ServerSettings()
         self.store = store
-        self.service = CheckService(store, workloads, recorder)
+        self.service = CheckService(store, workloads, recorder, ports)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.port = 0
         self._server: grpc.Server | None = None

@@ -85,6 +85,12 @@ def configuration(*, kubeconfig: str | None = None, host: str | None = None
     return cfg
 
 
+def _check_scope(perm: Permission, namespace: str | None) -> None:
+    # A Role grants one namespace: a call across all namespaces would be refused.
+    if perm.scope is Scope.GATEWAY_NAMESPACE and not namespace:
+        raise KubeError(f"{perm.kind} calls need the gateway namespace")
+
+
 @dataclass(frozen=True)
 class WatchEvent:
     type: str  # ADDED, MODIFIED, DELETED, BOOKMARK
@@ -105,22 +111,25 @@ class KubeApi:
     # -------------------------------------------------------------- the calls we make
 
     def list(self, kind: str, *, label_selector: str | None = None,
-             field_selector: str | None = None) -> tuple[list[Obj], str]:
-        """All objects of `kind` (all namespaces) and the list's resourceVersion."""
-        body = self._call(kind, "GET", collection=True, query={
+             field_selector: str | None = None, namespace: str | None = None
+             ) -> tuple[list[Obj], str]:
+        """All objects of `kind` (all namespaces, or `namespace`) and the list's
+        resourceVersion."""
+        body = self._call(kind, "GET", namespace=namespace, collection=True, query={
             "labelSelector": label_selector, "fieldSelector": field_selector})
         return list(body.get("items") or []), str(body["metadata"]["resourceVersion"])
 
     def watch(self, kind: str, resource_version: str, *, timeout_seconds: int,
               label_selector: str | None = None, field_selector: str | None = None,
-              opened: Callable[[urllib3.HTTPResponse], None] | None = None
-              ) -> Iterator[WatchEvent]:
+              opened: Callable[[urllib3.HTTPResponse], None] | None = None,
+              namespace: str | None = None) -> Iterator[WatchEvent]:
         """Events after `resource_version`; ends when the server ends the stream.
 
         Raises KubeGone when the server answers 410 (in the stream or as a status).
         `opened` receives the live response, so another thread can shut it down."""
         perm = require(kind, "watch")
-        resp = self._request(perm, "GET", None, None, query={
+        _check_scope(perm, namespace)
+        resp = self._request(perm, "GET", namespace, None, query={
             "watch": "true", "resourceVersion": resource_version,
             "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds),
             "labelSelector": label_selector, "fieldSelector": field_selector,
@@ -172,6 +181,7 @@ class KubeApi:
         perm = require(kind, verb_of(method, collection=collection and method == "GET"))
         if perm.scope is Scope.SERVICE_NAMESPACE and namespace != self.service_ns:
             raise KubeError(f"{kind} calls are limited to namespace {self.service_ns}")
+        _check_scope(perm, namespace)
         resp = self._request(perm, method, namespace, name, query=query or {}, body=body,
                              content_type=content_type, timeout=REQUEST_TIMEOUT)
         try:

@@ -8,13 +8,17 @@ import os
 import socket
 from collections.abc import Callable
 
+from ..gateway_ports import GatewayPorts
 from ..render import RenderOptions
 from ..store import PolicyStore
 from ..workloads import WorkloadIndex
 from .client import KubeApi, configuration, service_namespace
+from .gateway_service import GatewayServiceWatch
 from .leader import LeaderElector
 from .source import KubePolicySource, KubeSettings
 from .writer import RegistryWriter
+
+GATEWAY_SYNC_WAIT = 5.0  # seconds; the API server is down if listing one Service takes longer
 
 
 class KubeController:
@@ -23,8 +27,15 @@ class KubeController:
     name = "kubernetes"
 
     def __init__(self, api: KubeApi, index: WorkloadIndex, *, settings: KubeSettings,
-                 options: RenderOptions, write: bool = True) -> None:
+                 options: RenderOptions, write: bool = True,
+                 ports: GatewayPorts | None = None, gateway_service: str | None = None) -> None:
         self.source = KubePolicySource(api, index, settings)
+        # The gateway port map from the gateway's Service, unless a fixed map was given.
+        self.gateway_ports: GatewayServiceWatch | None = None
+        if ports is not None and gateway_service:
+            self.gateway_ports = GatewayServiceWatch(
+                api, ports, namespace=options.gateway_namespace, name=gateway_service,
+                health=self.source.health)
         identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{os.getpid()}"
         self.writer: RegistryWriter | None = None
         self.elector: LeaderElector | None = None
@@ -38,16 +49,23 @@ class KubeController:
             self.elector.on_change = lambda leader: writer.poke() if leader else None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, index: WorkloadIndex) -> KubeController:
+    def from_args(cls, args: argparse.Namespace, index: WorkloadIndex,
+                  ports: GatewayPorts | None = None) -> KubeController:
         ns = args.namespace or service_namespace()
         api = KubeApi(k8s_client(args.kubeconfig), service_ns=ns)
         return cls(api, index,
                    settings=KubeSettings(service_namespace=ns,
                                          namespace_selector=args.namespace_selector),
                    options=RenderOptions(gateway_namespace=args.gateway_namespace),
-                   write=not args.no_write)
+                   write=not args.no_write, ports=ports,
+                   gateway_service=None if getattr(args, "gateway_port_map", None)
+                   else getattr(args, "gateway_service", None))
 
     def start(self, store: PolicyStore, on_error: Callable[[str], None]) -> None:
+        if self.gateway_ports is not None:
+            self.gateway_ports.start()
+            # The map first, so that readiness (a policy loaded) does not come before it.
+            self.gateway_ports.wait_synced(GATEWAY_SYNC_WAIT)
         self.source.start(store, on_error)
         if self.writer is not None and self.elector is not None:
             self.writer.store = store
@@ -60,6 +78,8 @@ class KubeController:
         if self.writer is not None:
             self.writer.stop()
         self.source.stop()
+        if self.gateway_ports is not None:
+            self.gateway_ports.stop()
 
     def ready(self) -> bool:
         return self.source.ready()

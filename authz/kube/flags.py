@@ -18,5 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only Namespaces matching this label selector contribute policies")
     g.add_argument("--gateway-namespace", metavar="NS", default="istio-egress",
                    help="namespace of the egress gateway (default: %(default)s)")
+    g.add_argument("--gateway-service", metavar="NAME", default="istio-egressgateway",
+                   help="the egress gateway's Service in --gateway-namespace; its port -> "
+                   "targetPort pairs, watched, are the gateway port map unless "
+                   "--gateway-port-map is given (default: %(default)s)")
     g.add_argument("--no-write", action="store_true",
                    help="read policies only; never write Istio objects")

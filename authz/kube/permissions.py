@@ -16,6 +16,7 @@ from enum import StrEnum
 class Scope(StrEnum):
     CLUSTER = "cluster"  # across all namespaces: a ClusterRole
     SERVICE_NAMESPACE = "service-namespace"  # only the service's own namespace: a Role
+    GATEWAY_NAMESPACE = "gateway-namespace"  # only the egress gateway's namespace: a Role
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ PERMISSIONS: tuple[Permission, ...] = (
        Scope.CLUSTER, "ISTIO_MUTUAL with the external host as SNI to the gateway"),
     _p("networking.istio.io", "v1", "gateways", "Gateway", _ISTIO_WRITE, Scope.CLUSTER,
        "per-host TLS servers on the egress gateway"),
+    _p("", "v1", "services", "Service", "list watch", Scope.GATEWAY_NAMESPACE,
+       "the gateway Service's port -> targetPort: the gateway port map"),
 )
 
 BY_KIND: dict[str, Permission] = {p.kind: p for p in PERMISSIONS}

@@ -80,8 +80,10 @@ class Reflector:
         watch_timeout: int = 300,
         backoff: Backoff | None = None,
         name: str | None = None,
+        namespace: str | None = None,
     ) -> None:
         self.api, self.kind = api, kind
+        self.namespace = namespace  # None: all namespaces
         self.name = name or kind
         self.label_selector, self.field_selector = label_selector, field_selector
         self.on_sync, self.on_event = on_sync, on_event
@@ -121,7 +123,8 @@ class Reflector:
             try:
                 if rv is None:
                     items, rv = self.api.list(self.kind, label_selector=self.label_selector,
-                                              field_selector=self.field_selector)
+                                              field_selector=self.field_selector,
+                                              namespace=self.namespace)
                     self.lists += 1
                     self._handle(self.on_sync, items)
                     self.synced.set()
@@ -131,7 +134,7 @@ class Reflector:
                 for ev in self.api.watch(self.kind, rv, timeout_seconds=self.watch_timeout,
                                          label_selector=self.label_selector,
                                          field_selector=self.field_selector,
-                                         opened=self._opened):
+                                         opened=self._opened, namespace=self.namespace):
                     if self._stop.is_set():
                         return
                     seen += 1
