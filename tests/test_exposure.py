@@ -172,8 +172,6 @@ class TestRecordedThroughServe:
             r.attributes.tls_session.sni = "forged.example.com"
             served.check(r.SerializeToString(), timeout=5)
         body = served.decisions("host=api.kadath.io&limit=1000")
-        every = served.decisions("limit=1000")["decisions"]
-        print({(d["namespace"], d["pod"], d["host"]) for d in every})
         assert body["count"] == 20 and body["buffered"] == 100
 
 

@@ -200,8 +200,11 @@ def build_policy_sources(
         from authz.kube.controller import KubeController
         from authz.workloads import WorkloadIndex
 
-        # The Pod watch feeds the same index Check reads.
-        sources.append(KubeController.from_args(args, index or WorkloadIndex(), ports))
+        # The Pod watch feeds the same index Check reads. (`is None`, not `or`:
+        # an index is never falsy, but this once made --kube fill a second one.)
+        sources.append(
+            KubeController.from_args(args, WorkloadIndex() if index is None else index, ports)
+        )
     if not sources:
         raise UsageError("no policy source: give --policies PATH")
     if len(sources) > 1:
