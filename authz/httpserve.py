@@ -221,11 +221,6 @@ class BoundedHTTPServer:
         self.stopping.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        for _ in range(self.limits.workers):
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                break
         for t in self._threads:
             t.join(5)
         self._threads = []
@@ -235,6 +230,13 @@ class BoundedHTTPServer:
         for p in self._pending.values():
             p.sock.close()
         self._pending.clear()
+        while True:  # requests no worker took before stopping
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if request is not None:
+                request.sock.close()
         self.socket.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
@@ -378,11 +380,15 @@ class BoundedHTTPServer:
     # -- handler threads ------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            request = self._queue.get()
-            if request is None or self.stopping.is_set():
-                if request is not None:
-                    request.sock.close()
+        while not self.stopping.is_set():
+            try:
+                request = self._queue.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if request is None:
+                return
+            if self.stopping.is_set():
+                request.sock.close()
                 return
             self._serve(request)
 

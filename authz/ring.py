@@ -5,7 +5,8 @@ path; the admin endpoint reads snapshots and live subscribers get batches
 from the recorder's thread.
 
 Fair share: the ring holds at most `size` records; when it is full, the
-oldest record of the source holding the most is evicted. A caller flooding
+oldest record of the source holding the most is evicted (within an eighth,
+for sources of more than eight records). A caller flooding
 Checks therefore only ever evicts its own decisions once it holds more than
 anyone else: every other source keeps at least an equal share. A source is
 the namespace of the Pod the caller's address resolved to; callers with no
@@ -84,10 +85,13 @@ class RingBuffer:
         self._capacity = max(1, size)
         self._seq = itertools.count()
         self._by_source: dict[str, collections.deque[tuple[int, DecisionRecord]]] = {}
-        # sources by how many records they hold, and the largest such count:
-        # O(1) to find whom to evict, since counts move by one at a time.
-        self._sizes: dict[int, set[str]] = {}
-        self._largest = 0
+        # Whom to evict, kept up to date in O(1) per append: `_victim` holds at
+        # least as many records as any other source, and `_second` is at least
+        # what any other source holds. Only when an eviction takes the victim
+        # below `_second` are the sources scanned again (never in the common
+        # cases: one source, or one flooding).
+        self._victim: str | None = None
+        self._second = 0
         self._total = 0
         self._lock = threading.Lock()
         self._subscribers: set[Subscription] = set()
@@ -110,42 +114,42 @@ class RingBuffer:
             dq = self._by_source.get(key)
             if dq is None:
                 dq = self._by_source[key] = collections.deque()
-            n = len(dq)
             dq.append((next(self._seq), rec))
-            sizes = self._sizes
-            if n:
-                same = sizes[n]
-                same.discard(key)
-                if not same:
-                    del sizes[n]
-            grown = sizes.get(n + 1)
-            if grown is None:
-                sizes[n + 1] = {key}
-            else:
-                grown.add(key)
-            if n + 1 > self._largest:
-                self._largest = n + 1
-            self._total += 1
-            if self._total > self._capacity:
-                self._evict(key)
+            victim = self._victim
+            if victim is None:
+                self._victim = key
+            elif key != victim:
+                n = len(dq)
+                held = len(self._by_source[victim])
+                if n > held:
+                    self._victim, self._second = key, held
+                elif n > self._second:
+                    self._second = n
+            if self._total < self._capacity:
+                self._total += 1
+                return
+            # Full: evict the victim's oldest (inline: this is the Check path).
+            victim = self._victim or key
+            vq = self._by_source[victim]
+            vq.popleft()
+            left = len(vq)
+            if not left:
+                del self._by_source[victim]
+            sources = len(self._by_source)
+            # Still above an equal share after the eviction: a flood, not
+            # turnover (a lone source holding the whole ring is not counted).
+            if sources > 1 and left > self._capacity // sources:
+                TRACE_DROPPED.inc("ring-share")
+            # A little slack on large sources, so that many sources of equal
+            # size do not cost a scan per eviction; exact when sources are small.
+            second = self._second
+            if left < second - (second >> 3) or not left:
+                self._rescan()
 
-    def _evict(self, appended: str) -> None:
-        largest = self._largest
-        holders = self._sizes[largest]
-        victim = appended if appended in holders else next(iter(holders))
-        dq = self._by_source[victim]
-        dq.popleft()
-        holders.discard(victim)
-        if not holders:
-            del self._sizes[largest]
-            self._largest = largest - 1
-        if largest > 1:
-            self._sizes.setdefault(largest - 1, set()).add(victim)
-        else:
-            del self._by_source[victim]
-        self._total -= 1
-        if largest > self._capacity // max(1, len(self._by_source)):
-            TRACE_DROPPED.inc("ring-share")
+    def _rescan(self) -> None:
+        top = heapq.nlargest(2, self._by_source.items(), key=_size_of)
+        self._victim = top[0][0] if top else None
+        self._second = len(top[1][1]) if len(top) > 1 else 0
 
     def _copies(self) -> list[list[tuple[int, DecisionRecord]]]:
         # list(deque) is one C call per source: the lock (which record() takes
@@ -208,3 +212,7 @@ class RingBuffer:
 
 def _seq_of(item: tuple[int, DecisionRecord]) -> int:
     return item[0]
+
+
+def _size_of(item: tuple[str, collections.deque[tuple[int, DecisionRecord]]]) -> int:
+    return len(item[1])
