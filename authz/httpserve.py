@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from .metrics import ADMIN_REFUSED
+from .metrics import ADMIN_CPU, ADMIN_REFUSED
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class CpuBudget:
         self.waited = 0.0  # seconds handlers slept for the budget (tests, bench)
 
     def charge(self, seconds: float) -> None:
+        ADMIN_CPU.inc(amount=seconds)
         with self._lock:
             now = time.monotonic()
             self._tokens = min(self.burst, self._tokens + (now - self._last) * self.share)

@@ -172,3 +172,9 @@ ADMIN_REFUSED = REGISTRY.add(
         ("reason",),
     )
 )
+ADMIN_CPU = REGISTRY.add(
+    Counter(
+        "egress_authz_admin_cpu_seconds_total",
+        "Thread CPU time the admin endpoint's handlers used (held to a share of one core).",
+    )
+)

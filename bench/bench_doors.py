@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +122,16 @@ def disturb(admin_port: int) -> None:
             c.close()
             counts["queries"] += 1
 
-    for _ in range(SUBSCRIBERS):
+    # DOORS_DISTURB=streams|queries: one half alone, to see which costs what.
+    mode = os.environ.get("DOORS_DISTURB", "both")
+    subscribers = SUBSCRIBERS if mode != "queries" else 0
+    for _ in range(subscribers):
         threading.Thread(target=reader, daemon=True).start()
-    for _ in range(SUBSCRIBERS):
+    for _ in range(subscribers):
         opened.acquire()
-    for _ in range(QUERY_LOOPS):
+    for _ in range(QUERY_LOOPS if mode != "streams" else 0):
         threading.Thread(target=querier, daemon=True).start()
-    print(f"ready {SUBSCRIBERS - counts['refused']}", flush=True)
+    print(f"ready {subscribers - counts['refused']}", flush=True)
     while True:
         time.sleep(1)
         print(f"{counts['queries']} {counts['stream_bytes']}", flush=True)
@@ -165,6 +169,15 @@ class Disturber:
 
 
 # ---------------------------------------------------------------- measuring
+
+
+def admin_cpu_seconds(admin_port: int) -> float:
+    """egress_authz_admin_cpu_seconds_total from the service's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=30) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("egress_authz_admin_cpu_seconds_total "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def rss_kib(pid: int) -> int:
@@ -220,6 +233,7 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
         alone: dict[str, list[H2LoadResult]] = {"sat": [], "fixed": []}
         disturbed: dict[str, list[H2LoadResult]] = {"sat": [], "fixed": []}
         admin_work: list[tuple[int, int, float]] = []
+        admin_cpu: list[float] = []  # admin handlers' CPU, share of one core
         svc = start_service(work, "service")
         try:
             saturate(svc, short, 2_000)  # warm-up
@@ -227,6 +241,7 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
             for _ in range(runs):
                 alone["sat"].append(saturate(svc, short, sat_n))
                 alone["fixed"].append(fixed(svc, short, fixed_s))
+                cpu0 = admin_cpu_seconds(svc.admin_port or 0)
                 d = Disturber(svc.admin_port or 0)
                 streams = d.streams
                 t0 = time.monotonic()
@@ -235,6 +250,7 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
                 elapsed = time.monotonic() - t0
                 q, b = d.stop()
                 admin_work.append((q, b, elapsed))
+                admin_cpu.append((admin_cpu_seconds(svc.admin_port or 0) - cpu0) / elapsed)
         finally:
             svc.stop()
 
@@ -249,13 +265,16 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
                 finally:
                     s.stop()
     load = (load_before, os.getloadavg()[0])
-    return report(alone, disturbed, admin_work, streams, rss, runs, sat_n, fixed_s, load)
+    return report(
+        alone, disturbed, admin_work, admin_cpu, streams, rss, runs, sat_n, fixed_s, load
+    )
 
 
 def report(
     alone: dict[str, list[H2LoadResult]],
     disturbed: dict[str, list[H2LoadResult]],
     admin_work: list[tuple[int, int, float]],
+    admin_cpu: list[float],
     streams: int,
     rss: dict[str, list[int]],
     runs: int,
@@ -280,6 +299,8 @@ def report(
         "streams_open": streams,
         "queries_per_s": median([q / s for q, _, s in admin_work]),
         "stream_mb_per_s": median([b / s / 1e6 for _, b, s in admin_work]),
+        "admin_cpu_share": median(admin_cpu),
+        "runs_admin_cpu_share": [round(c, 3) for c in admin_cpu],
         "rss_kib_short": median([float(v) for v in rss["short"]]),
         "rss_kib_long": median([float(v) for v in rss["long"]]),
         "rss_runs": rss,
@@ -314,7 +335,9 @@ def report(
     print()
     print(
         f"admin work served meanwhile: {out['queries_per_s']:.1f} large queries/s, "
-        f"{out['stream_mb_per_s']:.1f} MB/s of events over {streams} streams"
+        f"{out['stream_mb_per_s']:.1f} MB/s of events over {streams} streams; "
+        f"admin handlers' CPU {out['admin_cpu_share']:.1%} of one core "
+        f"(runs {out['runs_admin_cpu_share']}; budget 5%)"
     )
     print(f"runs, checks/s alone: {a['runs_checks_per_s']}, disturbed: {d['runs_checks_per_s']}")
     print(f"runs, p99 ms alone: {a['runs_p99_ms']}, disturbed: {d['runs_p99_ms']}")

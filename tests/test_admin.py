@@ -23,6 +23,7 @@ from authz.admin import (
     parse_duration,
 )
 from authz.httpserve import CpuBudget, HTTPLimits
+from authz.metrics import ADMIN_CPU
 from authz.model import Protocol, Reason, Verdict
 from authz.tracing import DecisionRecorder, TracingSettings
 from tests.test_tracing import make_record
@@ -521,8 +522,10 @@ class TestCaps:
             big.record(make_record())
         server = limited(big)
         server.budget = CpuBudget(share=0.02, burst=0.0)
+        cpu_before = ADMIN_CPU.value()
         try:
             assert get_json(server, "/v1/decisions?limit=1000")[0] == 200
+            assert ADMIN_CPU.value() > cpu_before  # what /metrics reports
             # Paid back at 2% of a core: the handler slept ~50x the CPU it used.
             assert server.budget.waited > 0.1
         finally:
