@@ -41,7 +41,7 @@ class TestFairShare:
         assert len(ring) == 100
 
     def test_flood_keeps_everyone_elses_decisions(self) -> None:
-        """One namespace flooding 100x the ring evicts only its own records: the ten
+        """One namespace flooding 20x the ring evicts only its own records: the ten
         quiet namespaces keep every decision they made."""
         ring = RingBuffer(1000)
         quiet = {f"ns{i}": [from_namespace(f"ns{i}") for _ in range(50)] for i in range(10)}
@@ -49,8 +49,9 @@ class TestFairShare:
             for r in recs:
                 ring.append(r)
         before = TRACE_DROPPED.value("ring-share")
-        for _ in range(100_000):
-            ring.append(from_namespace("flood"))
+        flood = from_namespace("flood")
+        for _ in range(20_000):
+            ring.append(flood)
         kept = held(ring)
         assert len(ring) == 1000
         for ns, recs in quiet.items():
@@ -58,7 +59,7 @@ class TestFairShare:
             assert all(ring.find(r.decision.decision_id) is r for r in recs)
         assert kept["flood"] == 500
         # Evictions of the flooder beyond an equal share are counted.
-        assert TRACE_DROPPED.value("ring-share") - before >= 99_000
+        assert TRACE_DROPPED.value("ring-share") - before >= 19_000
 
     def test_largest_source_trimmed_first(self) -> None:
         """When full, the oldest record of the source holding the most is evicted."""
@@ -81,7 +82,7 @@ class TestFairShare:
         real = [from_namespace(f"team{i}") for i in range(4) for _ in range(100)]
         for r in real:
             ring.append(r)
-        for i in range(50_000):
+        for i in range(10_000):
             ring.append(forged(f"fake{i}-{random.random()}"))
         kept = held(ring)
         assert kept[UNRESOLVED] == 600
