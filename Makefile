@@ -28,7 +28,7 @@ unit: venv
 test: lint typecheck unit
 
 demo: venv
-	$(BIN)/egress-authz demo
+	$(BIN)/egress-authz demo $(ARGS)
 
 bench: venv
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import hosts
+from .identity import parse_principal as parse_principal  # re-exported: `check`, tests
+from .identity import verify
 from .model import (
     ALWAYS_ENFORCED,
     Decision,
@@ -154,33 +156,6 @@ def compile_policy(policy_set: PolicySet, *, trust_domain: str = "cluster.local"
 
 
 # --------------------------------------------------------------------------
-# Identity
-
-_SPIFFE_PATH = re.compile(
-    r"/ns/([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)/sa/([a-z0-9][-a-z0-9.]{0,252})\Z"
-)
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_principal(principal: str, trust_domain: str) -> tuple[str, str, str]:
-    """SPIFFE URI -> (namespace, service account, "") or ("", "", why not)."""
-    prefix = f"spiffe://{trust_domain}/"
-    if not principal:
-        return "", "", "no mTLS peer principal (is the gateway listener requiring client certs?)"
-    if not principal.startswith(prefix):
-        shown = principal if len(principal) <= 200 else principal[:200] + "..."
-        return "", "", f"principal {shown!r} is not a SPIFFE id in trust domain {trust_domain!r}"
-    m = _SPIFFE_PATH.match(principal, len(prefix) - 1)
-    if not m:
-        return (
-            "",
-            "",
-            f"principal {principal[:200]!r} is not of the form spiffe://{trust_domain}/ns/NAMESPACE/sa/ACCOUNT",
-        )
-    return m.group(1), m.group(3), ""
-
-
-# --------------------------------------------------------------------------
 # Matching one rule. `_check` returns 0 for a match, else the stage that
 # failed; a higher stage means the rule came closer to matching.
 
@@ -269,9 +244,12 @@ def _check(
     if http is not None and dest.protocol is Protocol.HTTP:
         if http.methods is not None and (dest.method or "").upper() not in http.methods:
             return _METHOD
-        if http.paths is not None:
+        if http.paths is not None or http.exact_paths is not None:
             path = clean_path(dest.path or "")
-            if path is None or not any(path.startswith(prefix) for prefix in http.paths):
+            if path is None or not (
+                (http.exact_paths is not None and path in http.exact_paths)
+                or any(path.startswith(prefix) for prefix in http.paths or ())
+            ):
                 return _PATH
     if rule.expires is not None and now >= rule.expires:
         return _EXPIRED
@@ -372,22 +350,12 @@ def decide(
 ) -> Decision:
     """The one decision of one Check. Pure apart from the clock and the id."""
     revision = snapshot.revision
-    namespace, account, why = parse_principal(identity.principal, snapshot.trust_domain)
-    if why:
-        return reject(Reason.UNTRUSTED_IDENTITY, why, revision=revision)
-    workload = identity.workload
-    if workload is not None and (
-        workload.namespace != namespace or workload.service_account != account
-    ):
+    namespace, account, reason, message = verify(identity, snapshot.trust_domain)
+    if reason is not None:
         return reject(
-            Reason.IDENTITY_MISMATCH,
-            f"source {identity.source_ip} is Pod {workload.namespace}/{workload.name} "
-            f"(service account {workload.service_account}), but the certificate says "
-            f"{namespace}/{account}",
-            revision=revision,
-            namespace=namespace,
-            service_account=account,
+            reason, message, revision=revision, namespace=namespace, service_account=account
         )
+    workload = identity.workload
     host, port, reason, message = _destination_host(destination)
     if reason is not None:
         return reject(
@@ -551,11 +519,19 @@ def _why(
             )
         if workload is None:
             return False, "the rule selects by label, and no Pod is known for the source IP"
-        exprs = [f"{r.key} {r.operator} {sorted(r.values)}" for r in sel.match_expressions]
-        return False, (
-            f"workload labels {dict(workload.labels)} do not match matchLabels "
-            f"{dict(sel.match_labels)}" + (f" / matchExpressions {exprs}" if exprs else "")
-        )
+        # Written as people write labels (k=v), never as Python reprs.
+        has = ", ".join(f"{k}={v}" for k, v in sorted(workload.labels.items())) or "(none)"
+        wants = []
+        if sel.match_labels:
+            wants.append(
+                "matchLabels " + ", ".join(f"{k}={v}" for k, v in sorted(sel.match_labels.items()))
+            )
+        if sel.match_expressions:
+            wants.append("matchExpressions " + ", ".join(
+                f"{r.key} {r.operator}" + (f" ({', '.join(sorted(r.values))})" if r.values else "")
+                for r in sel.match_expressions
+            ))
+        return False, f"workload labels {has} do not match {' / '.join(wants)}"
     if stage == _PROTOCOL:
         allowed = ", ".join(sorted(p.value for p in rule.protocols))
         return False, f"protocol {dest.protocol.value} is not in protocols [{allowed}]"
@@ -570,7 +546,12 @@ def _why(
     path = clean_path(dest.path or "")
     if path is None:
         return False, f"path {dest.path!r} holds encoded slashes or backslashes"
-    return False, f"path {path} starts with none of {list(http.paths or ())}"
+    said = []
+    if http.paths:
+        said.append(f"starts with none of [{', '.join(http.paths)}]")
+    if http.exact_paths:
+        said.append(f"is none of exactPaths [{', '.join(sorted(http.exact_paths))}]")
+    return False, f"path {path} " + " and ".join(said)
 
 
 def explain(

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .model import POLICY_DATA_KEY, ConfigMapRef, NamespacePolicy, PolicySet
+from .model import POLICY_DATA_KEY, POLICY_LABEL, ConfigMapRef, NamespacePolicy, PolicySet
 from .policy import PolicyError, is_policy_configmap, parse_configmap
 
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
@@ -30,6 +30,9 @@ class LoadResult:
     # ref -> the policy, or the PolicyError that rejected it.
     by_ref: dict[ConfigMapRef, NamespacePolicy | PolicyError] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    # ConfigMaps that look meant as policies but are not read (their label is
+    # wrong): `lint` must not call a directory of them clean.
+    ignored: list[ConfigMapRef] = field(default_factory=list)
 
 
 def policy_files(path: Path) -> list[Path]:
@@ -54,21 +57,92 @@ def _documents(text: str) -> Iterator[Any]:
             yield doc
 
 
+def _why_ignored(obj: dict[str, Any]) -> str | None:
+    """Why a ConfigMap that looks meant as a policy is not read, or None."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    label = labels.get(POLICY_LABEL) if isinstance(labels, dict) else None
+    if label is True:
+        return (
+            f"has the label {POLICY_LABEL}, but as the YAML boolean true: it must be "
+            f'the string "true" (quote it: {POLICY_LABEL}: "true")'
+        )
+    if label is not None:
+        return f'has the label {POLICY_LABEL}: {str(label)[:40]!r}, which must be "true"'
+    if POLICY_DATA_KEY in (obj.get("data") or {}):
+        return f'has a {POLICY_DATA_KEY} key but not the label {POLICY_LABEL}: "true"'
+    return None
+
+
+def _file_position(
+    text: str, ref: ConfigMapRef, mark: tuple[int, int, str]
+) -> tuple[int, int] | None:
+    """1-based (line, column) in the file of a position inside the policy.yaml
+    block of ConfigMap `ref`; None unless it is a literal block (`|`), the only
+    style whose lines are the file's lines."""
+    try:
+        docs = list(yaml.compose_all(text))
+    except yaml.YAMLError:
+        return None
+    for doc in docs:
+        for cm in _configmap_nodes(doc):
+            meta, data = _child(cm, "metadata"), _child(cm, "data")
+            names = (_scalar(_child(meta, "namespace")) or "default", _scalar(_child(meta, "name")))
+            block = _child(data, POLICY_DATA_KEY)
+            if names != (ref.namespace, ref.name) or not isinstance(block, yaml.ScalarNode):
+                continue
+            if block.style != "|":
+                return None
+            first = block.start_mark.line + 1  # content starts below the `|` line
+            lines = text.splitlines()
+            indent = next(
+                (len(ln) - len(ln.lstrip(" ")) for ln in lines[first:] if ln.strip()), 0
+            )
+            return first + mark[0] + 1, indent + mark[1] + 1
+    return None
+
+
+def _configmap_nodes(doc: Any) -> list[yaml.MappingNode]:
+    if not isinstance(doc, yaml.MappingNode):
+        return []
+    if _scalar(_child(doc, "kind")) == "List":
+        items = _child(doc, "items")
+        return [n for n in items.value if isinstance(n, yaml.MappingNode)] if isinstance(
+            items, yaml.SequenceNode
+        ) else []
+    return [doc]
+
+
+def _child(node: Any, key: str) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                return v
+    return None
+
+
+def _scalar(node: Any) -> str | None:
+    return node.value if isinstance(node, yaml.ScalarNode) else None
+
+
 def load_objects(
-    objects: Iterable[Any], origin: str, result: LoadResult, *, cluster_namespace: str
+    objects: Iterable[Any],
+    origin: str,
+    result: LoadResult,
+    *,
+    cluster_namespace: str,
+    text: str | None = None,
 ) -> None:
-    """Validate ConfigMap dicts into `result`; `origin` names where they came from."""
+    """Validate ConfigMap dicts into `result`; `origin` names where they came
+    from, `text` (the file, when there is one) lets YAML errors name its lines."""
     for obj in objects:
         if not isinstance(obj, dict) or obj.get("kind") != "ConfigMap":
             continue
         meta = obj.get("metadata") or {}
         ref = ConfigMapRef(meta.get("namespace") or "default", meta.get("name") or "<unnamed>")
         if not is_policy_configmap(obj):
-            if POLICY_DATA_KEY in (obj.get("data") or {}):
-                result.warnings.append(
-                    f"{origin}: {ref} has a {POLICY_DATA_KEY} key but not the label "
-                    f'egress-authz.io/policy: "true"; it is ignored'
-                )
+            if (why := _why_ignored(obj)) is not None:
+                result.warnings.append(f"{origin}: {ref} {why}; it is ignored")
+                result.ignored.append(ref)
             continue
         if ref in result.by_ref:
             result.problems.append(f"{origin}: {ref} is defined more than once")
@@ -77,7 +151,15 @@ def load_objects(
             policy = parse_configmap(obj, cluster_namespace=cluster_namespace)
         except PolicyError as e:
             result.by_ref[ref] = e
-            result.problems.extend(f"{origin}: {line}" for line in e.problems)
+            if e.yaml_mark is not None and text is not None and (
+                at := _file_position(text, ref, e.yaml_mark)
+            ):
+                # Lines relative to the embedded block help nobody: name the file's.
+                result.problems.append(
+                    f"{origin}:{at[0]}:{at[1]}: {ref} {POLICY_DATA_KEY}: bad YAML: {e.yaml_mark[2]}"
+                )
+            else:
+                result.problems.extend(f"{origin}: {line}" for line in e.problems)
             continue
         result.by_ref[ref] = policy
         result.policies.append(policy)
@@ -105,7 +187,7 @@ def load_path(
             at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
             result.problems.append(f"{file}{at}: bad YAML: {getattr(e, 'problem', None) or e}")
             continue
-        load_objects(docs, str(file), result, cluster_namespace=cluster_namespace)
+        load_objects(docs, str(file), result, cluster_namespace=cluster_namespace, text=text)
     return result
 
 

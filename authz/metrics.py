@@ -178,3 +178,10 @@ ADMIN_CPU = REGISTRY.add(
         "Thread CPU time the admin endpoint's handlers used (held to a share of one core).",
     )
 )
+UNFENCED_WILDCARD_NAMESPACES = REGISTRY.add(
+    Gauge(
+        "egress_authz_unfenced_wildcard_namespaces",
+        "Namespaces whose policy allows a wildcard host while no NetworkPolicy fences their "
+        "egress (`serve --kube`; Warning Event WildcardUnfenced on the policy ConfigMap).",
+    )
+)

@@ -50,6 +50,7 @@ class Reason(enum.StrEnum):
     IDENTITY_MISMATCH = "identity-mismatch"
     BAD_REQUEST = "bad-request"
     PORT_MISMATCH = "port-mismatch"
+    UNKNOWN_WORKLOAD = "unknown-workload"
 
 
 # Denials that audit mode never lifts: they are about the request itself, not
@@ -64,6 +65,7 @@ ALWAYS_ENFORCED = frozenset(
         Reason.IDENTITY_MISMATCH,
         Reason.BAD_REQUEST,
         Reason.PORT_MISMATCH,
+        Reason.UNKNOWN_WORKLOAD,
     }
 )
 
@@ -100,7 +102,8 @@ class Workload:
     service_account: str
     labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_LABELS)
     name: str = ""
-    ip: str = ""
+    ip: str = ""  # status.podIP
+    ips: tuple[str, ...] = ()  # every address of status.podIPs (dual-stack: one per family)
 
 
 @dataclass(slots=True)
@@ -110,12 +113,15 @@ class Identity:
     `principal` is the raw peer principal (a SPIFFE URI when the mesh is
     healthy); `workload` is the Pod the resolver found for `source_ip`, or
     None when no Pod is known for it (then rules that select by label do not
-    apply).
+    apply). `pod_required`: every legitimate caller is a known Pod (a Pod
+    source is configured and unknown sources are refused), so no Pod at
+    `source_ip` is a denial, `unknown-workload` (see authz/identity.py).
     """
 
     principal: str
     source_ip: str = ""
     workload: Workload | None = None
+    pod_required: bool = False
 
 
 @dataclass(slots=True)
@@ -175,6 +181,9 @@ class WorkloadSelector:
 class HttpMatch:
     methods: frozenset[str] | None = None  # upper case; None = any
     paths: tuple[str, ...] | None = None  # prefixes; None = any
+    # Whole paths, matched exactly (`suggest` writes these: what was seen, no more).
+    # A request passes the path stage when it matches a prefix or an exact path.
+    exact_paths: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

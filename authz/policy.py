@@ -38,7 +38,7 @@ CLUSTER_TOP_FIELDS = ("mode", "rules", "deny")
 RULE_FIELDS = ("name", "workloads", "hosts", "ports", "protocols", "http", "expires", "owner")
 WORKLOAD_FIELDS = ("serviceAccounts", "matchLabels", "matchExpressions")
 EXPRESSION_FIELDS = ("key", "operator", "values")
-HTTP_FIELDS = ("methods", "paths")
+HTTP_FIELDS = ("methods", "paths", "exactPaths")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 DEFAULT_PORTS = frozenset({443})
 
@@ -87,10 +87,15 @@ def load_yaml(text: str) -> Any:
 class PolicyError(ValueError):
     """A ConfigMap that cannot be accepted; `problems` are one line each."""
 
-    def __init__(self, source: str, problems: list[str]) -> None:
+    def __init__(
+        self, source: str, problems: list[str], yaml_mark: tuple[int, int, str] | None = None
+    ) -> None:
         super().__init__("\n".join(problems))
         self.source = source
         self.problems = problems
+        # For bad YAML: (line, column, problem), 0-based within policy.yaml, so
+        # that a file source can point at the line of the file instead.
+        self.yaml_mark = yaml_mark
 
 
 @dataclass
@@ -306,7 +311,25 @@ def _parse_http(p: _Problems, where: str, raw: Any) -> HttpMatch | None:
                     )
             if not got:
                 p.add(f"{where}.paths", "is empty; omit it to allow every path")
-    return HttpMatch(methods, paths)
+    exact = None
+    if "exactPaths" in raw:
+        got = _string_list(p, f"{where}.exactPaths", raw["exactPaths"])
+        if got is not None:
+            exact = frozenset(got)
+            for i, path in enumerate(got):
+                _path_problem(p, f"{where}.exactPaths[{i}]", path, "an exact path")
+            if not got:
+                p.add(f"{where}.exactPaths", "is empty; omit it")
+    return HttpMatch(methods, paths, exact)
+
+
+def _path_problem(p: _Problems, where: str, path: str, what: str) -> None:
+    # The engine resolves a request's path before comparing, so a pattern with
+    # escapes or dot segments could never match as written.
+    if not path.startswith("/"):
+        p.add(where, f"{path!r} must start with '/' ({what})")
+    elif any(c in path for c in "?#%") or "/../" in path + "/" or "/./" in path + "/":
+        p.add(where, f"{path!r}: {what} holds no query, fragment, escapes or dot segments")
 
 
 def _parse_expires(p: _Problems, where: str, raw: Any) -> float | None:
@@ -341,8 +364,15 @@ def _parse_rule(p: _Problems, index: int, raw: Any) -> Rule | None:
         p.add(where, f"must be a map, not {_type_name(raw)}")
         return None
     name = raw.get("name")
-    if not isinstance(name, str) or not _RULE_NAME.match(name):
+    if name is None:
         p.add(f"{where}.name", "every rule needs a name: 1-63 letters, digits, '-', '_', '.'")
+        name = f"#{index}"
+    elif not isinstance(name, str) or not _RULE_NAME.match(name):
+        p.add(
+            f"{where}.name",
+            f"invalid name {str(name)[:80]!r}: use 1-63 letters, digits, '-', '_', '.', "
+            "starting and ending with a letter or digit",
+        )
         name = f"#{index}"
     where = f'{where} "{name}"'
     before = len(p.items)
@@ -402,7 +432,9 @@ def parse_policy_yaml(
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise PolicyError(
-            str(source), [f"{source} {POLICY_DATA_KEY}: bad YAML{at}: {problem}"]
+            str(source),
+            [f"{source} {POLICY_DATA_KEY}: bad YAML{at}: {problem}"],
+            (mark.line, mark.column, str(problem)) if mark else None,
         ) from e
     if doc is None:
         doc = {}

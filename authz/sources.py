@@ -278,7 +278,7 @@ def pods_in(document: Any) -> Iterator[dict[str, Any]]:
 
 
 def load_pod_file(path: Path) -> list[Workload]:
-    """Every Running Pod with an IP in one file; raises OSError or YAMLError."""
+    """Every live Pod with an IP in one file; raises OSError or YAMLError."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # dumps can be large
     workloads: list[Workload] = []
     with path.open() as stream:

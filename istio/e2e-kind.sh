@@ -7,6 +7,16 @@
 #   shop/api-connector reaches api.kadath.io, shop/finance reaches api.leng.com,
 #   and every other combination (and the cluster-denied api.stealyourmoney.com)
 #   is refused,
+# then the Istio-fidelity checks of issue 11 (istio/e2e/istio-fidelity.yaml):
+#   istioctl analyze finds no error in what egress-authz wrote; the hosts Gateway
+#   has unique server port names (two TLS hosts, or Istio's webhook refuses it);
+#   hosts that slug alike each get their route (storefront is refused both: a lost
+#   route would let it through without a Check); a TLS rule on 8443 works through
+#   gateway port 8443; a cluster-tier host is reachable from a namespace with no
+#   policy; a wildcard namespace is reported while unfenced and, once labelled,
+#   fenced so the wildcard host cannot be reached around the gateway; only our
+#   gateway pods carry the selector label; the connect-on-data patch is in effect
+#   exactly when the gateway runs Istio 1.29 or later,
 # and prints the decisions with `egress-authz traces`.
 #
 # Needs: a running Docker engine, kind, kubectl, istioctl (1.22 or later), helm 3
@@ -30,7 +40,8 @@ IMAGE_REPO="egress-authz"
 IMAGE_TAG="e2e"
 NAMESPACE="egress-authz"
 GATEWAY_NAMESPACE="istio-egress"
-FAKE_HOSTS=(api.kadath.io api.leng.com api.stealyourmoney.com)
+FAKE_HOSTS=(api.kadath.io api.leng.com api.stealyourmoney.com
+  my-api.example.com my.api-example.com status.kadath.io www.kadath.io)
 DELETE_AFTER=0
 [[ "${1:-}" == "--delete" ]] && DELETE_AFTER=1
 
@@ -69,6 +80,13 @@ step "Istio: REGISTRY_ONLY, the egress-authz extension provider, an egress gatew
 k create namespace "$GATEWAY_NAMESPACE" --dry-run=client -o yaml | k apply -f -
 istioctl --context "$CTX" install -y -f istio/mesh-config.yaml
 k -n "$GATEWAY_NAMESPACE" rollout status deployment/istio-egressgateway --timeout=180s
+# A rule for 8443 is routed through the gateway Service's port 8443 (docs/install.md,
+# "Ports"): give the Service that port.
+if ! k -n "$GATEWAY_NAMESPACE" get service istio-egressgateway \
+    -o jsonpath='{.spec.ports[*].port}' | grep -qw 8443; then
+  k -n "$GATEWAY_NAMESPACE" patch service istio-egressgateway --type=json \
+    -p='[{"op":"add","path":"/spec/ports/-","value":{"name":"tls-8443","port":8443,"targetPort":8443,"protocol":"TCP"}}]'
+fi
 
 step "fake internet: a TLS server in namespace outside, answered for ${FAKE_HOSTS[*]}"
 workdir="$(mktemp -d)"
@@ -88,6 +106,7 @@ data:
   default.conf: |
     server {
       listen 443 ssl;
+      listen 8443 ssl;
       listen 80;
       ssl_certificate /tls/tls.crt;
       ssl_certificate_key /tls/tls.key;
@@ -110,7 +129,7 @@ spec:
       containers:
         - name: nginx
           image: nginx:1.27-alpine
-          ports: [{containerPort: 443}, {containerPort: 80}]
+          ports: [{containerPort: 443}, {containerPort: 8443}, {containerPort: 80}]
           volumeMounts:
             - {name: conf, mountPath: /etc/nginx/conf.d}
             - {name: tls, mountPath: /tls, readOnly: true}
@@ -142,14 +161,20 @@ helm --kube-context "$CTX" upgrade --install egress-authz charts/egress-authz \
   --set image.repository="$IMAGE_REPO" --set image.tag="$IMAGE_TAG" \
   --set image.pullPolicy=Never \
   --set gatewayNamespace="$GATEWAY_NAMESPACE" \
+  --set networkPolicy.allowClusterPods=false \
   --wait --timeout 180s
+# allowClusterPods=false: the fake internet is a pod, and a fence that allowed every
+# pod would let a wildcard host through it; real internet hosts are never pods.
 
 step "workloads and policies"
 k apply -f istio/e2e/shop-workloads.yaml
 k apply -f istio/examples/
+k apply -f istio/e2e/istio-fidelity.yaml
 for d in api-connector finance storefront; do
   k -n shop rollout status "deployment/$d" --timeout=180s
 done
+k -n elsewhere rollout status deployment/curl --timeout=180s
+k -n wild rollout status deployment/curl --timeout=180s
 
 step "waiting for egress-authz to write the ServiceEntries"
 for _ in $(seq 1 60); do
@@ -164,9 +189,10 @@ sleep 5  # let istiod push the new routes to the sidecars and the gateway
 
 step "seed scenario"
 failures=0
-expect() {  # expect <deployment> <host> allow|deny
-  local from="$1" host="$2" want="$3" code
-  code="$(k -n shop exec "deploy/$from" -c curl -- \
+expect() {  # expect [ns/]<deployment> <host[:port]> allow|deny
+  local from="$1" host="$2" want="$3" code ns=shop
+  if [[ "$from" == */* ]]; then ns="${from%%/*}"; from="${from#*/}"; fi
+  code="$(k -n "$ns" exec "deploy/$from" -c curl -- \
     curl -sk --max-time 10 -o /dev/null -w '%{http_code}' "https://$host/" 2>/dev/null || true)"
   local got=deny
   [[ "$code" == "200" ]] && got=allow
@@ -184,6 +210,74 @@ expect finance       api.kadath.io          deny
 expect storefront    api.kadath.io          deny
 expect storefront    api.leng.com           deny
 expect api-connector api.stealyourmoney.com deny
+
+check() {  # check <description> <command...>: counts a failure when the command fails
+  local what="$1"; shift
+  if "$@"; then
+    printf '  ok    %s\n' "$what"
+  else
+    printf '  FAIL  %s\n' "$what"
+    failures=$((failures + 1))
+  fi
+}
+
+step "Istio fidelity (issue 11)"
+# Item 1: Istio's webhook refuses servers sharing a port name; analyze finds the rest.
+names="$(k -n "$GATEWAY_NAMESPACE" get gateway egress-authz-hosts \
+  -o jsonpath='{range .spec.servers[*]}{.port.name}{"\n"}{end}' 2>/dev/null || true)"
+check "hosts Gateway written, one server per host and port, port names unique" \
+  test "$(sort <<<"$names" | uniq -d | wc -l)" -eq 0 -a "$(grep -c . <<<"$names")" -ge 5
+check "istioctl analyze: no error in any namespace" \
+  istioctl --context "$CTX" analyze --all-namespaces --failure-threshold Error
+# Item 4: slug-alike hosts keep their own routes; a lost one would let storefront through.
+expect api-connector my-api.example.com     allow
+expect api-connector my.api-example.com     allow
+expect storefront    my-api.example.com     deny
+expect storefront    my.api-example.com     deny
+# Item 2 (routing half): 8443 through gateway port 8443, to the host's 8443.
+expect api-connector api.kadath.io:8443     allow
+expect finance       api.kadath.io:8443     deny
+# Item 3: the cluster tier from a namespace without a policy of its own.
+expect elsewhere/curl status.kadath.io      allow
+expect elsewhere/curl api.kadath.io         deny
+# Item 7: reported while unfenced, fenced once labelled.
+reported=""
+for _ in $(seq 1 30); do
+  reported="$(k -n wild get events --field-selector reason=WildcardUnfenced -o name 2>/dev/null || true)"
+  [[ -n "$reported" ]] && break
+  sleep 2
+done
+check "WildcardUnfenced Event on wild/egress-policy" test -n "$reported"
+k label namespace wild egress-authz.io/egress-fence=true --overwrite
+fenced=""
+for _ in $(seq 1 30); do
+  fenced="$(k -n wild get networkpolicy egress-authz-fence -o name 2>/dev/null || true)"
+  [[ -n "$fenced" ]] && break
+  sleep 1
+done
+check "fence NetworkPolicy written into wild" test -n "$fenced"
+sleep 3  # the CNI programs the policy
+expect wild/curl www.kadath.io              deny
+# Item 6: only our gateway pods carry the selector label; gateways scoped to their namespace.
+labelled="$(k get pods -A -l egress-authz.io/gateway=egress-authz \
+  -o jsonpath='{range .items[*]}{.metadata.namespace}{"\n"}{end}' | sort -u)"
+check "only $GATEWAY_NAMESPACE pods carry egress-authz.io/gateway" \
+  test "$labelled" = "$GATEWAY_NAMESPACE"
+check "istiod runs with PILOT_SCOPE_GATEWAY_TO_NAMESPACE=true" \
+  bash -c "kubectl --context '$CTX' -n istio-system get deploy istiod -o yaml \
+    | grep -A1 PILOT_SCOPE_GATEWAY_TO_NAMESPACE | grep -q '\"true\"'"
+# Item 5: the connect-on-data patch is applied exactly when the gateway runs Istio 1.29+.
+gw_pod="$(k -n "$GATEWAY_NAMESPACE" get pod -l egress-authz.io/gateway=egress-authz -o name | head -1)"
+gw_version="$(k -n "$GATEWAY_NAMESPACE" get "$gw_pod" \
+  -o jsonpath='{.spec.containers[?(@.name=="istio-proxy")].image}' | sed 's/.*://')"
+patched=0
+istioctl --context "$CTX" proxy-config listener -n "$GATEWAY_NAMESPACE" "${gw_pod#pod/}" -o json \
+  | grep -qE '"upstream_connect_mode"|upstreamConnectMode' && patched=1
+want_patched=0
+if [[ "$gw_version" =~ ^1\.([0-9]+) ]] && (( BASH_REMATCH[1] >= 29 )); then want_patched=1; fi
+if [[ "$gw_version" =~ ^([2-9]|[1-9][0-9]+)\. ]]; then want_patched=1; fi
+check "connect-on-data patch in effect=$want_patched for gateway Istio $gw_version" \
+  test "$patched" -eq "$want_patched"
 
 step "decisions (egress-authz traces, inside each replica: each knows the Checks it answered)"
 for pod in $(k -n "$NAMESPACE" get pod -l app.kubernetes.io/name=egress-authz -o name); do

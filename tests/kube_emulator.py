@@ -60,6 +60,7 @@ DEFAULT_RESOURCES = (
     Resource("networking.istio.io", "v1", "virtualservices", "VirtualService"),
     Resource("networking.istio.io", "v1", "destinationrules", "DestinationRule"),
     Resource("networking.istio.io", "v1", "gateways", "Gateway"),
+    Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
 )
 
 # Metadata the server owns: never part of anyone's managed fields, never overwritten by clients.
@@ -433,6 +434,12 @@ class KubeEmulator:
             and (reason is None or e.get("reason") == reason)
         ]
         return sorted(evs, key=lambda e: int(e["metadata"]["resourceVersion"]))
+
+    def changes(self, since_rv: int = 0) -> list[tuple[str, Obj]]:
+        """Every write after resourceVersion `since_rv`, in order, as (ADDED / MODIFIED /
+        DELETED, object): tests replay it to see each state the cluster went through."""
+        with self._cond:
+            return [(c.type, copy.deepcopy(c.obj)) for c in self._history if c.rv > since_rv]
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0,
                  interval: float = 0.02) -> Any:

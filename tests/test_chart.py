@@ -34,6 +34,8 @@ NAMESPACE = "egress-authz"
 # Oldest (Chart.yaml kubeVersion) and newest Kubernetes the chart is checked against;
 # both ship offline inside kubernetes-validate.
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
+# The default egress gateway selector: Istio's label plus one only our gateway has.
+GATEWAY_SELECTOR = {"istio": "egressgateway", "egress-authz.io/gateway": "egress-authz"}
 
 # Values variants the chart must render cleanly. Each is (id, values, namespace).
 VARIANTS: list[tuple[str, dict[str, Any], str]] = [
@@ -369,6 +371,15 @@ class TestDeployment:
             "platform-egress",
             "--gateway-namespace",
             "istio-egress",
+            "--gateway-selector",
+            "egress-authz.io/gateway=egress-authz,istio=egressgateway",
+            "--fence-dns-namespace",
+            "kube-system",
+            "--fence-dns-labels",
+            "k8s-app=kube-dns",
+            "--fence-istiod-namespace",
+            "istio-system",
+            "--fence-cluster-pods",
             "--gateway-service",
             "istio-egressgateway",
             "--shutdown-delay",
@@ -400,6 +411,20 @@ class TestDeployment:
         assert args[args.index("--gateway-service") + 1] == "egress-gw"
         with pytest.raises(helm.HelmError, match="gatewayPortMap"):
             chart.render(values={"gatewayPortMap": "8443=443"}, name=RELEASE, namespace=NAMESPACE)
+
+    def test_unknown_workloads_opt_out(self, chart: helm.Chart) -> None:
+        """unknownWorkloads: allow becomes `--unknown-workloads allow`, which serve parses;
+        the default (deny, serve's own default) adds no flag; other values fail the schema."""
+        from authz.commands import serve
+
+        args = container(render(chart, {"unknownWorkloads": "allow"}))["args"]
+        assert args[args.index("--unknown-workloads") + 1] == "allow"
+        assert serve.build_arg_parser().parse_args(args[1:]).unknown_workloads == "allow"
+        default = container(render(chart))["args"]
+        assert "--unknown-workloads" not in default
+        assert serve.build_arg_parser().parse_args(default[1:]).unknown_workloads == "deny"
+        with pytest.raises(helm.HelmError, match="unknownWorkloads"):
+            chart.validate_schema({"unknownWorkloads": "yes"})
 
     def test_serve_accepts_args(self, chart: helm.Chart) -> None:
         """`egress-authz serve` parses the Deployment's args in every variant (dry parse)."""
@@ -483,7 +508,7 @@ class TestIstioObjects:
         policy = one(render(chart), "AuthorizationPolicy")
         assert policy["metadata"]["namespace"] == "istio-egress"
         assert policy["spec"] == {
-            "selector": {"matchLabels": {"istio": "egressgateway"}},
+            "selector": {"matchLabels": GATEWAY_SELECTOR},
             "action": "CUSTOM",
             "provider": {"name": "egress-authz"},
             "rules": [{}],  # no rules would match nothing; one empty rule matches everything
@@ -496,7 +521,7 @@ class TestIstioObjects:
             "egress-authz",
             "istio-egress",
         )
-        assert gateway["spec"]["selector"] == {"istio": "egressgateway"}
+        assert gateway["spec"]["selector"] == GATEWAY_SELECTOR
         [server] = gateway["spec"]["servers"]
         assert server["port"]["number"] == 80 and server["port"]["protocol"] == "HTTPS"
         assert server["tls"] == {"mode": "ISTIO_MUTUAL"}
@@ -517,7 +542,7 @@ class TestIstioObjects:
         """Both gateway ext_authz filters send the TLS session (SNI) and peer certificate,
         and the gateway's tcp_proxy dials only after ext_authz let data through."""
         envoy_filter = one(render(chart), "EnvoyFilter")
-        assert envoy_filter["spec"]["workloadSelector"] == {"labels": {"istio": "egressgateway"}}
+        assert envoy_filter["spec"]["workloadSelector"] == {"labels": GATEWAY_SELECTOR}
         patches = envoy_filter["spec"]["configPatches"]
         assert {p["applyTo"] for p in patches} == {"NETWORK_FILTER", "HTTP_FILTER"}
         by_filter = {}
@@ -584,7 +609,7 @@ class TestNetworkPolicy:
             assert gateway["namespaceSelector"]["matchLabels"] == {
                 "kubernetes.io/metadata.name": "istio-egress"
             }
-            assert gateway["podSelector"]["matchLabels"] == {"istio": "egressgateway"}
+            assert gateway["podSelector"]["matchLabels"] == GATEWAY_SELECTOR
 
     def test_strict_mode(self, chart: helm.Chart) -> None:
         """allowClusterPods=false leaves only DNS, the gateway and istiod."""

@@ -14,8 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,7 +158,7 @@ class TestDemoRun:
         assert f"DENY ({call.expect_reason})" in text
         assert f"spiffe://cluster.local/ns/{call.pod.namespace}/sa/{call.pod.service_account}" in text
         assert f"{call.pod.name} ({call.pod.ip})" in text
-        assert "do not match matchLabels {'function': 'api-connector'}" in text
+        assert "workload labels app=cart, function=finance do not match matchLabels function=api-connector" in text
         assert "kubectl -n shop edit configmap egress-policy" in text
 
 
@@ -165,7 +166,7 @@ class TestDemoRun:
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
 class TestKeepRunning:
     @pytest.fixture
-    def running(self, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    def running(self, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Console]]:
         proc = subprocess.Popen(
             [*DEMO, "--keep-running"],
             stdout=subprocess.PIPE,
@@ -173,27 +174,23 @@ class TestKeepRunning:
             text=True,
             cwd=ROOT,
         )
-        lines: list[str] = []
         try:
-            assert proc.stdout is not None
-            deadline = time.monotonic() + RUN_TIMEOUT
-            for line in proc.stdout:
-                lines.append(line.rstrip("\n"))
-                if line.startswith("Logs: ") or time.monotonic() > deadline:
-                    break
-            assert any(line.startswith("Logs: ") for line in lines), "\n".join(lines)
-            yield proc, lines
+            console = Console(proc)
+            console.wait_for(lambda line: line.startswith("Logs: "), RUN_TIMEOUT)
+            yield proc, console
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
 
     def test_commands_work_edits_reload_and_sigterm_cleans_up(
-        self, running: tuple[subprocess.Popen[str], list[str]]
+        self, running: tuple[subprocess.Popen[str], Console]
     ) -> None:
-        """The printed commands do what their comments say, a policy edit applies live,
-        and SIGTERM stops every process and removes the temporary files."""
-        proc, lines = running
+        """The printed commands do what their comments say in a fresh shell (no venv on
+        PATH, another directory), each policy edit is reported on the console (accepted,
+        or rejected with its error), and SIGTERM stops everything and removes the files."""
+        proc, console = running
+        lines = list(console.lines)
         out = "\n".join(lines)
         commands = [line for line in lines if line.startswith(("curl ", "printf "))]
         assert len(commands) == 5, out
@@ -204,16 +201,36 @@ class TestKeepRunning:
             denied = json.loads(_sh(commands[2]).stdout)
             assert denied["reason"] == "host-not-allowed"
             assert json.loads(_sh(commands[4]).stdout)["host"] == "api.kadath.io"
+        if shutil.which("openssl"):
+            done = _sh(commands[3])  # ends cleanly: the stand-in sends close_notify
+            assert done.returncode == 0 and '"host": "api.leng.com"' in done.stdout, done
 
-            # The live edit the instructions suggest.
-            shop = next(Path(p.strip()) for p in lines if p.strip().endswith("shop-policy.yaml"))
-            text = shop.read_text()
-            assert "hosts: [api.leng.com]" in text
-            shop.write_text(text.replace("hosts: [api.leng.com]", "hosts: [api.leng.com, api.kadath.io]"))
-            deadline = time.monotonic() + 10
-            while _sh(commands[1]).returncode != 0:
-                assert time.monotonic() < deadline, "the edited policy was not reloaded"
-                time.sleep(0.2)
+        # The CLI commands, as printed: export, traces, explain of a real id.
+        export = next(line for line in lines if line.startswith("export EGRESS_AUTHZ_SERVER="))
+        after = lines[lines.index(export) + 1 :]
+        cli = [line for line in after if " traces" in line or " explain " in line]
+        assert len(cli) == 3 and "DECISION_ID" not in cli[2], cli
+        traced = _sh(f"{export}; {cli[0]}")
+        assert traced.returncode == 0 and "api.kadath.io" in traced.stdout, traced
+        explained = _sh(f"{export}; {cli[2]}")
+        assert explained.returncode == 0 and "DENY (host-not-allowed)" in explained.stdout
+        follow = _sh(f"{export}; timeout 2 {cli[1]}")
+        assert follow.returncode == 124 and follow.stdout.startswith("TIME"), follow
+
+        # A broken edit is reported on the console with its error, and changes nothing...
+        shop = next(
+            Path(p.strip()) for p in lines if p.startswith("  /") and p.endswith("shop-policy.yaml")
+        )
+        text = shop.read_text()
+        assert "hosts: [api.leng.com]" in text
+        shop.write_text(text.replace("hosts: [api.leng.com]", "hosts: [api.leng.com"))
+        console.wait_for(lambda line: line.startswith("reload: REJECTED"), 10)
+        console.wait_for(lambda line: "bad YAML" in line, 5)
+        # ...and the edit the instructions suggest is accepted, and applies live.
+        shop.write_text(text.replace("hosts: [api.leng.com]", "hosts: [api.leng.com, api.kadath.io]"))
+        console.wait_for(lambda line: line.startswith("reload: accepted, policy revision"), 10)
+        if shutil.which("curl"):
+            assert _sh(commands[1]).returncode == 0
 
         workdir = Path(re.search(r"Pod manifests to (\S+)", out).group(1))  # type: ignore[union-attr]
         ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", out)]
@@ -224,6 +241,36 @@ class TestKeepRunning:
         assert _processes_mentioning(str(workdir)) == []
         for port in ports:
             assert not _listening(port), f"something still listens on {port}"
+
+
+class Console:
+    """The demo's output, read line by line in a thread so that a test can wait
+    for a line (an event) without blocking on a pipe."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    def wait_for(self, match: Callable[[str], bool], timeout: float) -> str:
+        seen = 0
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if match(line):
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                assert left > 0, "not printed in time:\n" + "\n".join(self.lines[-40:])
+                self._changed.wait(left)
 
 
 @pytest.mark.envoy
@@ -278,11 +325,18 @@ class TestPolicyCopies:
         assert by_ns["marketing"].mode is Mode.AUDIT
         assert "api.stealyourmoney.com" in by_ns["egress-authz"].deny
 
+    def test_package_copies_equal_istio_examples(self) -> None:
+        """The package data the demo reads (so that a wheel runs it) is istio/examples/, byte
+        for byte: the policies a user reads in the repository are the ones the demo runs."""
+        shipped = {f.name: f.read_bytes() for f in policies.source_files()}
+        for example in (ROOT / "istio" / "examples").glob("*.yaml"):
+            assert shipped.get(example.name) == example.read_bytes(), example.name
+
     def test_copies_say_where_they_came_from(self, tmp_path: Path) -> None:
         """A user editing a copy reads its origin and why the ports differ."""
         policies.write_policies(tmp_path, self.ALIASES)
         text = (tmp_path / "shop-policy.yaml").read_text()
-        assert "Copied from istio/examples/shop-policy.yaml" in text
+        assert "Copied from authz/demo/policies/shop-policy.yaml" in text
         assert "443 -> 40443" in text
 
     def test_a_policy_that_does_not_load_stops_the_demo(
@@ -295,7 +349,8 @@ class TestPolicyCopies:
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bad, namespace: shop, labels: "
             "{egress-authz.io/policy: 'true'}}\ndata:\n  policy.yaml: |\n    rules: [{name: x}]\n"
         )
-        monkeypatch.setattr(policies, "DEMO_POLICY_DIR", extra)
+        shipped = policies.source_files()
+        monkeypatch.setattr(policies, "source_files", lambda: [*shipped, extra / "bad.yaml"])
         stack = DemoStack(Ports.choose(None), tmp_path / "work")
         with pytest.raises(DemoError, match="policies do not load"):
             stack.write_files()
@@ -346,8 +401,9 @@ class TestStartFailures:
         assert "[1/5]" not in run.out
 
     @pytest.mark.envoy
-    def test_envoy_that_cannot_start_exits_2(self, tmp_path: Path) -> None:
-        """A broken Envoy binary: said once, with its output, exit 2, nothing started."""
+    def test_envoy_that_cannot_start_exits_1(self, tmp_path: Path) -> None:
+        """A broken Envoy binary: said once, with its output, exit 1 (a failure, not a
+        usage error), nothing started."""
         fake = tmp_path / "envoy"
         fake.write_text("#!/bin/sh\necho 'envoy: cannot start' >&2\nexit 1\n")
         fake.chmod(0o755)
@@ -357,7 +413,7 @@ class TestStartFailures:
             env={**os.environ, "ENVOY_BIN": str(fake)},
         )
         out = done.stdout + done.stderr
-        assert done.returncode == 2, out
+        assert done.returncode == 1, out
         assert "Envoy cannot start" in out and "envoy: cannot start" in out
         assert "Traceback" not in out
         assert "[1/5]" not in out  # found out before anything was started
@@ -365,9 +421,12 @@ class TestStartFailures:
 
 
 def _sh(command: str) -> subprocess.CompletedProcess[str]:
+    """`command` in a fresh shell: a minimal environment (no venv on PATH), outside
+    the checkout, as a user pasting it into a new terminal."""
     return subprocess.run(
-        ["bash", "-c", command], capture_output=True, text=True, timeout=15, check=False
-    )
+        ["bash", "--noprofile", "--norc", "-c", command], capture_output=True, text=True,
+        timeout=15, check=False, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )  # fmt: skip
 
 
 def _processes_mentioning(text: str) -> list[str]:

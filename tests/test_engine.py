@@ -333,7 +333,10 @@ class TestExplanation:
         """A denial names each nearby rule and the first condition it failed."""
         d = decide(snapshot(SHOP), who(labels={"function": "finance"}), tls("api.kadath.io"))
         whys = {c.rule: c.why for c in d.explanation}
-        assert "do not match matchLabels" in whys["shop/egress-policy/kadath"]
+        assert (
+            whys["shop/egress-policy/kadath"]
+            == "workload labels function=finance do not match matchLabels function=api-connector"
+        )
         assert (
             "host api.kadath.io is not in hosts [api.leng.com]"
             in whys["shop/egress-policy/finance"]
@@ -379,3 +382,37 @@ class TestMisc:
         scope = s.namespaces["shop"]
         assert len(scope.exact["h5.io"]) == 1 and len(scope.wild["w5.io"]) == 1
         assert decide(s, who(), tls("a.w5.io")).rule == "shop/big/r5"
+
+
+class TestExactPaths:
+    BODY = (
+        "rules: [{name: r, hosts: [x.io], ports: [80], protocols: [HTTP],"
+        " http: {exactPaths: ['/', /v1/orders], paths: [/static/]}}]"
+    )
+
+    @pytest.mark.parametrize(
+        ("path", "allowed"),
+        [
+            ("/", True),
+            ("/v1/orders", True),
+            ("/v1/orders?page=2", True),  # the query is not part of the path
+            ("/v1/x/../orders", True),  # resolved first, like prefixes
+            ("/static/app.js", True),  # the prefix still applies beside exact paths
+            ("/admin", False),  # `/` exact is not a prefix of everything
+            ("/v1/orders/1", False),
+            ("/v1/ordersX", False),
+            ("/v1/", False),
+            ("/v1/orders%2f..", False),  # encoded slash: never matches
+        ],
+    )
+    def test_exact_means_the_whole_path(self, path: str, allowed: bool) -> None:
+        """exactPaths matches the whole resolved path and nothing below or beside it."""
+        d = decide(snapshot(cm("shop", self.BODY)), who(), http("x.io", path=path))
+        assert d.allowed is allowed, (path, d.reason)
+
+    def test_explained(self) -> None:
+        """A path denial names both lists as written."""
+        d = decide(snapshot(cm("shop", self.BODY)), who(), http("x.io", path="/admin"))
+        assert d.explanation[0].why == (
+            "path /admin starts with none of [/static/] and is none of exactPaths [/, /v1/orders]"
+        )

@@ -81,6 +81,15 @@ ISTIO_OPERATOR_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "profile": {"type": "string"},
+                # Helm values passed through to istiod's chart: only pilot.env is used.
+                "values": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"pilot": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"env": {"type": "object",
+                                               "additionalProperties": {"type": "string"}}}}},
+                },
                 "meshConfig": {
                     "type": "object",
                     "additionalProperties": False,

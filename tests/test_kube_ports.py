@@ -22,7 +22,7 @@ from authz.gateway_ports import GatewayPorts
 from authz.kube.gateway_service import GatewayServiceWatch
 from authz.testing.envoy import free_port
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import SVC_NS, Replica, emu, policy_cm, replica, rule
+from tests.kube_harness import SVC_NS, Replica, emu, pod, policy_cm, replica, rule
 
 __all__ = ["emu", "replica"]  # fixtures
 pytestmark = pytest.mark.kube
@@ -129,7 +129,8 @@ class TestServeKube:
         from authz.commands.serve import build_arg_parser, serve
 
         emu.seed(policy_cm("shop", "p", [rule("kadath", "api.kadath.io", ports=[443])]),
-                 gateway_service())
+                 gateway_service(),
+                 pod("shop", "cart", "10.0.0.9", sa="cart"))  # the caller: no Pod, no allow
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "e",

@@ -103,13 +103,16 @@ class TestPolicies:
 class TestWorkloads:
     def test_pod_label_change_is_used_by_the_next_check(self, emu: KubeEmulator,
                                                         replica: Replica) -> None:
-        """A rule selecting by label follows the Pod's labels; gone Pods leave the index."""
+        """A rule selecting by label follows the Pod's labels; Pods with an address count
+        from Pending on; ended Pods leave the index."""
         emu.seed(policy_cm("shop", "p", [rule("fin", "api.leng.com",
                                                labels={"function": "finance"})]),
                  pod("shop", "a", "10.0.0.7", labels={"function": "web"}),
-                 pod("shop", "pending", "10.0.0.8", phase="Pending"))
+                 pod("shop", "starting", "10.0.0.8", phase="Pending"),
+                 pod("shop", "failed", "10.0.0.6", phase="Failed"))
         assert replica.start().wait_ready(5)
-        assert replica.index.lookup("10.0.0.8") is None
+        assert replica.index.lookup("10.0.0.8") is not None  # init containers call out too
+        assert replica.index.lookup("10.0.0.6") is None
         assert not replica.allows("shop", "api.leng.com", ip="10.0.0.7")
         emu.modify("v1", "Pod", "shop", "a",
                    lambda o: o["metadata"]["labels"].update(function="finance"))
@@ -119,6 +122,30 @@ class TestWorkloads:
                      and replica.index.lookup("10.0.0.9") is not None, timeout=1)
         emu.modify("v1", "Pod", "shop", "a", lambda o: o["status"].update(phase="Succeeded"))
         emu.wait_for(lambda: replica.index.lookup("10.0.0.9") is None, timeout=1)
+
+
+    def test_every_pod_ip_of_a_dual_stack_pod(self, emu: KubeEmulator,
+                                              replica: Replica) -> None:
+        """status.podIPs from the watch: both families, the IPv6 one however written, and a
+        reused address that two Pods claim names neither until the old one goes."""
+        dual = pod("shop", "dual", "fd00:10:0:0:0:0:0:7", labels={"function": "finance"})
+        dual["status"]["podIPs"] = [{"ip": "fd00:10:0:0:0:0:0:7"}, {"ip": "10.0.0.7"}]
+        emu.seed(policy_cm("shop", "p", [rule("fin", "api.leng.com",
+                                               labels={"function": "finance"})]), dual,
+                 pod("shop", "host", "192.168.0.1", sa="cart") | {"spec": {
+                     "serviceAccountName": "cart", "hostNetwork": True,
+                     "containers": [{"name": "c", "image": "x"}]}})
+        assert replica.start().wait_ready(5)
+        for ip in ("10.0.0.7", "fd00:10::7", "::ffff:10.0.0.7"):
+            assert replica.allows("shop", "api.leng.com", ip=ip), ip
+        assert replica.index.lookup("192.168.0.1") is None  # the node's address: nobody's
+        emu.seed(pod("shop", "newcomer", "10.0.0.7", sa="frontend"))
+        emu.wait_for(lambda: replica.index.lookup("10.0.0.7") is None, timeout=1)
+        assert replica.index.lookup("fd00:10::7") is not None
+        emu.remove("v1", "Pod", "shop", "dual")
+        emu.wait_for(lambda: (w := replica.index.lookup("10.0.0.7")) is not None
+                     and w.name == "newcomer", timeout=1)
+        assert replica.index.lookup("fd00:10::7") is None
 
 
 class TestResilience:

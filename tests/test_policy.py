@@ -193,6 +193,15 @@ rules:
                 "rules: [{name: a, hosts: [x.io], http: {paths: ['/v1/../admin']}}]",
                 "dot segments",
             ),
+            (
+                "rules: [{name: a, hosts: [x.io], http: {exactPaths: [v1]}}]",
+                "http.exactPaths[0]: 'v1' must start with '/' (an exact path)",
+            ),
+            (
+                "rules: [{name: a, hosts: [x.io], http: {exactPaths: ['/a%2f']}}]",
+                "an exact path holds no query, fragment, escapes or dot segments",
+            ),
+            ("rules: [{name: 'a b', hosts: [x.io]}]", "rules[0].name: invalid name 'a b'"),
             ("deny: [x.io]", "'deny' is only allowed in the cluster policy"),
             ("rules: {a: 1}", "rules: must be a list, not a map"),
             ("- a\n- b", "policy.yaml: must be a map, not a list"),

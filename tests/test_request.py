@@ -15,6 +15,7 @@ from authz.envoy.request import (
     ParsedCheck,
     parse_check_request,
 )
+from authz.identity import IdentityResolver
 from authz.model import Protocol, Workload
 
 CART = "spiffe://cluster.local/ns/shop/sa/cart"
@@ -55,7 +56,9 @@ def http_request(host: str = "api.kadath.io", **headers: str) -> CheckRequest:
 
 
 def parse(r: CheckRequest, lookup=None) -> ParsedCheck:
-    parsed = parse_check_request(r.SerializeToString(), lookup)
+    data = r.SerializeToString()
+    parsed = parse_check_request(data, IdentityResolver(lookup)) if lookup else (
+        parse_check_request(data))
     assert isinstance(parsed, ParsedCheck), parsed
     return parsed
 
@@ -127,7 +130,8 @@ class TestHTTPFilter:
             asked.append(ip)
             return pod
 
-        assert parse(http_request(), lookup).identity.workload is pod
+        identity = parse(http_request(), lookup).identity
+        assert identity.workload is pod and identity.pod_required
         assert asked == ["10.1.2.3"]
 
     def test_ipv4_mapped_source(self) -> None:
@@ -209,5 +213,5 @@ class TestBadRequest:
         def broken(ip: str) -> Workload | None:
             raise KeyError(ip)
 
-        b = parse_check_request(http_request().SerializeToString(), broken)
+        b = parse_check_request(http_request().SerializeToString(), IdentityResolver(broken))
         assert isinstance(b, BadRequest) and "KeyError" in b.message

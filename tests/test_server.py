@@ -74,6 +74,19 @@ items:
     metadata: {name: frontend, namespace: shop}
     spec: {serviceAccountName: frontend}
     status: {phase: Running, podIP: 127.0.0.4}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: cart-plain, namespace: shop}
+    spec: {serviceAccountName: cart}
+    status: {phase: Running, podIP: 10.0.0.1}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: cart-dual, namespace: shop, labels: {function: finance}}
+    spec: {serviceAccountName: cart}
+    status:
+      phase: Running
+      podIP: 10.0.0.2
+      podIPs: [{ip: 10.0.0.2}, {ip: "FD00:0:0:0:0:0:0:7"}]
 """
 
 
@@ -202,6 +215,25 @@ class TestCheck:
         _, client, _ = running
         assert client.reason(check_request(source_ip="127.0.0.4")) == "identity-mismatch"
 
+    def test_unknown_workload(self, running) -> None:
+        """cart's certificate from an address no Pod has: denied on both filters, and the
+        HTTP body says why (the attack a stolen certificate makes from outside the mesh)."""
+        _, client, _ = running
+        assert client.reason(check_request(source_ip="10.9.9.9")) == "unknown-workload"
+        r = client.check(check_request(None, host="api.kadath.io", source_ip="10.9.9.9"))
+        body = json.loads(r.denied_response.body)
+        assert (r.status.code, body["reason"]) == (7, "unknown-workload")
+        assert "10.9.9.9" in body["message"]
+        assert client.reason(check_request(source_ip="10.0.0.1")) == "allowed"
+
+    @pytest.mark.parametrize("source", ["10.0.0.2", "fd00::7", "::ffff:10.0.0.2",
+                                        "::ffff:a00:2"])
+    def test_every_address_of_a_dual_stack_pod(self, running, source: str) -> None:
+        """Both podIPs of a Pod (its IPv6 written long-hand in the manifest), in the spellings
+        Envoy may report, find the Pod and its labels."""
+        _, client, _ = running
+        assert client.reason(check_request("ledger.kadath.io", source_ip=source)) == "allowed"
+
     def test_records_every_decision(self, running) -> None:
         """Each Check hands one DecisionRecord to the recorder, with the filter kind."""
         _, client, recorder = running
@@ -210,6 +242,30 @@ class TestCheck:
         assert rec.filter == "http" and rec.decision.allowed
         assert rec.identity is not None and rec.identity.principal == CART
         assert rec.duration_ns > 0
+
+
+class TestUnknownWorkloadsOptOut:
+    def test_allow_trusts_the_principal_alone(self, policies: Path, tmp_path: Path) -> None:
+        """--unknown-workloads allow (SNAT, multi-cluster): an unknown address is identified by
+        its certificate; service-account rules apply, label rules do not, and a known Pod
+        of another account is still identity-mismatch."""
+        from authz.identity import UnknownWorkloads
+
+        (tmp_path / "pods.yaml").write_text(PODS)
+        store, index = PolicyStore(), WorkloadIndex()
+        WorkloadFileSource(tmp_path / "pods.yaml", index).start(on_error=pytest.fail)
+        DirectorySource(policies).start(store, on_error=pytest.fail)
+        server = AuthzServer(store, index, settings=ServerSettings(address="127.0.0.1:0"),
+                             unknown_workloads=UnknownWorkloads.ALLOW)
+        client = Client(server.start())
+        try:
+            assert client.reason(check_request(source_ip="10.9.9.9")) == "allowed"
+            label_rule = check_request("ledger.kadath.io", source_ip="10.9.9.9")
+            assert client.reason(label_rule) == "host-not-allowed"
+            assert client.reason(check_request(source_ip="127.0.0.4")) == "identity-mismatch"
+        finally:
+            client.close()
+            server.stop(0)
 
 
 class TestHealth:

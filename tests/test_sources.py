@@ -206,7 +206,7 @@ class TestWorkloadFileSource:
         c = index.lookup("10.0.0.3")
         assert c is not None and (c.namespace, c.service_account, c.name) == ("shop", "cart", "c")
         assert dict(c.labels) == {"app": "c"}
-        assert len(index) == 3
+        assert index.pod_count == 3
 
     def test_only_running_pods_count(self, tmp_path: Path) -> None:
         """A Pending or finished Pod carries no identity."""

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from types import MappingProxyType
 from typing import Any
 
-from ..model import Decision, Destination, Identity, Protocol, Workload
-from ._common import add_cluster_namespace, load_or_report
+from ..model import Decision, Destination, Identity, NamespacePolicy, Protocol, Workload
+from . import exits
+from ._common import add_cluster_namespace, add_output, load_or_report, parse_host_arg
+from .exits import UsageError
 
-EXIT_ALLOWED, EXIT_DENIED, EXIT_ERROR = 0, 1, 2
+EXIT_ALLOWED, EXIT_DENIED, EXIT_ERROR = exits.OK, exits.NO, exits.USAGE
 
 
 def add_parser(sub: Any) -> None:
@@ -41,7 +42,8 @@ def add_parser(sub: Any) -> None:
         "--host",
         required=True,
         metavar="NAME",
-        help="destination host: the Host header for http, the SNI for tls",
+        help="destination host: the Host header for http, the SNI for tls; a URL "
+        "(https://api.kadath.io/v1) also sets the port, protocol and path it implies",
     )
     p.add_argument(
         "--port", type=int, metavar="N",
@@ -50,15 +52,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--sni", metavar="NAME", help="TLS SNI, when it differs from --host")
     p.add_argument(
         "--protocol",
+        type=str.lower,
         choices=("tls", "http"),
         default=None,
         help="tls (default) or http (default when --method or --path is given)",
     )
     p.add_argument("--method", metavar="M", help="HTTP method")
     p.add_argument("--path", metavar="P", help="HTTP path")
-    p.add_argument("--labels", default="", metavar="k=v,k2=v2", help="the calling Pod's labels")
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="k=v,k2=v2",
+        help="the calling Pod's labels (rules that select by label need them)",
+    )
     p.add_argument("--trust-domain", default="cluster.local", metavar="D")
-    p.add_argument("--output", choices=("text", "json"), default="text")
+    add_output(p, "text", "json")
     add_cluster_namespace(p)
     p.set_defaults(run=run)
 
@@ -68,7 +76,7 @@ def parse_labels(text: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--labels: {item!r} is not key=value")
+            raise UsageError(f"--labels: {item!r} is not key=value")
         labels[key.strip()] = value.strip()
     return labels
 
@@ -120,44 +128,47 @@ def decision_text(decision: Decision, dest: Destination, port: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        labels = parse_labels(args.labels)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    labels = parse_labels(args.labels or "")
+    target = parse_host_arg("--host", args.host)
+    if target.port is not None and args.port is not None and target.port != args.port:
+        raise UsageError(f"--port {args.port} contradicts the port of --host {args.host}")
     loaded = load_or_report(args.policies, args.cluster_namespace)
     if loaded is None:
         return EXIT_ERROR
     from ..engine import compile_policy, decide, parse_principal
     from ..loader import build_policy_set
 
+    protocol_flag = args.protocol
+    if protocol_flag is None and target.scheme is not None:
+        protocol_flag = "http" if target.scheme == "http" else "tls"
     protocol = (
         Protocol.HTTP
-        if args.protocol == "http" or (args.protocol is None and (args.method or args.path))
+        if protocol_flag == "http" or (protocol_flag is None and (args.method or args.path))
         else Protocol.TLS
     )
-    port = args.port if args.port is not None else (80 if protocol is Protocol.HTTP else 443)
-    if args.port is None and protocol is Protocol.HTTP:
+    port = args.port if args.port is not None else target.port
+    if port is None and protocol is Protocol.HTTP:
         # `--host x:8080`: the port the client dialled (a Host port that differs from
         # --port is judged port-mismatch, as at the gateway).
         from ..hosts import normalize_or_reason
 
-        port = normalize_or_reason(args.host, with_port=True)[1] or port
+        port = normalize_or_reason(target.host, with_port=True)[1]
+    if port is None:
+        port = 80 if protocol is Protocol.HTTP else 443
     if not 0 < port <= 65535:
-        print(f"error: --port {port} is out of range 1-65535", file=sys.stderr)
-        return EXIT_ERROR
+        raise UsageError(f"--port {port} is out of range 1-65535")
     if protocol is Protocol.HTTP:
         dest = Destination(
             port,
             protocol,
             sni=args.sni,
-            http_host=args.host,
+            http_host=target.host,
             method=(args.method or "GET").upper(),
-            path=args.path or "/",
+            path=args.path or target.path or "/",
         )
     else:
         dest = Destination(
-            port, protocol, sni=args.sni or args.host, http_host=args.host if args.sni else None
+            port, protocol, sni=args.sni or target.host, http_host=target.host if args.sni else None
         )
     namespace, account, _ = parse_principal(args.principal, args.trust_domain)
     workload = (
@@ -169,8 +180,35 @@ def run(args: argparse.Namespace) -> int:
         build_policy_set(loaded.policies, revision=1), trust_domain=args.trust_domain
     )
     decision = decide(snapshot, Identity(args.principal, "", workload), dest)
+    unlabelled = (
+        _rules_needing_labels(decision, loaded.policies)
+        if args.labels is None and not decision.allowed
+        else []
+    )
     if args.output == "json":
-        print(json.dumps(decision_json(decision), indent=2))
+        doc = decision_json(decision)
+        if unlabelled:
+            doc["labels_not_given"] = unlabelled
+        print(json.dumps(doc, indent=2))
     else:
         print(decision_text(decision, dest, port))
+        if unlabelled:
+            rules = ("rule " if len(unlabelled) == 1 else "rules ") + ", ".join(unlabelled)
+            verb = "selects" if len(unlabelled) == 1 else "select"
+            print(
+                f"  note:     labels not given: {rules} {verb} by label, so cannot match "
+                "without them; pass the calling Pod's labels with --labels k=v,..."
+            )
     return EXIT_ALLOWED if decision.allowed else EXIT_DENIED
+
+
+def _rules_needing_labels(decision: Decision, policies: list[NamespacePolicy]) -> list[str]:
+    """Rules among those considered that select by label: without --labels they
+    cannot match, which the caller should be told rather than left to guess."""
+    considered = {c.rule for c in decision.explanation if not c.matched}
+    return [
+        f"{p.source}/{r.name}"
+        for p in policies
+        for r in p.rules
+        if f"{p.source}/{r.name}" in considered and r.workloads.uses_labels
+    ]

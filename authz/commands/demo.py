@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
+
+from . import exits
 
 
 def add_parser(subparsers: Any) -> None:
@@ -40,7 +43,15 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from authz.demo.run import Options, main
+    try:
+        from authz.demo.run import Options, main
+    except ImportError as e:  # installed without the `demo` extra
+        print(
+            f"egress-authz demo: {e.name or e} is not installed; the demo needs the `demo` "
+            'extra: pip install "egress-authz[demo]" (in a clone: make venv)',
+            file=sys.stderr,
+        )
+        return exits.NO
 
     return main(
         Options(keep_running=args.keep_running, port_base=args.port_base, workdir=args.workdir)

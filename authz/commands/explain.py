@@ -8,11 +8,17 @@ holds the rules the engine considered and why each did or did not apply.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from ._common import add_output
+from .exits import UsageError
 from .traces import EXIT_ERROR, EXIT_OK, add_server_argument, latency_of
+
+# engine.new_decision_id: 10 hex digits of process prefix, then a hex counter.
+DECISION_ID = re.compile(r"[0-9a-f]{16,32}\Z")
 
 # What to tell people for the denials no namespace policy can lift.
 _NOT_A_POLICY_MATTER = {
@@ -33,6 +39,10 @@ _NOT_A_POLICY_MATTER = {
     "names. This happens briefly when a Pod IP is reused; if it persists, investigate.",
     "bad-request": "Envoy sent a Check this service could not read. Check the gateway's "
     "ext_authz configuration (see the README).",
+    "unknown-workload": "No Pod is known at the source address, so the certificate "
+    "is not honoured there: it may be used outside its Pod. If the Pod is new, retry; if the "
+    "gateway does not see Pod IPs (SNAT, multi-cluster), see `--unknown-workloads` in "
+    "docs/security.md.",
 }
 
 
@@ -45,6 +55,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("decision_id", metavar="DECISION_ID")
     add_server_argument(p)
+    add_output(p, "text", "json")
     p.set_defaults(run=run)
 
 
@@ -52,12 +63,22 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from ..client import AdminClient, AdminError
 
     out = out or sys.stdout
+    if not DECISION_ID.match(args.decision_id.strip().lower()):
+        raise UsageError(
+            f"{args.decision_id[:80]!r} is not a decision id: ids are 16 or more hex digits, "
+            "as in a 403 body's decision_id or `egress-authz traces -o json`"
+        )
     try:
-        d = AdminClient(args.server).decision(args.decision_id)
+        d = AdminClient(args.server).decision(args.decision_id.strip().lower())
     except AdminError as e:  # AdminNotFound says the id is not in the buffer
         print(f"egress-authz explain: {e}", file=sys.stderr)
         return EXIT_ERROR
-    out.write(render(d))
+    if getattr(args, "output", "text") == "json":
+        import json
+
+        out.write(json.dumps(d, indent=2) + "\n")
+    else:
+        out.write(render(d))
     return EXIT_OK
 
 
@@ -98,7 +119,13 @@ def render(d: Mapping[str, Any]) -> str:
     out.append(_field("labels", ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))))
 
     out.append("\nDestination, as seen\n")
-    out.append(_field("host", d.get("host")))
+    if d.get("host"):
+        out.append(_field("host", d["host"]))
+    else:
+        # Denied before the host was judged (identity, bad request): still say
+        # what was asked for, as `traces` does, and that it was not evaluated.
+        asked = d.get("sni") or d.get("http_host")
+        out.append(_field("host", f"{asked} (not evaluated)" if asked else None))
     out.append(_field("port", d.get("port")))
     protocol = d.get("protocol")
     if protocol and d.get("filter"):

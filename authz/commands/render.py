@@ -11,7 +11,17 @@ import argparse
 import sys
 from typing import Any
 
-from ._common import add_cluster_namespace, load_or_report
+from . import exits
+from ._common import add_cluster_namespace, add_output, load_or_report
+
+
+def _selector(text: str) -> dict[str, str]:
+    from ..render import parse_selector
+
+    try:
+        return parse_selector(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def add_parser(sub: Any) -> None:
@@ -29,6 +39,10 @@ def add_parser(sub: Any) -> None:
                    help="Service of the egress gateway (default: %(default)s)")
     p.add_argument("--gateway-name", default="egress-authz", metavar="NAME",
                    help="the chart's Gateway for plain HTTP (default: %(default)s)")
+    p.add_argument("--gateway-selector", metavar="K=V,...", type=_selector,
+                   default="istio=egressgateway,egress-authz.io/gateway=egress-authz",
+                   help="labels of the egress gateway pods (default: %(default)s)")
+    add_output(p, "yaml", "json")
     add_cluster_namespace(p)
     p.set_defaults(run=run)
 
@@ -41,9 +55,17 @@ def run(args: argparse.Namespace) -> int:
 
     result = load_or_report(args.policies, args.cluster_namespace)
     if result is None:
-        return 1
+        return exits.USAGE  # policy errors, printed
     options = RenderOptions(gateway_namespace=args.gateway_namespace,
-                            gateway_service=args.gateway_service, gateway_name=args.gateway_name)
+                            gateway_service=args.gateway_service, gateway_name=args.gateway_name,
+                            gateway_selector=args.gateway_selector)
     objects = render(build_policy_set(result.policies), options)
-    yaml.safe_dump_all(objects, sys.stdout, sort_keys=False, default_flow_style=False)
-    return 0
+    if args.output == "json":
+        import json
+
+        # One JSON document: a Kubernetes List, which `kubectl apply -f -` takes as is.
+        json.dump({"apiVersion": "v1", "kind": "List", "items": objects}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        yaml.safe_dump_all(objects, sys.stdout, sort_keys=False, default_flow_style=False)
+    return exits.OK

@@ -62,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "to namespace, service account and labels; reloaded when files change",
     )
     src.add_argument(
+        "--wait-for-paths", action="store_true",
+        help="start even if --policies or --workloads does not exist yet, and load it when "
+        "it appears (denying everything until then); without it a missing path is an error",
+    )
+    src.add_argument(
         "--cluster-namespace", default=DEFAULT_CLUSTER_NAMESPACE, metavar="NS",
         help="namespace whose ConfigMaps labelled egress-authz.io/tier=cluster form the "
         "cluster tier (default: %(default)s)",
@@ -75,6 +80,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="gateway listener port -> the Service port apps dial, e.g. 8443:443,8080:80; "
         "Checks on other listener ports are denied. Default: listener ports are judged as "
         "is, or with --kube learnt from the gateway Service (--gateway-service)",
+    )
+    src.add_argument(
+        "--unknown-workloads", choices=("deny", "allow"), default="deny",
+        help="a caller whose source address no live Pod has (with --kube or --workloads): "
+        "deny it as unknown-workload (default), or allow the principal alone to identify it, "
+        "for meshes whose gateway does not see Pod IPs (SNAT, multi-cluster); label rules "
+        "never match such callers",
     )
     net = p.add_argument_group("serving")
     net.add_argument(
@@ -194,6 +206,7 @@ def build_policy_sources(
     from authz.sources import DirectorySource
 
     sources: list[PolicySource] = []
+    _require_paths(args)
     if args.policies:
         sources.append(DirectorySource(args.policies, cluster_namespace=args.cluster_namespace))
     if getattr(args, "kube", False):
@@ -211,6 +224,18 @@ def build_policy_sources(
         # Each source publishes whole PolicySets; two would overwrite each other.
         raise UsageError("give one policy source")
     return sources
+
+
+def _require_paths(args: argparse.Namespace) -> None:
+    """A mistyped path would otherwise serve "deny everything" while looking healthy."""
+    if getattr(args, "wait_for_paths", False):
+        return
+    for flag, path in (("--policies", args.policies), ("--workloads", args.workloads)):
+        if path and not os.path.exists(path):
+            raise UsageError(
+                f"{flag} {path}: no such file or directory (--wait-for-paths starts anyway "
+                "and loads it when it appears)"
+            )
 
 
 def build_gateway_ports(args: argparse.Namespace) -> GatewayPorts:
@@ -329,6 +354,7 @@ def run(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
     from authz.envoy.server import AuthzServer, ServerSettings
+    from authz.identity import UnknownWorkloads
     from authz.metrics import POLICY_REVISION
     from authz.store import PolicyStore
     from authz.workloads import WorkloadIndex
@@ -344,11 +370,13 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     worker = args.worker_index is not None
     server = AuthzServer(
         store,
-        index,
+        index if has_pod_source(args) else None,
         recorder,
         ServerSettings(address=args.grpc_address, threads=args.threads, reuse_port=worker),
         ports,
+        unknown_workloads=UnknownWorkloads(args.unknown_workloads),
     )
+    _log_identity_mode(args)
     state = ServeState(store, index, recorder, server, list(policy_sources))
     _install_signal_handlers(stop)
 
@@ -402,6 +430,25 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         close()
     log.info("stopped")
     return 0
+
+
+def has_pod_source(args: argparse.Namespace) -> bool:
+    """Whether Pods are known (a Pod watch or --workloads): only then can a source
+    address be checked against the certificate and labels be read."""
+    return bool(getattr(args, "kube", False) or args.workloads)
+
+
+def _log_identity_mode(args: argparse.Namespace) -> None:
+    if not has_pod_source(args):
+        log.warning(
+            "no Pod source (--kube or --workloads): the certificate alone identifies callers, "
+            "from any address, and rules that select by label never match"
+        )
+    elif args.unknown_workloads == "allow":
+        log.warning(
+            "--unknown-workloads allow: callers at addresses no Pod has are identified by "
+            "their certificate alone"
+        )
 
 
 def _report_ready(fd: int | None, revision: int) -> None:

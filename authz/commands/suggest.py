@@ -2,9 +2,15 @@
 
 For a team rolling out audit mode: run the namespace in `mode: audit`, let
 traffic flow, then turn the recorded deny and audit verdicts into a policy
-ConfigMap, one rule per service account (and port/protocol set), to review
-and apply. Denials no namespace policy can lift (cluster deny, IP literals,
-untrusted identities...) are listed in a comment, never turned into rules.
+ConfigMap to review and apply. Denials no namespace policy can lift (cluster
+deny, IP literals, untrusted identities...) are listed in a comment, never
+turned into rules.
+
+The suggestion never widens: every rule is a cross product (hosts x ports x
+protocol x methods x exact paths) of which every combination was observed, so
+the policy allows exactly the requests seen (one rule per protocol and port
+set; HTTP paths as exactPaths). The one exception is said in a comment: more
+than MAX_PATHS paths under one common prefix become that prefix.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
+from ..engine import clean_path
+from ._common import add_output
 from .traces import EXIT_ERROR, EXIT_OK, add_server_argument
 
 # Reasons a rule in the namespace's own policy can turn into an allow.
@@ -33,7 +41,7 @@ FIXABLE = frozenset(
 # Labels that differ between Pods of one workload; never worth suggesting.
 _VOLATILE_LABELS = ("pod-template-hash", "controller-revision-hash", "pod-template-generation")
 MAX_DECISIONS = 100_000
-MAX_PATHS = 10  # more distinct paths than this for one host: propose their common prefix
+MAX_PATHS = 20  # more exact paths than this under one common prefix: propose the prefix
 
 
 def add_parser(subparsers: Any) -> None:
@@ -56,6 +64,7 @@ def add_parser(subparsers: Any) -> None:
         default="egress-policy-suggested",
         help="name of the ConfigMap to print (default egress-policy-suggested)",
     )
+    add_output(p, "yaml", "json")
     p.set_defaults(run=run)
 
 
@@ -82,7 +91,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_OK
-    out.write(suggest_configmap(found, args.namespace, name=args.name, wildcards=args.wildcards))
+    text = suggest_configmap(found, args.namespace, name=args.name, wildcards=args.wildcards)
+    if getattr(args, "output", "yaml") == "json":
+        import yaml
+
+        text = json.dumps(yaml.safe_load(text), indent=2) + "\n"  # the comments are lost
+    out.write(text)
     return EXIT_OK
 
 
@@ -102,6 +116,7 @@ def rule_lines(
     protocols: Iterable[str],
     methods: Iterable[str] = (),
     paths: Iterable[str] = (),
+    exact_paths: Iterable[str] = (),
 ) -> list[str]:
     lines = [
         f"- name: {name}",
@@ -111,28 +126,37 @@ def rule_lines(
         f"  ports: {_flow(sorted(ports))}",
         f"  protocols: {_flow(sorted(protocols))}",
     ]
-    methods, paths = sorted(methods), sorted(paths)
-    if methods or paths:
+    methods, paths, exact_paths = sorted(methods), sorted(paths), sorted(exact_paths)
+    if methods or paths or exact_paths:
         lines.append("  http:")
         if methods:
             lines.append(f"    methods: {_flow(methods)}")
         if paths:
             lines.append("    paths: [" + ", ".join(json.dumps(p) for p in paths) + "]")
+        if exact_paths:
+            lines.append("    exactPaths: [" + ", ".join(json.dumps(p) for p in exact_paths) + "]")
     return lines
 
 
-def _path_prefixes(paths: set[str]) -> list[str]:
-    """Observed paths (query dropped) as prefixes; many become their common prefix."""
-    clean = {p.split("?", 1)[0] or "/" for p in paths}
-    if len(clean) <= MAX_PATHS:
-        return sorted(clean)
-    parts = [p.split("/") for p in clean]
+def _narrowed(paths: frozenset[str]) -> str | None:
+    """The prefix that stands for many paths, or None to keep them exact.
+
+    Only past MAX_PATHS, and only a prefix below the root that ends at a
+    segment boundary: `/` (every path) is never proposed.
+    """
+    if len(paths) <= MAX_PATHS:
+        return None
+    parts = [p.split("/") for p in paths]
     common: list[str] = []
     for segment in zip(*parts, strict=False):
         if len(set(segment)) != 1:
             break
         common.append(segment[0])
-    return ["/".join(common) + "/" if len(common) > 1 else "/"]
+    # Drop a last segment that some path only starts with ("/v1/item" vs "/v1/items").
+    prefix = "/".join(common) + "/"
+    if len(common) < 2 or not all(p.startswith(prefix) for p in paths):
+        return None
+    return prefix
 
 
 def _rule_name(account: str, index: int) -> str:
@@ -207,20 +231,25 @@ def suggest_configmap(
         for d in decisions
         if d not in usable
     )
-    # service account -> host -> (ports, protocols)
-    # service account -> host -> (ports, protocols, HTTP methods, HTTP paths)
-    seen: dict[str, dict[str, tuple[set[int], set[str], set[str], set[str]]]] = defaultdict(dict)
+    # account -> (host, protocol, port) -> what was asked there: for HTTP the
+    # (method, path) pairs, for TLS nothing more (the gateway sees no more).
+    seen: dict[str, dict[tuple[str, str, int], set[tuple[str, str]]]] = defaultdict(
+        lambda: defaultdict(set)
+    )
     labels_seen: dict[str, list[Mapping[str, str]]] = defaultdict(list)
+    unmatchable: Counter[str] = Counter()
     for d in usable:
         account = str(d.get("service_account") or "")
-        entry = seen[account].setdefault(str(d["host"]), (set(), set(), set(), set()))
-        entry[0].add(int(d.get("port") or 443))
-        entry[1].add(str(d.get("protocol") or "TLS"))
-        # HTTP requests are allowed for the methods and paths seen only: a rule
-        # without `http` would open every method and path of the host.
-        if d.get("protocol") == "HTTP":
-            entry[2].add(str(d.get("method") or "GET").upper())
-            entry[3].add(str(d.get("path") or "/"))
+        protocol = str(d.get("protocol") or "TLS")
+        where = (str(d["host"]), protocol, int(d.get("port") or 443))
+        if protocol == "HTTP":
+            path = clean_path(str(d.get("path") or "/"))
+            if path is None or any(c in path for c in "%#"):
+                unmatchable[f"{where[0]} {d.get('path')}"] += 1
+                continue
+            seen[account][where].add((str(d.get("method") or "GET").upper(), path))
+        else:
+            seen[account].setdefault(where, set())  # TLS: the connection is all there is
         labels_seen[account].append(d.get("labels") or {})
     modes = {d.get("mode") for d in usable}
     existing = sorted(
@@ -237,7 +266,8 @@ def suggest_configmap(
         f"# Suggested by `egress-authz suggest --namespace {namespace}` from "
         f"{len(decisions)} deny/audit decision(s)"
         + (f", {times[0]} .. {times[-1]}." if times else "."),
-        "# It allows exactly what was observed. Review it before applying.",
+        "# It allows exactly what was observed (HTTP paths as exactPaths, one rule per",
+        "# protocol and port set). Review it before applying.",
     ]
     if existing:
         head.append(
@@ -246,22 +276,14 @@ def suggest_configmap(
         )
     for (reason, host), n in sorted(skipped.items()):
         head.append(f"# Left out, no namespace policy can allow it: {n} x {reason} ({host})")
+    for what, n in sorted(unmatchable.items()):
+        head.append(f"# Left out, a path no rule can name (escapes): {n} x {what}")
 
     body = ["mode: audit" if "audit" in modes else "mode: enforce"]
     if "audit" in modes:
         body.append("# Switch to enforce once `egress-authz traces --verdict audit` stays empty.")
     body.append("rules:" if seen else "rules: []")
     for account in sorted(seen):
-        Key = tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]
-        groups: dict[Key, set[str]] = defaultdict(set)
-        for host, (ports, protocols, methods, paths) in seen[account].items():
-            key = (
-                tuple(sorted(ports)),
-                tuple(sorted(protocols)),
-                tuple(sorted(methods)),
-                tuple(_path_prefixes(paths)) if paths else (),
-            )
-            groups[key].add(host)
         common = _common_labels(labels_seen[account])
         body.append(f"  # {namespace}/{account}")
         if common:
@@ -269,14 +291,10 @@ def suggest_configmap(
                 "  # labels on every Pod seen (add matchLabels to narrow): "
                 + ", ".join(f"{k}={v}" for k, v in common.items())
             )
-        for i, ((ports_t, protocols_t, methods_t, paths_t), hosts) in enumerate(
-            sorted(groups.items())
-        ):
-            chosen = _wildcard(hosts) if wildcards else sorted(hosts)
-            lines = rule_lines(
-                _rule_name(account, i), [account], chosen, ports_t, protocols_t, methods_t, paths_t
-            )
-            body.extend("  " + line for line in lines)
+        for i, (note, lines) in enumerate(_account_rules(seen[account], account, wildcards)):
+            if note:
+                body.append(f"  # {note}")
+            body.extend("  " + line for line in rule_lines(_rule_name(account, i), **lines))
 
     doc = [
         *head,
@@ -292,3 +310,70 @@ def suggest_configmap(
         *("    " + line for line in body),
     ]
     return "\n".join(doc) + "\n"
+
+
+# (methods, exact paths, prefix or "") : one HTTP block of a rule
+_Block = tuple[tuple[str, ...], tuple[str, ...], str]
+
+
+def _blocks(pairs: set[tuple[str, str]]) -> frozenset[_Block]:
+    """(method, path) pairs as blocks whose methods x paths were all seen: the
+    paths grouped by the exact set of methods each was asked with."""
+    methods_of: dict[str, set[str]] = defaultdict(set)
+    for method, path in pairs:
+        methods_of[path].add(method)
+    by_methods: dict[tuple[str, ...], set[str]] = defaultdict(set)
+    for path, asked in methods_of.items():
+        by_methods[tuple(sorted(asked))].add(path)
+    blocks: set[_Block] = set()
+    for verbs, group in by_methods.items():
+        prefix = _narrowed(frozenset(group))
+        blocks.add((verbs, () if prefix else tuple(sorted(group)), prefix or ""))
+    return frozenset(blocks)
+
+
+def _account_rules(
+    seen: Mapping[tuple[str, str, int], set[tuple[str, str]]], account: str, wildcards: bool
+) -> list[tuple[str, dict[str, Any]]]:
+    """The rules for one account: (comment, rule_lines arguments), in a stable order."""
+    # (protocol, blocks) -> host -> ports: hosts asked the same things...
+    ports_of: dict[tuple[str, frozenset[_Block]], dict[str, set[int]]] = defaultdict(
+        lambda: defaultdict(set)
+    )
+    for (host, protocol, port), pairs in seen.items():
+        ports_of[(protocol, _blocks(pairs))][host].add(port)
+    # ...then on the same ports share a rule: every host x port of it was seen.
+    groups: dict[tuple[str, frozenset[_Block], tuple[int, ...]], set[str]] = defaultdict(set)
+    for (protocol, blocks), by_host in ports_of.items():
+        for host, host_ports in by_host.items():
+            groups[(protocol, blocks, tuple(sorted(host_ports)))].add(host)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for (protocol, blocks, ports), hosts in sorted(
+        groups.items(), key=lambda g: (g[0][0], g[0][2], sorted(g[1]))
+    ):
+        chosen = _wildcard(hosts) if wildcards else sorted(hosts)
+        common: dict[str, Any] = {
+            "accounts": [account], "hosts": chosen, "ports": ports, "protocols": [protocol]
+        }
+        if protocol != "HTTP":
+            out.append(("", common))
+            continue
+        for methods, exact, prefix in sorted(blocks):
+            note = (
+                f"narrowed: {prefix} is the longest prefix of the {MAX_PATHS}+ paths seen; "
+                "it also allows other paths under it"
+                if prefix
+                else ""
+            )
+            out.append(
+                (
+                    note,
+                    {
+                        **common,
+                        "methods": methods,
+                        "paths": [prefix] if prefix else [],
+                        "exact_paths": exact,
+                    },
+                )
+            )
+    return out

@@ -14,13 +14,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
-EXIT_OK = 0
-EXIT_ERROR = 1
+from . import exits
+from ._common import add_output
+
+EXIT_OK = exits.OK
+EXIT_ERROR = exits.NO
 DEFAULT_LIMIT = 50
 
 COLUMNS = ("TIME", "WORKLOAD", "DESTINATION", "VERDICT", "REASON", "RULE", "LATENCY")
-# Fixed widths for --follow, where rows arrive before their widths are known.
-_FOLLOW_WIDTHS = (12, 24, 30, 7, 20, 32, 8)
+# Fixed widths for --follow, where rows arrive before their widths are known;
+# a longer cell is shortened in the middle so that the columns stay aligned.
+_FOLLOW_WIDTHS = (12, 24, 30, 7, 20, 40, 8)
+# The widest a column may grow in the table (names may be hundreds of characters).
+_MAX_WIDTH = 60
+# A denial's rule is the one that came nearest to allowing, not one that applied.
+NEAREST = "nearest: "
 
 
 def add_server_argument(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +56,11 @@ def add_parser(subparsers: Any) -> None:
         "--workload", metavar="W", help="NS/SERVICE_ACCOUNT, a service account, or a pod name"
     )
     p.add_argument("--host", metavar="H", help="destination host, or *.suffix")
-    p.add_argument("--verdict", choices=("deny", "audit", "allow"))
+    p.add_argument("--verdict", type=str.lower, choices=("deny", "audit", "allow"))
     p.add_argument("--reason", metavar="CODE", help="reason code, e.g. host-not-allowed")
     p.add_argument(
         "--since",
+        type=since_value,
         metavar="AGE",
         help="only decisions newer than this (30s, 10m, 2h, or an RFC 3339 time); "
         "with --follow, replay those first",
@@ -64,8 +73,21 @@ def add_parser(subparsers: Any) -> None:
         "this many",
     )
     p.add_argument("--follow", "-f", action="store_true", help="stream new decisions live")
-    p.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    add_output(p, "table", "json")
     p.set_defaults(run=run)
+
+
+def since_value(text: str) -> str:
+    """--since checked before asking the server: a bad value is a usage error (exit 2)."""
+    import argparse
+
+    from ..admin import QueryError, parse_since
+
+    try:
+        parse_since(text)
+    except QueryError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
 
 
 # ---------------------------------------------------------------------------
@@ -102,6 +124,13 @@ def latency_of(d: Mapping[str, Any]) -> str:
     return f"{us / 1000:.1f}ms" if us >= 1000 else f"{us:.0f}µs"
 
 
+def rule_of(d: Mapping[str, Any]) -> str:
+    rule = d.get("rule")
+    if not rule:
+        return "-"
+    return str(rule) if d.get("verdict") == "allow" else NEAREST + str(rule)
+
+
 def row_of(d: Mapping[str, Any]) -> tuple[str, ...]:
     return (
         short_time(d.get("time")),
@@ -109,18 +138,29 @@ def row_of(d: Mapping[str, Any]) -> tuple[str, ...]:
         destination_of(d),
         str(d.get("verdict") or "?"),
         str(d.get("reason") or "?"),
-        str(d.get("rule") or "-"),
+        rule_of(d),
         latency_of(d),
     )
 
 
+def fit(cell: str, width: int) -> str:
+    """`cell` in at most `width` characters: both ends kept (namespace and rule
+    name, host and port), the middle replaced by an ellipsis."""
+    if len(cell) <= width:
+        return cell
+    tail = (width - 1) // 2
+    return cell[: width - 1 - tail] + "…" + cell[len(cell) - tail :]
+
+
 def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+    return "  ".join(fit(c, w).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
 
 def render_table(decisions: Iterable[Mapping[str, Any]]) -> str:
     rows = [row_of(d) for d in decisions]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+    widths = [
+        min(_MAX_WIDTH, max(len(c), *(len(r[i]) for r in rows))) for i, c in enumerate(COLUMNS)
+    ]
     return "\n".join(_line(r, widths) for r in [COLUMNS, *rows]) + "\n"
 
 

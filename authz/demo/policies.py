@@ -1,7 +1,10 @@
-"""The demo's policy directory: istio/examples/ plus the demo's audit namespace.
+"""The demo's policy directory: the package's copies of istio/examples/ plus
+the demo's audit namespace (authz/demo/policies/, package data, so that the
+demo runs from an installed wheel; a test keeps the copies equal to
+istio/examples/).
 
 The files are copied, not referenced, so that a user can edit them while the
-demo runs (`serve` reloads the directory) without touching the repository.
+demo runs (`serve` reloads the directory) without touching the package.
 One change is made on the way: the loopback gateway cannot listen on ports
 443 and 80 without root, so each rule's `ports` gets the gateway's real
 listener ports next to 443 and 80; the service judges the port the gateway
@@ -10,14 +13,14 @@ listened on, exactly as it would judge 443 in a mesh.
 
 from __future__ import annotations
 
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES_DIR = REPO / "istio" / "examples"
-DEMO_POLICY_DIR = Path(__file__).resolve().parent / "policies"
+POLICY_PACKAGE_DIR = "policies"  # under authz/demo
 DEFAULT_RULE_PORTS = (443,)  # the README's default for `rules[].ports`
 
 
@@ -37,20 +40,24 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _LiteralDumper.add_representer(str, _str)
 
 
-def source_files() -> list[Path]:
-    files = sorted(EXAMPLES_DIR.glob("*.yaml")) + sorted(DEMO_POLICY_DIR.glob("*.yaml"))
-    if not files:
-        raise PolicyCopyError(f"no example policies under {EXAMPLES_DIR}")
-    return files
+def source_files() -> list[Traversable]:
+    found = sorted(
+        (f for f in files("authz.demo").joinpath(POLICY_PACKAGE_DIR).iterdir()
+         if f.name.endswith(".yaml")),
+        key=lambda f: f.name,
+    )
+    if not found:
+        raise PolicyCopyError("no demo policies in the package (authz/demo/policies)")
+    return found
 
 
-def policy_sources() -> list[Path]:
-    """The policy files, relative to the repository, for people to read."""
+def policy_sources() -> list[str]:
+    """The policy files, as people can find them, for the demo's narration."""
     return [_shown(f) for f in source_files()]
 
 
-def _shown(path: Path) -> Path:
-    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+def _shown(source: Traversable) -> str:
+    return f"authz/demo/{POLICY_PACKAGE_DIR}/{source.name}"
 
 
 def write_policies(target: Path, port_aliases: dict[int, int]) -> list[Path]:
@@ -59,7 +66,7 @@ def write_policies(target: Path, port_aliases: dict[int, int]) -> list[Path]:
     target.mkdir(parents=True, exist_ok=True)
     written = []
     for src in source_files():
-        text = src.read_text()
+        text = src.read_text(encoding="utf-8")
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
         for doc in docs:
             _alias_ports(doc, port_aliases, src)
@@ -88,14 +95,14 @@ def _leading_comments(text: str) -> list[str]:
     return lines
 
 
-def _alias_ports(doc: Any, aliases: dict[int, int], src: Path) -> None:
+def _alias_ports(doc: Any, aliases: dict[int, int], src: Traversable) -> None:
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, dict) or not isinstance(data.get("policy.yaml"), str):
         return
     try:
         policy = yaml.safe_load(data["policy.yaml"])
     except yaml.YAMLError as e:
-        raise PolicyCopyError(f"{src}: policy.yaml is not YAML: {e}") from e
+        raise PolicyCopyError(f"{_shown(src)}: policy.yaml is not YAML: {e}") from e
     if not isinstance(policy, dict):
         return
     # Rules are validated by the service; here only the ports are touched,

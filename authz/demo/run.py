@@ -1,8 +1,9 @@
 """`egress-authz demo`: bring the stack up, run the calls, show the verdicts,
 the `traces` view and one `explain`, then shut down (or stay up).
 
-Exit status: 0 when every call got its expected verdict and reason, 1 when
-one did not, 2 when the stack could not start (a port taken, no Envoy).
+Exit status (the CLI's table): 0 when every call got its expected verdict and
+reason; 1 when one did not, or the stack could not start (no Envoy); 2 for a
+--port-base out of range or taken, or policies that do not load.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ Say = Callable[[str], None]
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
-EXIT_START_FAILED = 2
 STEPS = 5
 LOOPBACK = ("127.0.0.1", "localhost")
 
@@ -86,19 +86,21 @@ def main(options: Options, out: TextIO = sys.stdout) -> int:
                 ensure_envoy()
             except DemoError as e:
                 say(f"egress-authz demo: {e}")
-                return EXIT_START_FAILED
+                return e.exit_code
             stack = DemoStack(ports, options.workdir)
             try:
                 _start(stack, say)
             except DemoError as e:
                 say(f"\negress-authz demo: could not start.\n{e}")
-                return EXIT_START_FAILED
+                return e.exit_code
+            # From now on every policy reload (a live edit) is noted on the console.
+            stack.reload_notes.say = say
             say(f"[4/{STEPS}] running {len(CALLS)} calls through the mesh")
             outcomes = run_calls(stack, CALLS)
             code = _report(stack, outcomes, say)
             say(f"\ndemo finished in {time.monotonic() - started:.1f}s")
             if options.keep_running:
-                _print_try_it(stack, say)
+                _print_try_it(stack, say, outcomes[EXPLAIN_CALL].decision_id)
                 _wait_forever()
             return code
         except (Interrupted, KeyboardInterrupt):
@@ -188,11 +190,11 @@ def _run_cli(say: Say, args: list[str]) -> int:
     return done.returncode
 
 
-def _print_try_it(stack: DemoStack, say: Say) -> None:
+def _print_try_it(stack: DemoStack, say: Say, decision_id: str | None) -> None:
     from .tryit import instructions
 
     say("")
-    say(instructions(stack))
+    say(instructions(stack, decision_id))
 
 
 def _wait_forever() -> None:

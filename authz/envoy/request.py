@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from authz.model import Destination, Identity, Protocol, Workload
+from authz.model import Destination, Identity, Protocol
 
 from .gen.envoy_service_auth_v3_pb2 import AttributeContext, CheckRequest
 
@@ -29,7 +29,9 @@ MAX_TRACE_HEADER_CHARS = 512  # W3C: traceparent is 55 chars, tracestate <= 512
 HTTP_FILTER = "http"
 NETWORK_FILTER = "network"
 
-WorkloadLookup = Callable[[str], Workload | None]
+# principal, source address -> Identity: authz.identity.IdentityResolver, which
+# finds the Pod at the address; without one, the Identity carries no Pod.
+IdentityResolve = Callable[[str, str], Identity]
 PortTranslation = Callable[[int], int]  # gateway listener port -> the port the app dialled
 
 
@@ -55,23 +57,23 @@ class BadRequest:
 
 
 def parse_check_request(
-    data: bytes, lookup: WorkloadLookup | None = None, ports: PortTranslation | None = None
+    data: bytes, resolve: IdentityResolve | None = None, ports: PortTranslation | None = None
 ) -> ParsedCheck | BadRequest:
     """Parse one serialised CheckRequest; never raises.
 
-    `lookup` resolves the source IP to the Pod behind it (the WorkloadIndex);
-    without it, or when no Pod is known, `identity.workload` is None.
-    `ports` translates the gateway listener port (GatewayPorts.translate);
-    without it the listener port is judged as is.
+    `resolve` makes the Identity from the principal and source address (the
+    server's IdentityResolver finds the Pod behind the address); without it
+    the Identity carries no Pod. `ports` translates the gateway listener port
+    (GatewayPorts.translate); without it the listener port is judged as is.
     """
     try:
-        return _parse(data, lookup, ports)
+        return _parse(data, Identity if resolve is None else resolve, ports)
     except Exception as e:  # the parser must not take the server down, whatever arrives
         return BadRequest(f"unreadable CheckRequest: {type(e).__name__}: {_clip(str(e))}")
 
 
 def _parse(
-    data: bytes, lookup: WorkloadLookup | None, ports: PortTranslation | None
+    data: bytes, resolve: IdentityResolve, ports: PortTranslation | None
 ) -> ParsedCheck | BadRequest:
     if len(data) > MAX_REQUEST_BYTES:
         return BadRequest(f"CheckRequest of {len(data)} bytes exceeds {MAX_REQUEST_BYTES}")
@@ -93,7 +95,7 @@ def _parse(
 
     request_ctx = attrs.request
     if request_ctx.HasField("http"):
-        return _http(request_ctx.http, principal, source_ip, listener, port, sni, lookup)
+        return _http(request_ctx.http, principal, source_ip, listener, port, sni, resolve)
 
     # The network filter sends no request: the destination name is the SNI,
     # from tls_session when the filter sets include_tls_session, else from
@@ -101,9 +103,8 @@ def _parse(
     sni = sni or attrs.destination.service or None
     if max(len(principal), len(sni or "")) > MAX_FIELD_CHARS:
         return BadRequest(_too_long(principal=principal, sni=sni), NETWORK_FILTER)
-    workload = lookup(source_ip) if lookup is not None and source_ip else None
     return ParsedCheck(
-        identity=Identity(principal=principal, source_ip=source_ip, workload=workload),
+        identity=resolve(principal, source_ip),
         destination=Destination(
             port=port, protocol=Protocol.TLS, sni=sni, listener_port=listener
         ),
@@ -118,7 +119,7 @@ def _http(
     listener: int,
     port: int,
     sni: str | None,
-    lookup: WorkloadLookup | None,
+    resolve: IdentityResolve,
 ) -> ParsedCheck | BadRequest:
     headers = http.headers
     traceparent = tracestate = None
@@ -150,9 +151,8 @@ def _http(
         return BadRequest(too_long, HTTP_FILTER, traceparent, tracestate)
     if not listener:  # no listener address: fall back on the scheme's port
         port = {"https": 443, "http": 80}.get(http.scheme, 0)
-    workload = lookup(source_ip) if lookup is not None and source_ip else None
     return ParsedCheck(
-        identity=Identity(principal=principal, source_ip=source_ip, workload=workload),
+        identity=resolve(principal, source_ip),
         destination=Destination(
             port=port,
             protocol=Protocol.HTTP,

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from authz.engine import Snapshot, decide, reject
 from authz.gateway_ports import GatewayPorts
+from authz.identity import IdentityResolver, UnknownWorkloads
 from authz.model import Reason
 from authz.records import DecisionRecord, NullRecorder, Recorder
 from authz.store import PolicyStore
@@ -51,7 +52,11 @@ class ServerSettings:
 
 
 class CheckService:
-    """One Check, from bytes to bytes. Holds no per-request state."""
+    """One Check, from bytes to bytes. Holds no per-request state.
+
+    `workloads`: the Pod index, or None when no Pod source is configured;
+    `unknown_workloads`: whether a caller at an address no Pod has is refused.
+    """
 
     def __init__(
         self,
@@ -59,9 +64,14 @@ class CheckService:
         workloads: WorkloadIndex | None = None,
         recorder: Recorder | None = None,
         ports: GatewayPorts | None = None,
+        *,
+        unknown_workloads: UnknownWorkloads = UnknownWorkloads.DENY,
     ) -> None:
         self.store = store
         self.workloads = workloads
+        self.resolver = IdentityResolver(
+            workloads.lookup if workloads is not None else None, unknown_workloads
+        )
         self.recorder: Recorder = recorder or NullRecorder()
         self.ports = ports
 
@@ -72,9 +82,8 @@ class CheckService:
         filter_kind = ""
         traceparent = tracestate = None
         try:
-            lookup = self.workloads.lookup if self.workloads is not None else None
             ports = self.ports.translate if self.ports is not None else None
-            parsed = parse_check_request(data, lookup, ports)
+            parsed = parse_check_request(data, self.resolver, ports)
             snapshot: Snapshot | None = self.store.current  # read once: one snapshot per Check
             revision = snapshot.revision if snapshot is not None else 0
             filter_kind = parsed.filter
@@ -126,10 +135,14 @@ class AuthzServer:
         recorder: Recorder | None = None,
         settings: ServerSettings | None = None,
         ports: GatewayPorts | None = None,
+        *,
+        unknown_workloads: UnknownWorkloads = UnknownWorkloads.DENY,
     ) -> None:
         self.settings = settings or ServerSettings()
         self.store = store
-        self.service = CheckService(store, workloads, recorder, ports)
+        self.service = CheckService(
+            store, workloads, recorder, ports, unknown_workloads=unknown_workloads
+        )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.port = 0
         self._server: grpc.Server | None = None

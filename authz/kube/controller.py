@@ -8,11 +8,13 @@ import os
 import socket
 from collections.abc import Callable
 
+from ..fence import FenceOptions
 from ..gateway_ports import GatewayPorts
-from ..render import RenderOptions
+from ..render import RenderOptions, parse_selector
 from ..store import PolicyStore
 from ..workloads import WorkloadIndex
 from .client import KubeApi, configuration, service_namespace
+from .fence import FenceMonitor
 from .gateway_service import GatewayServiceWatch
 from .leader import LeaderElector
 from .source import KubePolicySource, KubeSettings
@@ -28,7 +30,8 @@ class KubeController:
 
     def __init__(self, api: KubeApi, index: WorkloadIndex, *, settings: KubeSettings,
                  options: RenderOptions, write: bool = True,
-                 ports: GatewayPorts | None = None, gateway_service: str | None = None) -> None:
+                 ports: GatewayPorts | None = None, gateway_service: str | None = None,
+                 fence: FenceOptions | None = None) -> None:
         self.source = KubePolicySource(api, index, settings)
         # The gateway port map from the gateway's Service, unless a fixed map was given.
         self.gateway_ports: GatewayServiceWatch | None = None
@@ -41,11 +44,19 @@ class KubeController:
         self.elector: LeaderElector | None = None
         if write:
             self.elector = LeaderElector(api, identity)
+
+        def is_leader() -> bool:
+            return bool(self.elector and self.elector.is_leader)
+        # Layer 3 (always watched, for the report; fences written only with `fence`).
+        self.fence_monitor = FenceMonitor(api, index_store_placeholder(), is_leader=is_leader,
+                                          health=self.source.health, instance=identity)
+        if self.elector is not None:
             writer = RegistryWriter(api, index_store_placeholder(), options=options,
-                                    is_leader=lambda: bool(self.elector and
-                                                           self.elector.is_leader),
-                                    health=self.source.health)
+                                    is_leader=is_leader, health=self.source.health,
+                                    fences=self.fence_monitor.opted_in if fence else None,
+                                    fence_options=fence)
             self.writer = writer
+            self.fence_monitor.on_opt_in = writer.poke
             self.elector.on_change = lambda leader: writer.poke() if leader else None
 
     @classmethod
@@ -56,10 +67,21 @@ class KubeController:
         return cls(api, index,
                    settings=KubeSettings(service_namespace=ns,
                                          namespace_selector=args.namespace_selector),
-                   options=RenderOptions(gateway_namespace=args.gateway_namespace),
+                   options=RenderOptions(
+                       gateway_namespace=args.gateway_namespace,
+                       gateway_service=getattr(args, "gateway_service", None)
+                       or RenderOptions.gateway_service,
+                       gateway_selector=parse_selector(args.gateway_selector)),
                    write=not args.no_write, ports=ports,
                    gateway_service=None if getattr(args, "gateway_port_map", None)
-                   else getattr(args, "gateway_service", None))
+                   else getattr(args, "gateway_service", None),
+                   fence=None if args.no_fence else FenceOptions(
+                       gateway_namespace=args.gateway_namespace,
+                       gateway_selector=parse_selector(args.gateway_selector),
+                       dns_namespace=args.fence_dns_namespace,
+                       dns_labels=parse_selector(args.fence_dns_labels),
+                       istiod_namespace=args.fence_istiod_namespace,
+                       allow_cluster_pods=args.fence_cluster_pods))
 
     def start(self, store: PolicyStore, on_error: Callable[[str], None]) -> None:
         if self.gateway_ports is not None:
@@ -67,6 +89,8 @@ class KubeController:
             # The map first, so that readiness (a policy loaded) does not come before it.
             self.gateway_ports.wait_synced(GATEWAY_SYNC_WAIT)
         self.source.start(store, on_error)
+        self.fence_monitor.store = store
+        self.fence_monitor.start()
         if self.writer is not None and self.elector is not None:
             self.writer.store = store
             self.writer.start()
@@ -77,6 +101,7 @@ class KubeController:
             self.elector.stop(release=True)  # hand over at once on a clean shutdown
         if self.writer is not None:
             self.writer.stop()
+        self.fence_monitor.stop()
         self.source.stop()
         if self.gateway_ports is not None:
             self.gateway_ports.stop()

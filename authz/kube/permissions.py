@@ -59,6 +59,9 @@ PERMISSIONS: tuple[Permission, ...] = (
        Scope.CLUSTER, "ISTIO_MUTUAL with the external host as SNI to the gateway"),
     _p("networking.istio.io", "v1", "gateways", "Gateway", _ISTIO_WRITE, Scope.CLUSTER,
        "per-host TLS servers on the egress gateway"),
+    _p("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", _ISTIO_WRITE,
+       Scope.CLUSTER, "layer 3: fence namespaces labelled egress-authz.io/egress-fence=true; "
+       "report wildcard policies in namespaces no NetworkPolicy fences"),
     _p("", "v1", "services", "Service", "list watch", Scope.GATEWAY_NAMESPACE,
        "the gateway Service's port -> targetPort: the gateway port map"),
 )

@@ -3,7 +3,7 @@
 Implements the PolicySource interface of authz.sources: ConfigMaps labelled
 egress-authz.io/policy=true in every namespace (optionally only namespaces matching a
 label selector) plus the cluster-tier ConfigMap in the service's namespace, validated one
-by one into the PolicyStore; Running Pods into the WorkloadIndex. A ConfigMap that fails
+by one into the PolicyStore; live Pods into the WorkloadIndex. A ConfigMap that fails
 validation keeps its last good policy and gets a Warning Event; fixed, a Normal one.
 """
 
@@ -100,7 +100,9 @@ class KubePolicySource:
                 _bind_event(self._cm_event, name), label_selector=selector))
         self.reflectors.append(reflector(
             "Pod", "pods", self._pods_synced, self._pod_event,
-            field_selector="status.phase=Running"))
+            # Pending Pods with an address count too: init containers run behind a
+            # native sidecar before the Pod is Running. Ended Pods give theirs back.
+            field_selector="status.phase!=Succeeded,status.phase!=Failed"))
         self._publisher = threading.Thread(target=self._publish_loop, name="kube publish",
                                            daemon=True)
         self._publisher.start()

@@ -5,6 +5,12 @@ deleted it) and on a periodic resync, the leader renders the wanted objects, app
 with server-side apply (field manager egress-authz, force: we own these fields) those
 whose spec, labels or owners differ, and deletes managed objects no longer wanted
 (found by the managed-by label). Followers watch but never write.
+
+Order matters (issue 11): a ServiceEntry makes a host dialable, and a host dialable
+without its VirtualService is dialled directly, around the gateway. So hosts leave the
+registry before their routes and enter it after them (`RegistryWriter.reconcile`). A host
+that moves between ServiceEntries (its port set changed) is briefly absent: a failed
+connection for a moment, never a bypass.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from functools import partial
 from typing import Any
 
 from ..engine import Snapshot
+from ..fence import FenceOptions, fence_policy
 from ..model import MANAGED_BY_LABEL, MANAGED_BY_VALUE
-from ..render import RenderOptions, object_key, render
+from ..render import APPLY_ORDER, RenderOptions, object_key, render
 from ..store import PolicyStore
 from .client import KubeApi, KubeError, KubeNotFound, Obj
 from .permissions import ISTIO_KINDS
@@ -44,12 +51,38 @@ def _differs(want: Obj, have: Obj) -> bool:
         for r in hm.get("ownerReferences") or []]
 
 
+def _order(key: Key) -> int:
+    return APPLY_ORDER.index(key[1]) if key[1] in APPLY_ORDER else -1  # NetworkPolicy first
+
+
+def _narrowed(want: Obj, have: Obj) -> Obj | None:
+    """`have` cut down to the hosts `want` keeps, when `want` drops any (else `want`
+    itself, or None when nothing is kept). A ServiceEntry's name fixes its ports, so
+    hosts are what changes."""
+    keep = set(want["spec"].get("hosts", []))
+    had = have.get("spec", {}).get("hosts", [])
+    if have.get("spec", {}).get("ports") != want["spec"].get("ports"):
+        return None  # not the same port set (edited by hand?): remove it, then recreate
+    if all(h in keep for h in had):
+        return want
+    kept = [h for h in had if h in keep]
+    return {**want, "spec": {**want["spec"], "hosts": kept}} if kept else None
+
+
 class RegistryWriter:
     def __init__(self, api: KubeApi, store: PolicyStore, *, options: RenderOptions,
                  is_leader: Callable[[], bool], resync_interval: float = 60.0,
                  health: ApiHealth | None = None, backoff_cap: float = 10.0,
-                 watch_timeout: int = 300) -> None:
+                 watch_timeout: int = 300,
+                 fences: Callable[[], set[str] | None] | None = None,
+                 fence_options: FenceOptions | None = None) -> None:
         self.api, self.store, self.options = api, store, options
+        # Layer 3: namespaces that opted in to the fence NetworkPolicy (None until known);
+        # without `fences`, NetworkPolicies are neither written nor pruned.
+        self.fences = fences
+        self.fence_options = fence_options or FenceOptions(
+            gateway_namespace=options.gateway_namespace,
+            gateway_selector=dict(options.gateway_selector))
         self.is_leader = is_leader
         self.resync_interval = resync_interval
         self.applied = 0  # objects applied (created, changed or restored)
@@ -65,7 +98,7 @@ class RegistryWriter:
                       label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}",
                       health=health, backoff=Backoff(cap=backoff_cap),
                       watch_timeout=watch_timeout, name=f"managed {kind}")
-            for kind in ISTIO_KINDS
+            for kind in (*ISTIO_KINDS, *(("NetworkPolicy",) if fences is not None else ()))
         ]
 
     def start(self) -> None:
@@ -131,19 +164,57 @@ class RegistryWriter:
         wanted = {object_key(o): o for o in render(snapshot.policy_set, self.options)}
         with self._lock:
             current = dict(self._current)
+        fenced = self.fences() if self.fences is not None else None
+        if fenced is None:  # not known yet (or not ours): leave NetworkPolicies as they are
+            current = {k: o for k, o in current.items() if k[1] != "NetworkPolicy"}
+        else:  # fences first: applied before anything else, deleted after everything else
+            wanted = {**{object_key(o): o for o in
+                         (fence_policy(ns, self.fence_options) for ns in sorted(fenced))},
+                      **wanted}
         ok = True
-        for key, obj in wanted.items():
+        changed = {k: o for k, o in wanted.items()
+                   if k not in current or _differs(o, current[k])}
+        gone = [k for k in current if k not in wanted]
+        # A host must never be dialable without its route to the gateway, not even between
+        # two writes (a ServiceEntry without its VirtualService is dialled directly):
+        # 1. ServiceEntries lose hosts first: unwanted ones are deleted, changed ones that
+        #    drop hosts are narrowed to the hosts they keep;
+        # 2. routes: DestinationRules, Gateway, VirtualServices (render's order);
+        # 3. ServiceEntries gain hosts last;
+        # 4. routes no longer wanted go (their hosts left the registry in step 1).
+        for key in [k for k in gone if k[1] == "ServiceEntry"]:
+            ok &= self._delete(key)
+        for key, obj in changed.items():
             have = current.get(key)
-            if have is not None and not _differs(obj, have):
-                continue
-            ok &= self._write(partial(self.api.apply, obj, field_manager=FIELD_MANAGER,
-                                      force=True), "apply", key)
-            self.applied += 1
-        for key in current.keys() - wanted.keys():
-            _, kind, ns, name = key
-            ok &= self._write(partial(self.api.delete, kind, ns, name), "delete", key)
-            self.deleted += 1
+            if obj["kind"] == "ServiceEntry" and have is not None:
+                kept = _narrowed(obj, have)
+                if kept is None:
+                    ok &= self._delete(key)  # it keeps none of its hosts: recreated in step 3
+                elif kept is not obj:
+                    ok &= self._apply(key, kept)
+        if not ok:
+            return False  # never add routes or hosts on top of a registry we failed to narrow
+        for key, obj in changed.items():
+            if obj["kind"] != "ServiceEntry":
+                ok &= self._apply(key, obj)
+        if not ok:
+            return False  # a host is admitted only once every route for it was written
+        for key, obj in changed.items():
+            if obj["kind"] == "ServiceEntry":
+                ok &= self._apply(key, obj)
+        for key in sorted((k for k in gone if k[1] != "ServiceEntry"), key=_order, reverse=True):
+            ok &= self._delete(key)
         return ok
+
+    def _apply(self, key: Key, obj: Obj) -> bool:
+        self.applied += 1
+        return self._write(partial(self.api.apply, obj, field_manager=FIELD_MANAGER, force=True),
+                           "apply", key)
+
+    def _delete(self, key: Key) -> bool:
+        _, kind, ns, name = key
+        self.deleted += 1
+        return self._write(partial(self.api.delete, kind, ns, name), "delete", key)
 
     def _write(self, call: Callable[[], Any], what: str, key: Key) -> bool:
         try:

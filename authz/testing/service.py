@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -27,11 +27,14 @@ class ServiceError(RuntimeError):
 
 
 class ServiceProcess:
-    """Runs `python -m authz serve` on 127.0.0.1:`port`; restartable on the same port."""
+    """Runs `python -m authz serve` on 127.0.0.1:`port`; restartable on the same port.
+
+    `policies` None: no --policies (give the source in `extra_args`, e.g. --kube).
+    """
 
     def __init__(
         self,
-        policies: Path,
+        policies: Path | None,
         port: int,
         *,
         workloads: Path | None = None,
@@ -39,6 +42,7 @@ class ServiceProcess:
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
         start_timeout: float = 20.0,
+        on_line: Callable[[str], None] | None = None,
     ) -> None:
         self.policies = policies
         self.workloads = workloads
@@ -47,6 +51,7 @@ class ServiceProcess:
         self.extra_args = list(extra_args)
         self.log_path = log_path
         self.start_timeout = start_timeout
+        self.on_line = on_line  # each stderr line as it arrives (the demo's reload notes)
         self.process: subprocess.Popen[str] | None = None
         self._lines: list[str] = []
         self._lock = threading.Lock()
@@ -57,16 +62,9 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "authz",
-            "serve",
-            "--policies",
-            str(self.policies),
-            "--grpc-address",
-            self.address,
-        ]
+        cmd = [sys.executable, "-m", "authz", "serve", "--grpc-address", self.address]
+        if self.policies is not None:
+            cmd += ["--policies", str(self.policies)]
         if self.workloads is not None:
             cmd += ["--workloads", str(self.workloads)]
         # No admin port asked for: none at all. The default 127.0.0.1:9090 may be
@@ -149,6 +147,8 @@ class ServiceProcess:
                     log.flush()
                 if READY_LINE in line:
                     self._ready.set()
+                if self.on_line is not None:
+                    self.on_line(line.rstrip("\n"))
         finally:
             if log:
                 log.close()

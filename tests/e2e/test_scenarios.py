@@ -22,10 +22,13 @@ from authz.testing.pki import spiffe_id
 from .conftest import (
     CART_FINANCE,
     CART_MARKETING,
+    CLUSTER_DENIED_HOST,
     FRONTEND,
     RELOAD_HOSTS,
     World,
+    cluster_policy,
     eventually,
+    reload_policy,
 )
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(90)]
@@ -204,10 +207,10 @@ class TestFailClosed:
 
 
 class TestPolicyReload:
-    """Scenario 5: a host removed from the policy file is denied within a second."""
+    """Scenario 5: a host removed from the policy is denied within a second."""
 
     def test_removed_host_denied_within_a_second(self, world: World) -> None:
-        """Edits shop-reload.yaml under traffic, then restores it (and waits for that)."""
+        """Edits the egress-reload ConfigMap under traffic, then restores it (and waits)."""
         # (started, finished, status): a request in flight during the edit may
         # see either policy; only those wholly before or after are judged.
         results: list[tuple[float, float, int]] = []
@@ -230,7 +233,7 @@ class TestPolicyReload:
         try:
             eventually(lambda: len(results) >= 3, timeout=10, what="traffic flowing")
             edited = time.monotonic()
-            world.write_reload_policy(("keep.kadath.io",))  # in place, like an editor
+            world.write_reload_policy(("keep.kadath.io",))
             eventually(
                 lambda: sum(t > edited + 1.0 for t, _, _ in results) >= 3,
                 timeout=10,
@@ -253,3 +256,57 @@ class TestPolicyReload:
                 timeout=10,
                 what="reload.kadath.io allowed again after restoring the file",
             )
+
+    def test_deleted_configmap_revokes_its_rules(self, world: World) -> None:
+        """Deleting egress-reload denies its hosts (the namespace's other ConfigMap stays in
+        force); putting it back allows them again. Restores it before returning."""
+        assert world.http(CART_FINANCE, "keep.kadath.io").status == 200
+        world.delete_policy("shop", "egress-reload")
+        try:
+            eventually(
+                lambda: world.http(CART_FINANCE, "keep.kadath.io").status == 403,
+                timeout=5,
+                what="keep.kadath.io denied after the delete",
+            )
+            denied = world.http(CART_FINANCE, "reload.kadath.io")
+            assert deny_body(denied)["reason"] == "host-not-allowed"
+            assert world.http(CART_FINANCE, "api.kadath.io").status == 200
+        finally:
+            world.put_policy(reload_policy(world.ports, RELOAD_HOSTS))
+        eventually(
+            lambda: world.http(CART_FINANCE, "keep.kadath.io").status == 200,
+            timeout=10,
+            what="keep.kadath.io allowed again after restoring the ConfigMap",
+        )
+
+
+class TestClusterTier:
+    """The cluster-tier ConfigMap in the service's namespace."""
+
+    def test_cluster_deny_beats_the_namespace_allow(self, world: World) -> None:
+        """shop's rule lists blocked.kadath.io next to api.kadath.io; the cluster deny wins
+        on both paths, the rule's other host is unaffected."""
+        before = world.mesh.http_upstream.accepts
+        denied = world.http(CART_FINANCE, CLUSTER_DENIED_HOST)
+        assert denied.status == 403
+        assert deny_body(denied)["reason"] == "cluster-denied"
+        assert world.tls(CART_FINANCE, CLUSTER_DENIED_HOST).reply is None
+        assert world.mesh.http_upstream.accepts == before
+        assert world.http(CART_FINANCE, "api.kadath.io").status == 200
+
+    def test_cluster_policy_edit_lifts_and_restores_the_deny(self, world: World) -> None:
+        """Emptying the cluster deny list lets shop's rule apply; restored, the deny is back."""
+        world.put_policy(cluster_policy(()))
+        try:
+            eventually(
+                lambda: world.http(CART_FINANCE, CLUSTER_DENIED_HOST).status == 200,
+                timeout=10,
+                what="the host allowed without the cluster deny",
+            )
+        finally:
+            world.put_policy(cluster_policy((CLUSTER_DENIED_HOST,)))
+        eventually(
+            lambda: world.http(CART_FINANCE, CLUSTER_DENIED_HOST).status == 403,
+            timeout=10,
+            what="the cluster deny back in force",
+        )

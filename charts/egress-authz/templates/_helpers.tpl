@@ -52,7 +52,29 @@ app.kubernetes.io/part-of: egress-authz
 {{- printf "%s.%s.svc.cluster.local" (include "egress-authz.fullname" .) .Release.Namespace }}
 {{- end }}
 
-{{/* Labels of the egress gateway pods, as YAML (istio.gatewaySelector or the Istio default). */}}
+{{/* Labels of the egress gateway pods, as YAML (istio.gatewaySelector, or the labels
+istio/ gives our gateway: Istio's istio=egressgateway plus egress-authz.io/gateway, a label
+no other gateway has, since a Gateway's selector matches pods in every namespace). */}}
 {{- define "egress-authz.gatewaySelector" -}}
-{{- toYaml (default (dict "istio" "egressgateway") .Values.istio.gatewaySelector) }}
+{{- toYaml (default (dict "istio" "egressgateway" "egress-authz.io/gateway" "egress-authz") .Values.istio.gatewaySelector) }}
+{{- end }}
+
+{{/* The cluster DNS pods' labels as `k=v,k=v`, for --fence-dns-labels. */}}
+{{- define "egress-authz.dnsLabelsArg" -}}
+{{- $sel := default (dict "k8s-app" "kube-dns") .Values.networkPolicy.dns.podLabels }}
+{{- $parts := list }}
+{{- range $k := keys $sel | sortAlpha }}
+{{- $parts = append $parts (printf "%s=%s" $k (index $sel $k)) }}
+{{- end }}
+{{- join "," $parts }}
+{{- end }}
+
+{{/* The same labels as `k=v,k=v`, for --gateway-selector. */}}
+{{- define "egress-authz.gatewaySelectorArg" -}}
+{{- $sel := default (dict "istio" "egressgateway" "egress-authz.io/gateway" "egress-authz") .Values.istio.gatewaySelector }}
+{{- $parts := list }}
+{{- range $k := keys $sel | sortAlpha }}
+{{- $parts = append $parts (printf "%s=%s" $k (index $sel $k)) }}
+{{- end }}
+{{- join "," $parts }}
 {{- end }}
