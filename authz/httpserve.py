@@ -85,19 +85,24 @@ class CpuBudget:
         self.waited = 0.0  # seconds handlers slept for the budget (tests, bench)
 
     def charge(self, seconds: float) -> None:
+        """Record `seconds` of work; sleep while the bucket is in debt (anyone's)."""
         ADMIN_CPU.inc(amount=seconds)
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.share)
-            self._last = now
-            self._tokens -= seconds
-            debt = -self._tokens
-        if debt > 0:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.share)
+                self._last = now
+                self._tokens -= seconds
+                seconds = 0.0  # charged once; later rounds only wait
+                debt = -self._tokens
+            if debt <= 0:
+                time.sleep(0)  # hand the GIL over anyway: a Check may be waiting
+                return
+            # Other threads may add to the debt meanwhile: look again after
+            # sleeping, so that all of them together stay within `share`.
             pause = debt / self.share
             self.waited += pause
             time.sleep(pause)
-        else:
-            time.sleep(0)  # hand the GIL over anyway: a Check may be waiting
 
     def meter(self) -> Meter:
         return Meter(self)
