@@ -268,9 +268,19 @@ class AdminServer:
                 recorder = self._recorder()
                 self._decisions(req, recorder, path, _params(url.query), meter)
             else:
-                raise _Answer(HTTPStatus.NOT_FOUND, {"error": f"no such path: {url.path[:200]}"})
+                # The page (authz/ui): its static files and the views it reads.
+                from .ui.routes import answer
+
+                page = answer(path, _params(url.query), self.recorder)
+                if page is None:
+                    raise _Answer(
+                        HTTPStatus.NOT_FOUND, {"error": f"no such path: {url.path[:200]}"}
+                    )
+                self._send(req, page.status, page.content_type, page.body, page.headers)
         except _Answer as a:
             self._json(req, a.status, a.body)
+        except QueryError as e:
+            self._json(req, HTTPStatus.BAD_REQUEST, {"error": str(e)})
         finally:
             meter.done()
 
@@ -400,7 +410,7 @@ class AdminServer:
         status: HTTPStatus,
         content_type: str,
         body: bytes,
-        extra: dict[str, str] | None = None,
+        extra: Mapping[str, str] | None = None,
     ) -> None:
         head = response_head(
             status,

@@ -24,6 +24,8 @@ COMMANDS = (
     "traces",
     "explain",
     "suggest",
+    "imports",  # the `import` command (a module may not be named import)
+    "ui",
     "demo",
 )
 

@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 import yaml
 
-from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set, load_path
+from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set
 from .metrics import POLICY_ERRORS
 from .model import ConfigMapRef, NamespacePolicy, Workload
+from .offload import load_file
 from .store import PolicyStore
 from .workloads import WorkloadIndex, workload_from_pod
 
@@ -233,7 +234,7 @@ class DirectorySource:
         key = _stat_key(f)
         if key is not None and key == state.key:
             return 0
-        result = load_path(f, cluster_namespace=self.cluster_namespace)
+        result = load_file(f, cluster_namespace=self.cluster_namespace)  # big: another process
         for warning in result.warnings:
             log.warning("%s", warning)
         good: dict[ConfigMapRef, NamespacePolicy] = {}

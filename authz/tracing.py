@@ -185,7 +185,34 @@ def record_fields(rec: DecisionRecord, trace_id: str | None = None) -> dict[str,
 _json_str: Callable[[str], str] = json.encoder.encode_basestring
 
 
-def _jstr(value: str | None) -> str:
+class _JsonStrings(dict[str | None, str]):
+    """JSON string literals of recent short values, by value.
+
+    A log line has ~16 text fields and nearly all of them (namespace, pod,
+    principal, host, rule, ...) repeat from Check to Check: a dict hit is a C
+    call, where a Python helper per field cost ~0.5 µs each. Bounded: values
+    over _MEMO_CHARS are encoded and not kept, and the memo starts afresh at
+    _MEMO_SIZE entries, so hostile variety costs a re-encode, never memory.
+    """
+
+    def __missing__(self, value: str | None) -> str:
+        if value is None:
+            return "null"
+        text = _json_str(value)
+        if len(value) <= _MEMO_CHARS:
+            if len(self) >= _MEMO_SIZE:
+                self.clear()
+            self[value] = text
+        return text
+
+
+_MEMO_CHARS = 256
+_MEMO_SIZE = 4096
+_jstr: Callable[[str | None], str] = _JsonStrings().__getitem__
+
+
+def _jpath(value: str | None) -> str:
+    """Paths vary per request (ids, queries): encoded each time, not memoised."""
     return "null" if value is None else _json_str(value)
 
 
@@ -227,14 +254,14 @@ def log_line(rec: DecisionRecord, trace_id: str | None) -> str:
         port = "null" if dest.port is None else int.__repr__(dest.port)
         where = (
             f'"port":{port},"sni":{_jstr(dest.sni)},"http_host":{_jstr(dest.http_host)},'
-            f'"method":{_jstr(dest.method)},"path":{_jstr(dest.path)},'
+            f'"method":{_jstr(dest.method)},"path":{_jpath(dest.path)},'
             f'"protocol":{e[dest.protocol]}'
         )
     else:
         where = '"port":null,"sni":null,"http_host":null,"method":null,"path":null,"protocol":null'
     revision = "null" if d.revision is None else int.__repr__(d.revision)
     return (
-        f'{{"time":"{_rfc3339(rec.start_unix_ns)}","decision_id":{_jstr(d.decision_id)},'
+        f'{{"time":"{_rfc3339(rec.start_unix_ns)}","decision_id":{_json_str(d.decision_id)},'
         f'"verdict":{e[d.verdict]},"reason":{e[d.reason]},'
         f'"rule":{_jstr(d.rule)},"owner":{_jstr(d.owner)},'
         f'"namespace":{_jstr(namespace)},"service_account":{_jstr(service_account)},'

@@ -4,7 +4,9 @@ Parses one CheckRequest shaped like what Envoy 1.40's HTTP ext_authz filter
 sends behind an mTLS gateway listener (see tests/e2e/test_envoy_fields.py),
 with the classes generated from protos/ (upb) and with envoy-data-plane's
 betterproto2 classes; builds the CheckResponse both ways; and times one whole
-in-process Check (parse, decide, respond, no recorder, no gRPC).
+in-process Check (parse, decide, respond, no recorder, no gRPC), then the
+same with the service's recorder and the recording steps one by one: what a
+Check does that does not decide.
 
     .venv/bin/python bench/bench_parse.py      # or: make bench BENCH_ARGS=parse
 """
@@ -12,6 +14,7 @@ in-process Check (parse, decide, respond, no recorder, no gRPC).
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import tempfile
 import time
@@ -36,9 +39,12 @@ from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest
 from authz.envoy.request import parse_check_request
 from authz.envoy.response import HTTP_FILTER, build_check_response
 from authz.envoy.server import CheckService
+from authz.metrics import CHECK_SECONDS, CHECKS
 from authz.model import Reason
+from authz.records import DecisionRecord
 from authz.sources import DirectorySource
 from authz.store import PolicyStore
+from authz.tracing import DecisionRecorder, TracingSettings, log_line, trace_id_of
 
 POLICY = """\
 apiVersion: v1
@@ -99,6 +105,24 @@ def recorded_request() -> bytes:
     return bytes(msg)
 
 
+def count_and_observe(rec: DecisionRecord) -> None:
+    """The two metric updates record() makes per Check."""
+    CHECKS.inc(rec.decision.verdict, rec.decision.reason, rec.decision.namespace)
+    CHECK_SECONDS.observe(rec.duration_ns / 1e9)
+
+
+def recorded_record(store: PolicyStore, data: bytes) -> DecisionRecord:
+    """The DecisionRecord one allowed Check of `data` hands to the recorder."""
+    kept: list[DecisionRecord] = []
+
+    class Keep:
+        def record(self, rec: DecisionRecord) -> None:
+            kept.append(rec)
+
+    CheckService(store, recorder=Keep()).check(data)
+    return kept[0]
+
+
 def per_call_us(fn: Callable[[], object], target_s: float = 0.3, rounds: int = 7) -> float:
     """Best over `rounds` of the mean time per call, in µs: on a shared machine
     the best round is the closest to the code's own cost."""
@@ -130,6 +154,13 @@ def main() -> dict[str, object]:
         source.start(store, on_error=print)
         source.stop()
     service = CheckService(store)
+    # The recorder `serve` runs by default: metrics, ring, decision log (to
+    # /dev/null here), its thread writing batches; a queue large enough never
+    # to fill (a full queue drops records, which would time the cheap path).
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    recorder = DecisionRecorder(TracingSettings(queue_size=1_000_000), log_stream=devnull).start()
+    recorded = CheckService(store, recorder=recorder)
+    record = recorded_record(store, data)
     decision = reject(Reason.HOST_NOT_ALLOWED, "shop/cart may not reach evil.example",
                       host="evil.example", namespace="shop", service_account="cart")
 
@@ -158,7 +189,16 @@ def main() -> dict[str, object]:
             full_response, target_s=1.0, rounds=5),
         "whole Check in process (parse, decide, respond; no gRPC)": per_call_us(
             lambda: service.check(data)),
+        "whole Check in process with the default recorder (+ record())": per_call_us(
+            lambda: recorded.check(data)),
+        "record: metrics (checks counter + latency histogram)": per_call_us(
+            lambda: count_and_observe(record)),
+        "record: ring buffer append": per_call_us(lambda: recorder.ring.append(record)),
+        "record: decision-log line (log_line)": per_call_us(
+            lambda: log_line(record, trace_id_of(record.traceparent))),
     }
+    recorder.close()
+    devnull.close()
     assert CheckRequest.FromString(data).attributes.request.http.host == "api.kadath.io:8443"
     ratio = rows["parse: envoy-data-plane betterproto2 (CheckRequest.parse)"] / rows[
         "parse: generated upb classes (ParseFromString)"]

@@ -13,6 +13,7 @@ the request log. Everything is in-process and binds only 127.0.0.1.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -277,6 +278,11 @@ class KubeEmulator:
         self.bookmark_interval = bookmark_interval
         self.history_limit = history_limit
         self.requests: list[RequestRecord] = []
+        # Called with (method, path) before each request other than a watch is handled,
+        # on the request's own thread: tests slow down or block one API with it.
+        self.before_request: Callable[[str, str], None] | None = None
+        # pods/portforward (tests/kube_portforward.py): (namespace, pod, port) -> address
+        self.port_forwards: dict[tuple[str, str, int], tuple[str, int]] = {}
         self.port = 0
         self._by_path = {(r.group, r.version, r.plural): r for r in self.resources}
         self._by_kind = {(r.api_version, r.kind): r for r in self.resources}
@@ -623,6 +629,31 @@ class KubeEmulator:
             if (g, p) == (res.group, res.plural) and match(s.obj)
         ]
 
+    def _page(self, items: list[Obj], q: dict[str, str]) -> tuple[list[Obj], Obj]:
+        """One page of a list (`limit`/`continue`); the token holds the list's resourceVersion
+        and the last key served. Unlike etcd, later pages see the current objects."""
+        rv, after = str(self._rv), ("", "")
+        if q.get("continue"):
+            if q.get("resourceVersion"):
+                raise ApiError(400, "BadRequest",
+                               "specifying resource version is not allowed when using continue")
+            try:
+                rv, ns, name = json.loads(base64.urlsafe_b64decode(q["continue"]))
+            except (ValueError, TypeError) as e:
+                raise ApiError(400, "BadRequest", f"invalid continue token: {e}") from e
+            if int(rv) < self._floor:
+                raise ApiError(410, "Expired", "the provided continue parameter is too old")
+            after = (ns, name)
+        rest = [o for o in items
+                if (o["metadata"].get("namespace") or "", o["metadata"]["name"]) > after]
+        page = rest[: int(q["limit"])]
+        meta: Obj = {"resourceVersion": rv}
+        if len(rest) > len(page):
+            last = page[-1]["metadata"]
+            meta["continue"] = base64.urlsafe_b64encode(json.dumps(
+                [rv, last.get("namespace") or "", last["name"]]).encode()).decode()
+        return page, meta
+
     # ---------------------------------------------------------------- watch
 
     def _watch(self, res: Resource, match: Callable[[Obj | None], bool], rv: str | None,
@@ -740,8 +771,11 @@ class KubeEmulator:
                                    q.get("allowWatchBookmarks") in ("true", "1"), send_event)
             with self._cond:
                 items = self._list(res, match)
+                meta = {"resourceVersion": str(self._rv)}
+                if int(q.get("limit") or 0) > 0 and q.get("resourceVersion") != "0":  # "0": the watch
+                    items, meta = self._page(items, q)  # cache, which ignores limit
                 return 200, {"kind": f"{res.kind}List", "apiVersion": res.api_version,
-                             "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+                             "metadata": meta, "items": items}
         payload: Any = None
         if body:
             try:
@@ -834,6 +868,14 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         watch = self.command == "GET" and q.get("watch") in ("true", "1")
+        forward = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/portforward", url.path)
+        if forward and (self.headers.get("Upgrade") or "").lower() == "websocket":
+            from tests.kube_portforward import serve as serve_portforward
+
+            status = serve_portforward(self, forward[1], forward[2], q)
+            self.emulator._log(RequestRecord(self.command, url.path, q, ctype, status))
+            self.close_connection = True
+            return
 
         def send_event(ev: Obj) -> None:
             data = json.dumps(ev).encode() + b"\n"
@@ -856,6 +898,9 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 200
                 # Logged when it starts: a watch may stay open for the whole test.
                 self.emulator._log(RequestRecord(self.command, url.path, q, ctype, status))
+            hook = self.emulator.before_request
+            if hook is not None and not watch:
+                hook(self.command, url.path)
             result = self.emulator.handle(self.command, url.path, q, ctype, body,
                                           send_event if watch else None)
             if not isinstance(result, bool):

@@ -193,8 +193,22 @@ def notes(chart: helm.Chart, values: dict[str, Any] | None = None) -> str:
     return next(text for path, text in manifests.items() if path.endswith("NOTES.txt"))
 
 
-def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] == kind]
+def by_kind(
+    objects: list[dict[str, Any]], kind: str, *, app_namespaces: bool = False
+) -> list[dict[str, Any]]:
+    """Objects of `kind`; app_namespaces: only those outside the release namespace."""
+    return [
+        o for o in objects
+        if o["kind"] == kind
+        and not (app_namespaces and o["metadata"].get("namespace") == NAMESPACE)
+    ]
+
+
+def in_gateway_namespace(
+    objects: list[dict[str, Any]], namespace: str = "istio-egress"
+) -> list[dict[str, Any]]:
+    """The Istio objects wiring the gateway (the release's own access objects excluded)."""
+    return [o for o in objects if is_istio(o) and o["metadata"].get("namespace") == namespace]
 
 
 def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -505,7 +519,7 @@ class TestIstioObjects:
 
     def test_authorization_policy(self, chart: helm.Chart) -> None:
         """CUSTOM action, egress-authz provider, on the egress gateway, for every request."""
-        policy = one(render(chart), "AuthorizationPolicy")
+        policy = one(in_gateway_namespace(render(chart)), "AuthorizationPolicy")
         assert policy["metadata"]["namespace"] == "istio-egress"
         assert policy["spec"] == {
             "selector": {"matchLabels": GATEWAY_SELECTOR},
@@ -565,7 +579,7 @@ class TestIstioObjects:
             {"gatewayNamespace": "edge-out", "istio": {"gatewaySelector": {"app": "my-egress"}}},
         )
         for kind in ("AuthorizationPolicy", "Gateway", "EnvoyFilter"):
-            assert one(objects, kind)["metadata"]["namespace"] == "edge-out"
+            assert one(in_gateway_namespace(objects, "edge-out"), kind)
         assert one(objects, "Gateway")["spec"]["selector"] == {"app": "my-egress"}
         assert "--gateway-namespace" in container(objects)["args"]
         args = container(objects)["args"]
@@ -580,8 +594,8 @@ class TestIstioObjects:
             ("envoyFilter", "EnvoyFilter"),
         ):
             objects = render(chart, {"istio": {switch: {"enabled": False}}})
-            assert not by_kind(objects, kind)
-            assert len([o for o in objects if is_istio(o)]) == 2
+            assert not by_kind(in_gateway_namespace(objects), kind)
+            assert len(in_gateway_namespace(objects)) == 2
 
 
 class TestNetworkPolicy:
@@ -589,14 +603,14 @@ class TestNetworkPolicy:
 
     def test_off_by_default(self, chart: helm.Chart) -> None:
         """No NetworkPolicy unless asked for."""
-        assert not by_kind(render(chart), "NetworkPolicy")
+        assert not by_kind(render(chart), "NetworkPolicy", app_namespaces=True)
 
     def test_one_per_namespace(self, chart: helm.Chart) -> None:
         """Each listed namespace gets an egress-only policy: DNS, gateway, istiod, cluster pods."""
         objects = render(
             chart, {"networkPolicy": {"enabled": True, "namespaces": ["shop", "billing"]}}
         )
-        policies = by_kind(objects, "NetworkPolicy")
+        policies = by_kind(objects, "NetworkPolicy", app_namespaces=True)
         assert sorted(p["metadata"]["namespace"] for p in policies) == ["billing", "shop"]
         for policy in policies:
             spec = policy["spec"]
@@ -617,7 +631,7 @@ class TestNetworkPolicy:
             chart,
             {"networkPolicy": {"enabled": True, "namespaces": ["shop"], "allowClusterPods": False}},
         )
-        spec = one(objects, "NetworkPolicy")["spec"]
+        spec = one(by_kind(objects, "NetworkPolicy", app_namespaces=True), "NetworkPolicy")["spec"]
         assert len(spec["egress"]) == 3
         assert {"namespaceSelector": {}} not in [peer for r in spec["egress"] for peer in r["to"]]
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,15 @@ class TestKeepRunning:
         assert explained.returncode == 0 and "DENY (host-not-allowed)" in explained.stdout
         follow = _sh(f"{export}; timeout 2 {cli[1]}")
         assert follow.returncode == 124 and follow.stdout.startswith("TIME"), follow
+        # The decision viewer, at the URL printed for it, and an explanation it reads.
+        hint = next(i for i, line in enumerate(lines) if "`egress-authz ui` prints this URL" in line)
+        page = lines[hint + 1]
+        with urllib.request.urlopen(page, timeout=10) as resp:
+            assert resp.headers["Content-Security-Policy"].startswith("default-src 'none'")
+            assert b'src="/ui/app.js"' in resp.read()
+        explained_id = cli[2].rsplit(" ", 1)[1]
+        with urllib.request.urlopen(f"{page}v1/explanations/{explained_id}", timeout=10) as resp:
+            assert "DENY (host-not-allowed)" in json.load(resp)["text"]
 
         # A broken edit is reported on the console with its error, and changes nothing...
         shop = next(

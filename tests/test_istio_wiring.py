@@ -42,6 +42,13 @@ def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return obj
 
 
+def custom_policy(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The gateway's CUSTOM AuthorizationPolicy (the chart also fences the service's own pods)."""
+    [obj] = [o for o in objs
+             if o["kind"] == "AuthorizationPolicy" and o["spec"].get("action") == "CUSTOM"]
+    return obj
+
+
 def serve_args(objs: list[dict[str, Any]]) -> list[str]:
     deployment = one(objs, "Deployment")
     return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
@@ -56,7 +63,7 @@ class TestGatewaySelector:
         a stock `istio: egressgateway` pod in another namespace matches none of them."""
         stock = {"istio": "egressgateway", "app": "istio-egressgateway"}
         selectors = [one(objects, "Gateway")["spec"]["selector"],
-                     one(objects, "AuthorizationPolicy")["spec"]["selector"]["matchLabels"],
+                     custom_policy(objects)["spec"]["selector"]["matchLabels"],
                      one(objects, "EnvoyFilter")["spec"]["workloadSelector"]["labels"]]
         from authz.loader import build_policy_set, load_path
 

@@ -220,6 +220,10 @@ class TestPermissions:
         try:
             emu.wait_for(lambda: gateway.reflector.synced.is_set(), timeout=3)
             emu.wait_for(lambda: emu.events("shop"), timeout=3)
+            for text in ("rules: []", "rules: {bad: 1}"):  # the same error again: a PATCH
+                emu.modify("v1", "ConfigMap", "shop", "p",
+                           lambda o, t=text: o["data"].update({"policy.yaml": t}))
+            emu.wait_for(lambda: any(e.get("count") == 2 for e in emu.events("shop")), timeout=5)
             emu.seed({"apiVersion": "v1", "kind": "Namespace",
                       "metadata": {"name": "shop", "labels": {
                           "team": "a", "egress-authz.io/egress-fence": "true"}}},

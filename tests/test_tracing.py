@@ -222,6 +222,21 @@ class TestRecordFields:
         assert line == expected
         assert tuple(json.loads(line)) == LOG_FIELDS
 
+    def test_log_line_memo_is_bounded_and_exact(self) -> None:
+        """The memo of encoded field values stays within its size under hostile variety,
+        keeps no long value, and lines stay json.dumps-exact through its resets."""
+        import authz.tracing as tracing
+
+        memo = tracing._jstr.__self__  # type: ignore[attr-defined]
+        for i in range(3 * tracing._MEMO_SIZE):
+            rec = make_record(host=f"h{i}\x01.example", pod=f"p\"{i}", path=f"/{i}")
+            expected = json.dumps(record_fields(rec), separators=(",", ":"), ensure_ascii=False)
+            assert log_line(rec, None) == expected
+            assert len(memo) <= tracing._MEMO_SIZE
+        long = "x" * (tracing._MEMO_CHARS + 1)
+        assert json.loads(log_line(make_record(host=long), None))["host"] == long
+        assert long not in memo
+
     @pytest.mark.parametrize(
         "header, expected",
         [

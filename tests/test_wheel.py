@@ -82,6 +82,13 @@ def test_wheel_with_demo_extra_runs_the_demo_outside_the_checkout(tmp_path: Path
                  cwd=tmp_path)  # fmt: skip
     assert where.stdout.startswith(str(venv)), where  # the installed copy, not the checkout
 
+    # The decision viewer's files travel as package data (the admin endpoint serves them).
+    page = _run([str(venv / "bin" / "python"), "-c",
+                 "from importlib import resources; from authz.ui.routes import STATIC; "
+                 "print(all(resources.files('authz.ui').joinpath('static', n).is_file() "
+                 "for n in STATIC))"], cwd=tmp_path)  # fmt: skip
+    assert page.stdout.strip() == "True", page
+
     cli = str(venv / "bin" / "egress-authz")
     version = _run([cli, "--version"], cwd=tmp_path)
     assert version.returncode == 0 and version.stdout.startswith("egress-authz "), version

@@ -82,10 +82,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return EXIT_OK
 
 
-def _field(label: str, value: Any) -> str:
-    return f"  {label:<16} {value if value not in (None, '') else '-'}\n"
-
-
 def _configmap_command(source: str) -> str | None:
     namespace, _, name = source.partition("/")
     if not name or "<" in name:
@@ -93,86 +89,153 @@ def _configmap_command(source: str) -> str | None:
     return f"kubectl -n {namespace} edit configmap {name}"
 
 
-def render(d: Mapping[str, Any]) -> str:
+def _value(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+def explanation(d: Mapping[str, Any]) -> dict[str, Any]:
+    """What `explain` says about one decision, as data: the one source of truth
+    for the text below and for the admin endpoint's page (`/v1/explanations/{id}`).
+
+    `fix` is a list of {kind, text}: `text` a sentence, `command` a shell
+    command, `code` a YAML snippet.
+    """
     from .suggest import rule_snippet
 
     verdict = str(d.get("verdict", "?"))
     reason = str(d.get("reason", "?"))
-    out = [f"Decision {d.get('decision_id')}\n"]
-    out.append(
-        f"  {verdict.upper()} ({reason}) at {d.get('time')}, policy revision "
-        f"{d.get('revision')}, mode {d.get('mode')}, answered in {latency_of(d)}\n"
-    )
-    if d.get("message"):
-        out.append(f"  {d['message']}\n")
-
     labels = d.get("labels") or {}
-    pod = d.get("pod")
-    out.append("\nIdentity, as seen at the gateway\n")
-    out.append(_field("principal", d.get("principal")))
-    out.append(_field("namespace", d.get("namespace")))
-    out.append(_field("service account", d.get("service_account")))
-    src = d.get("source_ip")
-    out.append(
-        _field("pod", f"{pod} ({src})" if pod else (f"none known for {src}" if src else None))
-    )
-    out.append(_field("labels", ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))))
-
-    out.append("\nDestination, as seen\n")
+    pod, src = d.get("pod"), d.get("source_ip")
+    identity = [
+        ("principal", d.get("principal")),
+        ("namespace", d.get("namespace")),
+        ("service account", d.get("service_account")),
+        ("pod", f"{pod} ({src})" if pod else (f"none known for {src}" if src else None)),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))),
+    ]
+    destination: list[tuple[str, Any]] = []
     if d.get("host"):
-        out.append(_field("host", d["host"]))
+        destination.append(("host", d["host"]))
     else:
         # Denied before the host was judged (identity, bad request): still say
         # what was asked for, as `traces` does, and that it was not evaluated.
         asked = d.get("sni") or d.get("http_host")
-        out.append(_field("host", f"{asked} (not evaluated)" if asked else None))
-    out.append(_field("port", d.get("port")))
+        destination.append(("host", f"{asked} (not evaluated)" if asked else None))
     protocol = d.get("protocol")
     if protocol and d.get("filter"):
         protocol = f"{protocol} ({d['filter']} filter)"
-    out.append(_field("protocol", protocol))
-    out.append(_field("sni", d.get("sni")))
-    out.append(_field("http host", d.get("http_host")))
+    destination += [
+        ("port", d.get("port")),
+        ("protocol", protocol),
+        ("sni", d.get("sni")),
+        ("http host", d.get("http_host")),
+    ]
     if d.get("method") or d.get("path"):
-        out.append(_field("request", f"{d.get('method') or '?'} {d.get('path') or ''}"))
+        destination.append(("request", f"{d.get('method') or '?'} {d.get('path') or ''}"))
 
     checks = d.get("explanation") or []
-    if checks:
-        out.append("\nRules considered\n")
-        for c in checks:
-            mark = "applies" if c.get("matched") else "no     "
-            owner = f"  [owner: {c['owner']}]" if c.get("owner") else ""
-            out.append(f"  {mark}  {c.get('rule')}: {c.get('why')}{owner}\n")
-    elif verdict == "allow":
-        owner = f" (owner: {d['owner']})" if d.get("owner") else ""
-        out.append(f"\nAllowed by rule {d.get('rule')}{owner}.\n")
-
+    fix: list[dict[str, str]] = []
     if verdict != "allow":
-        out.append("\nWhat to change\n")
         source = str(d.get("policy_source") or "")
         rule = str(d.get("rule") or "")
         if reason in _NOT_A_POLICY_MATTER:
             if not source and checks:
                 # A cluster deny names its ConfigMap in the check: "ns/configmap/deny[0]".
                 source = "/".join(str(checks[0].get("rule", "")).split("/")[:2])
-            out.append("  " + _NOT_A_POLICY_MATTER[reason].format(source=source or "it") + "\n")
+            fix.append(
+                {"kind": "text", "text": _NOT_A_POLICY_MATTER[reason].format(source=source or "it")}
+            )
         else:
             # The rule that came closest names its ConfigMap ("ns/configmap/rule").
             target = "/".join(rule.split("/")[:2]) if rule.count("/") >= 2 else source
             command = _configmap_command(target)
             if command:
-                out.append(f"  The policy to edit is the ConfigMap {target}:\n      {command}\n")
+                text = f"The policy to edit is the ConfigMap {target}:"
+                fix.append({"kind": "text", "text": text})
+                fix.append({"kind": "command", "text": command})
             else:
                 ns = d.get("namespace") or "NAMESPACE"
-                out.append(
-                    f"  Namespace {ns} has no policy ConfigMap yet. Create one labelled "
-                    f'egress-authz.io/policy: "true" (a start: egress-authz suggest '
-                    f"--namespace {ns}).\n"
+                fix.append(
+                    {
+                        "kind": "text",
+                        "text": f"Namespace {ns} has no policy ConfigMap yet. Create one labelled "
+                        f'egress-authz.io/policy: "true" (a start: egress-authz suggest '
+                        f"--namespace {ns}).",
+                    }
                 )
-            out.extend("  " + line + "\n" for line in rule_snippet(d))
+            snippet = rule_snippet(d)
+            if snippet:
+                fix.append({"kind": "text", "text": snippet[0]})
+            if len(snippet) > 1:
+                fix.append({"kind": "code", "text": "\n".join(snippet[1:])})
         if verdict == "audit":
-            out.append(
-                "  (Audit mode: this request was let through; it will be denied once the "
-                "namespace switches to mode: enforce.)\n"
+            fix.append(
+                {
+                    "kind": "text",
+                    "text": "(Audit mode: this request was let through; it will be denied once "
+                    "the namespace switches to mode: enforce.)",
+                }
             )
+    return {
+        "decision_id": d.get("decision_id"),
+        "verdict": verdict,
+        "reason": reason,
+        "time": d.get("time"),
+        "revision": d.get("revision"),
+        "mode": d.get("mode"),
+        "latency": latency_of(d),
+        "message": d.get("message") or None,
+        "identity": [{"label": k, "value": _value(v)} for k, v in identity],
+        "destination": [{"label": k, "value": _value(v)} for k, v in destination],
+        "rules": [
+            {
+                "rule": c.get("rule"),
+                "matched": bool(c.get("matched")),
+                "why": c.get("why"),
+                "owner": c.get("owner") or None,
+            }
+            for c in checks
+        ],
+        "allowed_by": (
+            {"rule": d.get("rule"), "owner": d.get("owner") or None}
+            if verdict == "allow" and not checks
+            else None
+        ),
+        "fix": fix,
+    }
+
+
+def _field(label: str, value: str | None) -> str:
+    return f"  {label:<16} {value if value is not None else '-'}\n"
+
+
+def render(d: Mapping[str, Any]) -> str:
+    """The text `explain` prints: `explanation(d)`, laid out for a terminal."""
+    e = explanation(d)
+    out = [f"Decision {e['decision_id']}\n"]
+    out.append(
+        f"  {e['verdict'].upper()} ({e['reason']}) at {e['time']}, policy revision "
+        f"{e['revision']}, mode {e['mode']}, answered in {e['latency']}\n"
+    )
+    if e["message"]:
+        out.append(f"  {e['message']}\n")
+    out.append("\nIdentity, as seen at the gateway\n")
+    out.extend(_field(f["label"], f["value"]) for f in e["identity"])
+    out.append("\nDestination, as seen\n")
+    out.extend(_field(f["label"], f["value"]) for f in e["destination"])
+    if e["rules"]:
+        out.append("\nRules considered\n")
+        for c in e["rules"]:
+            mark = "applies" if c["matched"] else "no     "
+            owner = f"  [owner: {c['owner']}]" if c["owner"] else ""
+            out.append(f"  {mark}  {c['rule']}: {c['why']}{owner}\n")
+    elif e["allowed_by"]:
+        by = e["allowed_by"]
+        owner = f" (owner: {by['owner']})" if by["owner"] else ""
+        out.append(f"\nAllowed by rule {by['rule']}{owner}.\n")
+    if e["verdict"] != "allow":
+        out.append("\nWhat to change\n")
+        for item in e["fix"]:
+            indent = "      " if item["kind"] == "command" else "  "
+            out.extend(f"{indent}{line}\n" for line in item["text"].split("\n"))
     return "".join(out)

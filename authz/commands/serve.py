@@ -380,23 +380,39 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     state = ServeState(store, index, recorder, server, list(policy_sources))
     _install_signal_handlers(stop)
 
+    def start_sources() -> None:
+        for ws in workload_sources:
+            ws.start(on_error=lambda msg: log.error("%s", msg))
+        for source in policy_sources:
+            source.start(store, on_error=lambda msg: log.error("%s", msg))
+
+    admin = None
+    if worker:
+        # Workers share the port (SO_REUSEPORT): one listening before its policy is in
+        # force takes its share of connections and can only deny them with no-policy (a
+        # restarted worker did so for 14.6 s with 31k rules). Load first, then listen.
+        try:
+            admin = start_admin(args, state)  # worker 0: /healthz answers meanwhile
+        except StartError:
+            _close_recorder(recorder)
+            raise
+        start_sources()
+        if not _wait_loaded(store, stop):  # stopped before a policy arrived: never listened
+            _close(policy_sources, workload_sources, admin, recorder)
+            return 0
     try:
         port = server.start()
     except RuntimeError as e:
         log.error("%s", e)
         return 1
-    try:
-        admin = start_admin(args, state)
-    except StartError:
-        server.stop(0)
-        close = getattr(recorder, "close", None)
-        if callable(close):
-            close()
-        raise
-    for ws in workload_sources:
-        ws.start(on_error=lambda msg: log.error("%s", msg))
-    for source in policy_sources:
-        source.start(store, on_error=lambda msg: log.error("%s", msg))
+    if not worker:
+        try:
+            admin = start_admin(args, state)
+        except StartError:
+            server.stop(0)
+            _close_recorder(recorder)
+            raise
+        start_sources()
     store.subscribe(lambda snapshot: log.info("policy revision %d in force", snapshot.revision))
 
     address = f"{args.grpc_address.rpartition(':')[0]}:{port}"
@@ -419,6 +435,12 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         time.sleep(args.shutdown_delay)
     log.info("shutting down: draining in-flight Checks (up to %.1fs)", args.shutdown_grace)
     server.stop(args.shutdown_grace)
+    _close(policy_sources, workload_sources, admin, recorder)
+    return 0
+
+
+def _close(policy_sources: Sequence[PolicySource], workload_sources: Sequence[WorkloadFileSource],
+           admin: Closeable | None, recorder: Recorder) -> None:
     for source in policy_sources:
         source.stop()
     for ws in workload_sources:
@@ -429,7 +451,24 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     if callable(close):
         close()
     log.info("stopped")
-    return 0
+
+
+def _close_recorder(recorder: Recorder) -> None:
+    close = getattr(recorder, "close", None)
+    if callable(close):
+        close()
+
+
+def _wait_loaded(store: PolicyStore, stop: threading.Event) -> bool:
+    """Block until a policy is in force (True) or `stop` is set first (False)."""
+    loaded = threading.Event()
+    store.subscribe(lambda _snapshot: loaded.set())
+    if store.loaded:  # published before we subscribed
+        loaded.set()
+    while not loaded.wait(0.1):
+        if stop.is_set():
+            return False
+    return True
 
 
 def has_pod_source(args: argparse.Namespace) -> bool:

@@ -41,6 +41,9 @@ FIXABLE = frozenset(
 # Labels that differ between Pods of one workload; never worth suggesting.
 _VOLATILE_LABELS = ("pod-template-hash", "controller-revision-hash", "pod-template-generation")
 MAX_DECISIONS = 100_000
+DEFAULT_NAME = "egress-policy-suggested"
+# The decisions a suggestion is made from (here and on the page, authz/ui).
+SUGGESTED_VERDICTS = ("deny", "audit")
 MAX_PATHS = 20  # more exact paths than this under one common prefix: propose the prefix
 
 
@@ -61,8 +64,8 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--name",
-        default="egress-policy-suggested",
-        help="name of the ConfigMap to print (default egress-policy-suggested)",
+        default=DEFAULT_NAME,
+        help=f"name of the ConfigMap to print (default {DEFAULT_NAME})",
     )
     add_output(p, "yaml", "json")
     p.set_defaults(run=run)
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     try:
         found = [
             d
-            for verdict in ("deny", "audit")
+            for verdict in SUGGESTED_VERDICTS
             for d in client.decisions(
                 namespace=args.namespace, verdict=verdict, since=args.since, limit=MAX_DECISIONS
             )

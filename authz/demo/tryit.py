@@ -102,6 +102,10 @@ def instructions(stack: DemoStack, decision_id: str | None = None) -> str:
         f"{cli} traces --follow",
         f"{cli} explain {decision_id or 'DECISION_ID'}",
         "",
+        "# The same decisions in a browser, live, with explanations and suggested policies",
+        "# (`egress-authz ui` prints this URL):",
+        f"{stack.admin_url}/",
+        "",
         f"Logs: {stack.service_log}, {stack.access_log}, Envoys under {stack.workdir}",
     ]
     if stack.removes_files:

@@ -23,7 +23,6 @@ from collections.abc import Callable
 
 log = logging.getLogger("egress-authz")
 
-READY_TIMEOUT = 60.0  # seconds for every worker to load its policy and bind
 RESTART_BACKOFF = 1.0
 
 ArgvFor = Callable[[int, int], list[str]]  # (worker index, ready fd) -> argv
@@ -38,20 +37,21 @@ def _spawn(argv_for: ArgvFor, index: int) -> tuple[subprocess.Popen[bytes], int]
     return proc, read_fd
 
 
-def _await_ready(procs: list[subprocess.Popen[bytes]], fds: list[int]) -> list[int] | None:
+def _await_ready(procs: list[subprocess.Popen[bytes]], fds: list[int],
+                 stop: threading.Event) -> list[int] | None:
     """Each worker's policy revision once all have reported ready, or None
-    when one exited first or the time ran out."""
+    when one exited first or we were told to stop.
+
+    A worker reports only after its first policy load and bind, which takes
+    as long as the load does (an API server outage: until it ends), so there
+    is no deadline here: meanwhile the port is closed and the gateway denies."""
     revisions: dict[int, int] = {}
     buffers = {fd: b"" for fd in fds}
-    deadline = time.monotonic() + READY_TIMEOUT
     while len(revisions) < len(fds):
-        if any(p.poll() is not None for p in procs):
-            return None
-        left = deadline - time.monotonic()
-        if left <= 0:
+        if any(p.poll() is not None for p in procs) or stop.is_set():
             return None
         waiting = [fd for fd in fds if fd not in revisions]
-        readable, _, _ = select.select(waiting, [], [], min(left, 0.2))
+        readable, _, _ = select.select(waiting, [], [], 0.2)
         for fd in readable:
             chunk = os.read(fd, 64)
             buffers[fd] += chunk
@@ -73,10 +73,12 @@ def supervise(args: argparse.Namespace, argv_for: ArgvFor) -> int:
     started = [_spawn(argv_for, i) for i in range(n)]
     procs = [p for p, _ in started]
     fds = [fd for _, fd in started]
-    revisions = _await_ready(procs, fds)
+    revisions = _await_ready(procs, fds, stop)
     for fd in fds:
         os.close(fd)
     if revisions is None:
+        if stop.is_set():
+            return _terminate(procs, grace=args.shutdown_grace)
         log.error("a worker failed to start; stopping the others")
         _terminate(procs, grace=args.shutdown_grace)
         return 1

@@ -23,6 +23,7 @@ Obj = dict[str, Any]
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 REQUEST_TIMEOUT = (3.0, 10.0)  # connect, read: a hung API server must not hang a loop
+LIST_PAGE_SIZE = 500  # client-go's reflector pages lists by 500 too
 
 
 class KubeError(Exception):
@@ -111,13 +112,41 @@ class KubeApi:
     # -------------------------------------------------------------- the calls we make
 
     def list(self, kind: str, *, label_selector: str | None = None,
-             field_selector: str | None = None, namespace: str | None = None
-             ) -> tuple[list[Obj], str]:
+             field_selector: str | None = None, namespace: str | None = None,
+             resource_version: str | None = None,
+             page_size: int = LIST_PAGE_SIZE) -> tuple[list[Obj], str]:
         """All objects of `kind` (all namespaces, or `namespace`) and the list's
-        resourceVersion."""
-        body = self._call(kind, "GET", namespace=namespace, collection=True, query={
-            "labelSelector": label_selector, "fieldSelector": field_selector})
-        return list(body.get("items") or []), str(body["metadata"]["resourceVersion"])
+        resourceVersion.
+
+        Read in pages of `page_size` (`limit`/`continue`), so that a large cluster's
+        Pods are never one unbounded read. resource_version "0": whatever the API
+        server has cached will do (served from its watch cache, no etcd read; the
+        server may then ignore the limit, as client-go's reflector relies on);
+        None: the latest state, a consistent read from etcd, page by page."""
+        items: list[Obj] = []
+        token: str | None = None
+        restarted = False
+        while True:
+            query = {"labelSelector": label_selector, "fieldSelector": field_selector,
+                     "limit": str(page_size)}
+            if token:
+                query["continue"] = token  # it carries the snapshot: no resourceVersion
+            elif resource_version is not None:
+                query["resourceVersion"] = resource_version
+            try:
+                body = self._call(kind, "GET", namespace=namespace, collection=True,
+                                  query=query)
+            except KubeGone:
+                if token is None or restarted:
+                    raise
+                # The snapshot behind the token was compacted mid-list: start over, once.
+                items, token, restarted = [], None, True
+                continue
+            items.extend(body.get("items") or [])
+            meta = body.get("metadata") or {}
+            token = meta.get("continue") or None
+            if token is None:
+                return items, str(meta["resourceVersion"])
 
     def watch(self, kind: str, resource_version: str, *, timeout_seconds: int,
               label_selector: str | None = None, field_selector: str | None = None,
@@ -168,6 +197,11 @@ class KubeApi:
                           content_type="application/apply-patch+yaml",
                           query={"fieldManager": field_manager,
                                  "force": "true" if force else None})
+
+    def patch(self, kind: str, namespace: str, name: str, body: Obj) -> Obj:
+        """A JSON merge patch (RFC 7386): the fields in `body` replace the stored ones."""
+        return self._call(kind, "PATCH", namespace=namespace, name=name, body=body,
+                          content_type="application/merge-patch+json")
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         self._call(kind, "DELETE", namespace=namespace, name=name)

@@ -15,8 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 
 from ..loader import build_policy_set
 from ..metrics import POLICY_ERRORS
@@ -24,7 +23,8 @@ from ..model import POLICY_LABEL, TIER_CLUSTER, TIER_LABEL, ConfigMapRef, Namesp
 from ..policy import PolicyError, parse_configmap
 from ..store import PolicyStore
 from ..workloads import WorkloadIndex, workload_from_pod
-from .client import KubeApi, KubeError, Obj
+from .client import KubeApi, Obj
+from .events import EventRecorder, EventSettings
 from .watch import ApiHealth, Backoff, Reflector
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 REASON_INVALID = "PolicyInvalid"
 REASON_ACCEPTED = "PolicyAccepted"
 COMPONENT = "egress-authz"
-MAX_EVENT_MESSAGE = 4000  # the API server caps Event messages; say where the rest is
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,8 @@ class KubeSettings:
     """Longest wait between reconnection attempts while the API server is unreachable."""
     publish_interval: float = 0.05
     """Changes within this many seconds are compiled into one snapshot."""
+    events: EventSettings = field(default_factory=EventSettings)
+    """How Events on policy ConfigMaps are aggregated and paced (authz.kube.events)."""
 
 
 class KubePolicySource:
@@ -61,7 +62,6 @@ class KubePolicySource:
         self.api, self.index = api, index
         self.settings = settings or KubeSettings(service_namespace=api.service_ns)
         self.health = health or ApiHealth()
-        self.events_posted = 0
         self._lock = threading.Lock()
         self._cms: dict[ConfigMapRef, tuple[str, Obj]] = {}  # ref -> (reflector, object)
         self._good: dict[ConfigMapRef, NamespacePolicy] = {}  # last policy that validated
@@ -76,6 +76,10 @@ class KubePolicySource:
         self._publisher: threading.Thread | None = None
         self.reflectors: list[Reflector] = []
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
+        # Validation runs under self._lock; the recorder only queues there and posts
+        # from its own thread, so a slow Events API never delays a policy update.
+        self.events = EventRecorder(api, component=COMPONENT, instance=self.instance,
+                                    settings=self.settings.events)
 
     # ------------------------------------------------------------ PolicySource
 
@@ -106,6 +110,7 @@ class KubePolicySource:
         self._publisher = threading.Thread(target=self._publish_loop, name="kube publish",
                                            daemon=True)
         self._publisher.start()
+        self.events.start()
         for r in self.reflectors:
             r.start()
 
@@ -114,6 +119,7 @@ class KubePolicySource:
         self._dirty.set()
         for r in self.reflectors:
             r.stop()
+        self.events.stop()
 
     def ready(self) -> bool:
         """After the first full lists were applied; stays true through outages."""
@@ -243,28 +249,7 @@ class KubePolicySource:
     # ------------------------------------------------------------ Events
 
     def _post_event(self, cm: Obj, type_: str, reason: str, message: str) -> None:
-        meta = cm.get("metadata", {})
-        if len(message) > MAX_EVENT_MESSAGE:
-            message = message[: MAX_EVENT_MESSAGE - 40] + "\n... (see egress-authz lint)"
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        event = {
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"generateName": f"{meta.get('name')}.",
-                         "namespace": meta.get("namespace")},
-            "involvedObject": {"apiVersion": "v1", "kind": "ConfigMap", "name": meta.get("name"),
-                               "namespace": meta.get("namespace"), "uid": meta.get("uid"),
-                               "resourceVersion": meta.get("resourceVersion")},
-            "type": type_, "reason": reason, "message": message,
-            "source": {"component": COMPONENT}, "reportingComponent": COMPONENT,
-            "reportingInstance": self.instance, "firstTimestamp": now, "lastTimestamp": now,
-            "count": 1,
-        }
-        try:
-            self.api.create("Event", str(meta.get("namespace")), event)
-            self.events_posted += 1
-        except KubeError as e:  # the log line above already says it; an Event is a courtesy
-            log.warning("could not post %s Event on %s/%s: %s", reason,
-                        meta.get("namespace"), meta.get("name"), e)
+        self.events.record(cm, type_, reason, message)  # queued: posted off this lock
 
 
 def _ref(obj: Obj) -> ConfigMapRef:

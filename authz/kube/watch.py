@@ -119,12 +119,16 @@ class Reflector:
 
     def _run(self) -> None:
         rv: str | None = None
+        # The first list may come from the API server's cache ("0": no etcd read per replica
+        # and worker); after 410 Gone that cache is behind what we saw, so read the latest.
+        list_rv: str | None = "0"
         while not self._stop.is_set():
             try:
                 if rv is None:
                     items, rv = self.api.list(self.kind, label_selector=self.label_selector,
                                               field_selector=self.field_selector,
-                                              namespace=self.namespace)
+                                              namespace=self.namespace,
+                                              resource_version=list_rv)
                     self.lists += 1
                     self._handle(self.on_sync, items)
                     self.synced.set()
@@ -150,7 +154,7 @@ class Reflector:
             except KubeGone as e:
                 log.info("%s: %s; listing again", self.name, e.message)
                 WATCH_RECONNECTS.inc(self.kind)
-                rv = None
+                rv, list_rv = None, None
                 self._sleep(self.backoff.next() / 4)  # a relist is due, not an outage
             except KubeUnreachable as e:
                 if self._stop.is_set():

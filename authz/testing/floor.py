@@ -1,16 +1,21 @@
 """The least an ext_authz server can do: answer every Check with OK.
 
-Two uses. As the benchmark floor, it is the cost of Python grpcio itself,
-which our service is measured against. As a probe, it records the raw
+In two flavours of Python gRPC server, the threaded `grpc.server`
+(`FloorServer`) and the asyncio `grpc.aio.server` (`--aio`, `serve_aio`):
+the benchmarks compare each figure with the better of the two. Two uses. As
+the benchmark floor, it is the cost of Python grpcio itself, which our
+service is measured against. As a probe (threaded only), it records the raw
 CheckRequest bytes Envoy sends, which is how the field notes in the
 istio/envoy/ configs were verified and how bench/ gets a request to replay.
 
     python -m authz.testing.floor --address 127.0.0.1:9000 [--record-dir DIR]
+    python -m authz.testing.floor --address 127.0.0.1:9000 --aio
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import subprocess
 import sys
@@ -94,13 +99,42 @@ class FloorServer:
         self.stop()
 
 
-class FloorProcess:
-    """The floor server in a process of its own, so that its CPU time is its own."""
+async def serve_aio(address: str) -> None:
+    """The asyncio floor: one event loop, an `async def` Check returning OK_RESPONSE."""
 
-    def __init__(self, port: int, workers: int = 16) -> None:
+    async def check(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return OK_RESPONSE
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "envoy.service.auth.v3.Authorization",
+                {"Check": grpc.unary_unary_rpc_method_handler(check)},
+            ),
+        )
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    await server.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(server.stop(0.5)))
+    print(f"floor: serving Check on {address.rsplit(':', 1)[0]}:{port} (aio)",
+          file=sys.stderr, flush=True)
+    await server.wait_for_termination()
+
+
+class FloorProcess:
+    """The floor server in a process of its own, so that its CPU time is its own.
+    `aio=True`: the asyncio flavour (`--aio`) instead of the threaded one."""
+
+    def __init__(self, port: int, workers: int = 16, *, aio: bool = False) -> None:
         self.port = port
         self.workers = workers
+        self.aio = aio
         self.process: subprocess.Popen[str] | None = None
+        self.ready_line = ""
 
     def start(self, timeout: float = 15.0) -> FloorProcess:
         self.process = subprocess.Popen(
@@ -112,6 +146,7 @@ class FloorProcess:
                 f"127.0.0.1:{self.port}",
                 "--workers",
                 str(self.workers),
+                *(["--aio"] if self.aio else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -120,6 +155,7 @@ class FloorProcess:
         )
         assert self.process.stderr is not None
         line = self.process.stderr.readline()  # the ready line, or a traceback's first
+        self.ready_line = line.strip()
         if "serving Check" not in line:
             self.stop()
             raise RuntimeError(f"floor server did not start: {line}")
@@ -148,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1:9000")
     parser.add_argument("--record-dir", type=Path)
     parser.add_argument("--workers", type=int, default=16, help="grpcio thread pool size")
+    parser.add_argument("--aio", action="store_true", help="grpc.aio server, one event loop")
     args = parser.parse_args(argv)
+    if args.aio:
+        if args.record_dir:
+            parser.error("--record-dir works with the threaded floor only")
+        asyncio.run(serve_aio(args.address))
+        return 0
     server = FloorServer(args.address, record_dir=args.record_dir, max_workers=args.workers)
     server.start()
     signal.signal(signal.SIGTERM, lambda *_: server.stop())

@@ -42,6 +42,8 @@ class ServiceProcess:
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
         start_timeout: float = 20.0,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
         on_line: Callable[[str], None] | None = None,
     ) -> None:
         self.policies = policies
@@ -51,6 +53,8 @@ class ServiceProcess:
         self.extra_args = list(extra_args)
         self.log_path = log_path
         self.start_timeout = start_timeout
+        self.env = env or {}  # added to os.environ (e.g. PYTHONPATH of another build)
+        self.cwd = cwd
         self.on_line = on_line  # each stderr line as it arrives (the demo's reload notes)
         self.process: subprocess.Popen[str] | None = None
         self._lines: list[str] = []
@@ -79,9 +83,10 @@ class ServiceProcess:
         if self.process is not None and self.process.poll() is None:
             raise ServiceError("already running")
         self._ready.clear()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.process = subprocess.Popen(
             self.command(),
+            cwd=self.cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
