@@ -165,6 +165,19 @@ TRACE_DROPPED = REGISTRY.add(
         ("sink",),
     )
 )
+ADMIN_REFUSED = REGISTRY.add(
+    Counter(
+        "egress_authz_admin_refused_total",
+        "Admin connections closed or refused by a limit (authz/httpserve.py), by reason.",
+        ("reason",),
+    )
+)
+ADMIN_CPU = REGISTRY.add(
+    Counter(
+        "egress_authz_admin_cpu_seconds_total",
+        "Thread CPU time the admin endpoint's handlers used (held to a share of one core).",
+    )
+)
 UNFENCED_WILDCARD_NAMESPACES = REGISTRY.add(
     Gauge(
         "egress_authz_unfenced_wildcard_namespaces",

@@ -21,11 +21,11 @@ spends its time in write(2), with the GIL released.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import json.encoder
 import logging
 import os
-import queue
 import random
 import sys
 import threading
@@ -35,10 +35,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any, Protocol
 
+from .bounded import DEFAULT_LIMITS, RecordLimits, bound_explanation, bound_record, cut
 from .metrics import CHECK_SECONDS, CHECKS, TRACE_DROPPED
-from .model import Mode, Reason, Verdict
+from .model import Mode, Reason, RuleCheck, Verdict
 from .model import Protocol as NetProtocol
 from .records import DecisionRecord
+from .ring import RingBuffer, Subscription, source_of
+
+__all__ = ["RingBuffer", "Subscription"]  # their home is authz.ring; imported from here too
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,11 @@ class TracingSettings:
     """Write one JSON line per decision to the log stream (stdout by default)."""
     flush_interval: float = 0.05
     """Seconds the background thread sleeps when idle: the log/stream latency bound."""
+    limits: RecordLimits = DEFAULT_LIMITS
+    """Size caps of recorded fields, and whether query values are kept (authz.bounded)."""
+    max_namespace_labels: int = 1000
+    """Distinct `namespace` label values on the checks counter; later ones count as
+    `_other` (principals can be forged: the metric must not grow without end)."""
 
 
 # ---------------------------------------------------------------------------
@@ -274,83 +283,56 @@ def record_detail(rec: DecisionRecord) -> dict[str, Any]:
     out["allowed"] = rec.decision.allowed
     out["explanation"] = [
         {"rule": c.rule, "matched": c.matched, "why": c.why, "owner": c.owner}
-        for c in rec.decision.explanation
+        for c in bound_explanation(rec.decision.explanation)
     ]
     return out
 
 
-# ---------------------------------------------------------------------------
-# The ring buffer, with live subscribers for the admin SSE stream.
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
-class Subscription:
-    """One live reader (an SSE client); a slow reader loses records, never blocks."""
+def detail_json(rec: DecisionRecord) -> str:
+    """`record_detail(rec)` as compact JSON (ensure_ascii off), built on `log_line`:
+    the admin endpoint sends thousands of these, and this costs a third of
+    `json.dumps(record_detail(rec))` (a test holds the two together)."""
+    d = rec.decision
+    workload = rec.identity.workload if rec.identity else None
+    labels = _COMPACT.encode(dict(workload.labels)) if workload and workload.labels else "{}"
+    checks = bound_explanation(d.explanation)
+    explanation = ",".join(
+        f'{{"rule":{_jstr(c.rule)},"matched":{"true" if c.matched else "false"},'
+        f'"why":{_jstr(c.why)},"owner":{_jstr(c.owner)}}}'
+        for c in checks
+    )
+    return (
+        f"{log_line(rec, trace_id_of(rec.traceparent))[:-1]},"
+        f'"workload":{_jstr(d.workload or None)},"labels":{labels},'
+        f'"message":{_jstr(d.message)},"allowed":{"true" if d.allowed else "false"},'
+        f'"explanation":[{explanation}]}}'
+    )
 
-    def __init__(self, size: int = 1000) -> None:
-        self.queue: queue.Queue[DecisionRecord] = queue.Queue(maxsize=size)
-        self.dropped = 0
 
-    def offer(self, rec: DecisionRecord) -> None:
-        try:
-            self.queue.put_nowait(rec)
-        except queue.Full:
-            self.dropped += 1
-            TRACE_DROPPED.inc("stream")
+# The decision log's longest line, in bytes: PIPE_BUF, so that every line is one
+# atomic write(2) even when `--workers` processes share stdout. The field caps
+# (authz.bounded) keep ordinary lines far below it; a line of escaped control
+# characters or long policy names that still exceeds it is rendered again with
+# every text field cut to TIGHT characters (24 x 6 bytes per escaped character
+# x 20 text fields + keys < 4096).
+LOG_LINE_MAX = 4096
+TIGHT = 24
 
 
-class RingBuffer:
-    """The last `size` records, newest last; memory is bounded by `size`."""
-
-    def __init__(self, size: int) -> None:
-        self._items: collections.deque[DecisionRecord] = collections.deque(maxlen=max(1, size))
-        # A lock because iterating a deque while another thread appends raises.
-        self._lock = threading.Lock()
-        self._subscribers: set[Subscription] = set()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def capacity(self) -> int:
-        return self._items.maxlen or 0
-
-    def append(self, rec: DecisionRecord) -> None:
-        with self._lock:
-            self._items.append(rec)
-
-    def snapshot(self) -> list[DecisionRecord]:
-        """A copy, oldest first."""
-        with self._lock:
-            return list(self._items)
-
-    def find(self, decision_id: str) -> DecisionRecord | None:
-        for rec in reversed(self.snapshot()):
-            if rec.decision.decision_id == decision_id:
-                return rec
-        return None
-
-    def subscribe(self, size: int = 1000) -> Subscription:
-        sub = Subscription(size)
-        with self._lock:
-            self._subscribers.add(sub)
-        return sub
-
-    def unsubscribe(self, sub: Subscription) -> None:
-        with self._lock:
-            self._subscribers.discard(sub)
-
-    @property
-    def has_subscribers(self) -> bool:
-        return bool(self._subscribers)
-
-    def publish(self, rec: DecisionRecord) -> None:
-        """Hand one record to every live subscriber (called off the Check path)."""
-        if not self._subscribers:
-            return
-        with self._lock:
-            subs = list(self._subscribers)
-        for sub in subs:
-            sub.offer(rec)
+def fit_line(line: str, rec: DecisionRecord, trace_id: str | None) -> str:
+    """`line` if it is within LOG_LINE_MAX bytes, else the same record with every
+    text field cut to TIGHT characters."""
+    # A character is at most 4 bytes of UTF-8: short lines need no encoding.
+    if len(line) * 4 <= LOG_LINE_MAX or len(line.encode("utf-8", "replace")) <= LOG_LINE_MAX:
+        return line
+    fields = record_fields(rec, trace_id)
+    for key, value in fields.items():
+        if isinstance(value, str) and key != "time":
+            fields[key] = cut(value, TIGHT)
+    return _COMPACT.encode(fields)
 
 
 # ---------------------------------------------------------------------------
@@ -369,6 +351,10 @@ class Spans(Protocol):
     def flush(self, timeout: float = 5.0) -> bool: ...
 
     def shutdown(self, timeout: float = 5.0) -> None: ...
+
+
+def _NOT_EXPLAINED() -> tuple[RuleCheck, ...]:
+    return (RuleCheck("...", False, "not explained: the recorder was behind"),)
 
 
 def new_trace_id() -> str:
@@ -392,6 +378,8 @@ class DecisionRecorder:
     ) -> None:
         self.settings = settings or TracingSettings()
         self.ring = RingBuffer(self.settings.ring_size)
+        self._limits = self.settings.limits
+        self._namespace_labels: set[str] = set()
         self.spans = spans
         self._log_stream = log_stream if log_stream is not None else sys.stdout
         self._rng = rng
@@ -408,14 +396,27 @@ class DecisionRecorder:
 
     def record(self, record: DecisionRecord) -> None:
         try:
+            # Before anything is stored, counted or logged: every field a caller
+            # controls is cut to its cap and query values are dropped.
+            record = bound_record(record, self._limits)
             d = record.decision
+            namespace = d.namespace
+            if namespace not in self._namespace_labels:
+                if len(self._namespace_labels) < self.settings.max_namespace_labels:
+                    self._namespace_labels.add(namespace)
+                else:
+                    namespace = "_other"
             # The StrEnum members themselves: equal to and hashed like their values,
             # and `.value` costs half a microsecond each on this path.
-            CHECKS.inc(d.verdict, d.reason, d.namespace)
+            CHECKS.inc(d.verdict, d.reason, namespace)
             CHECK_SECONDS.observe(record.duration_ns / 1e9)
-            self.ring.append(record)
+            self.ring.append(record, source_of(record))
             if len(self._pending) >= self.settings.queue_size:
                 TRACE_DROPPED.inc("queue")
+                if d.explainer is not None:
+                    # Never explained now: let go of what the explainer holds (the
+                    # request as sent, a policy snapshot) rather than keep it in the ring.
+                    d.explainer = _NOT_EXPLAINED
                 return
             span = self.spans is not None and self._keep_span(record)
             line = ""
@@ -427,6 +428,8 @@ class DecisionRecorder:
                     # trace its span lands in, wherever the span is built.
                     trace_id = new_trace_id()
                 line = log_line(record, trace_id)
+                if len(line) > 1024:
+                    line = fit_line(line, record, trace_id)
             self._pending.append((record, line, span, trace_id))
         except Exception:  # recording must never fail a Check
             TRACE_DROPPED.inc("error")
@@ -481,13 +484,15 @@ class DecisionRecorder:
     def _drain(self) -> None:
         lines: list[str] = []
         log_on = self.settings.decision_log
+        # Live readers get whole batches: one hand-over per batch and reader.
+        streamed: list[DecisionRecord] | None = [] if self.ring.has_subscribers else None
         yielded = time.perf_counter()
         while True:
             try:
                 rec, line, span, trace_id = self._pending.popleft()
             except IndexError:
                 break
-            if rec.decision.verdict is not Verdict.ALLOW or span or self.ring.has_subscribers:
+            if rec.decision.explainer is not None or span:
                 try:
                     self._process(rec, line, span, trace_id)
                 except Exception:
@@ -498,33 +503,41 @@ class DecisionRecorder:
                 # record; hand it over every half millisecond, so that a gRPC
                 # thread back from I/O does not wait out the interpreter's
                 # switch interval behind a long batch (the convoy effect).
-                # Allowed records with no span or reader cost ~1 µs here and
-                # need no hand-over (one per record cost ~50 µs of CPU per
-                # Check in futex wake-ups and context switches).
+                # Allowed records with no span cost ~1 µs here and need no
+                # hand-over (one per record cost ~50 µs of CPU per Check in
+                # futex wake-ups and context switches).
                 now = time.perf_counter()
                 if now - yielded >= 0.0005:
                     time.sleep(0)
                     yielded = time.perf_counter()
+            if streamed is not None:
+                streamed.append(rec)
             if log_on:
                 lines.append(line)
                 if len(lines) >= 512:
                     self._write(lines)
                     lines = []
+            if streamed is not None and len(streamed) >= 512:
+                self.ring.publish(streamed)
+                streamed = []
         self._write(lines)
+        if streamed:
+            self.ring.publish(streamed)
         if self.spans is not None:
             self.spans.end_batch()
 
     def _process(self, rec: DecisionRecord, line: str, span: bool, trace_id: str | None) -> None:
         d = rec.decision
-        if d.verdict is not Verdict.ALLOW:
+        if d.explainer is not None:
             # The engine explains denials lazily; do it here, off the Check
-            # path, then swap the explainer for one holding only the answer, so
-            # that the ring does not keep superseded policy snapshots alive
-            # through its closure (and an admin thread reading it meanwhile
-            # still finds a callable).
-            explanation = d.explanation
-            d.explainer = lambda: explanation
-        self.ring.publish(rec)
+            # path, bounded (authz.bounded), then swap the explainer for one
+            # holding only the answer, so that the ring does not keep
+            # superseded policy snapshots alive through its closure (and an
+            # admin thread reading it meanwhile still finds a callable).
+            # partial(tuple, t) returns t: smaller than a lambda and its cell.
+            explanation = bound_explanation(d.explanation, self._limits)
+            d._explanation = explanation
+            d.explainer = functools.partial(tuple, explanation)
         if span and self.spans is not None:
             # The trace id the line names (chosen in record()) is the span's.
             self.spans.emit(rec, record_fields(rec, trace_id), line)

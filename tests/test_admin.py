@@ -14,7 +14,16 @@ from typing import Any
 
 import pytest
 
-from authz.admin import AdminServer, DecisionQuery, QueryError, parse_address, parse_duration
+from authz.admin import (
+    MAX_LIMIT,
+    AdminServer,
+    DecisionQuery,
+    QueryError,
+    parse_address,
+    parse_duration,
+)
+from authz.httpserve import CpuBudget, HTTPLimits
+from authz.metrics import ADMIN_CPU
 from authz.model import Protocol, Reason, Verdict
 from authz.tracing import DecisionRecorder, TracingSettings
 from tests.test_tracing import make_record
@@ -332,3 +341,200 @@ class TestParsing:
         """A malformed address is refused with the expected form."""
         with pytest.raises(ValueError, match="HOST:PORT"):
             parse_address("localhost")
+
+
+# ---------------------------------------------------------------------------
+# Limits: what a hostile or careless client can make the endpoint spend.
+
+
+def limited(recorder: DecisionRecorder | None, **kw: Any) -> AdminServer:
+    return AdminServer("127.0.0.1:0", recorder, heartbeat=0.2, limits=HTTPLimits(**kw)).start()
+
+
+def read_all(sock: socket.socket, timeout: float) -> bytes:
+    """Everything until the server closes, or raise if it has not within `timeout`."""
+    sock.settimeout(timeout)
+    out = b""
+    try:
+        while chunk := sock.recv(4096):
+            out += chunk
+    except ConnectionResetError:
+        pass  # closed with our unread request bytes in its buffer: a reset
+    return out
+
+
+class TestSlowClients:
+    def test_idle_half_sent_requests_cost_no_thread(self, recorder: DecisionRecorder) -> None:
+        """300 connections that never finish their request head: no thread each, at
+        most max_connections held, a real request still answered, and every one of
+        them closed by the head timeout."""
+        server = limited(recorder, max_connections=50, head_timeout=1.0)
+        threads = threading.active_count()
+        socks = []
+        try:
+            for _ in range(300):
+                s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                s.sendall(b"GET /v1/decisions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                socks.append(s)
+            assert threading.active_count() == threads
+            assert get(server, "/healthz")[0] == 200
+            assert server.httpd.waiting_connections <= 50
+            t0 = time.monotonic()
+            answers = [read_all(s, 5) for s in socks]
+            assert time.monotonic() - t0 < 4
+            # The last 50 waited out the timeout (408); older ones were closed to
+            # make room for newer connections.
+            assert sum(a.startswith(b"HTTP/1.0 408") for a in answers) >= 49
+            assert server.httpd.waiting_connections == 0
+        finally:
+            for s in socks:
+                s.close()
+            server.stop()
+
+    def test_trickling_client_closed_at_deadline(self, recorder: DecisionRecorder) -> None:
+        """A client sending a byte at a time is cut off at head_timeout from connecting,
+        however often it sends."""
+        server = limited(recorder, head_timeout=0.5)
+        try:
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            t0 = time.monotonic()
+            s.settimeout(0.1)
+            answer = b""
+            for byte in b"GET /healthz HTTP/1.0\r\nX-A: " + b"a" * 100:
+                try:
+                    s.send(bytes([byte]))
+                    answer = s.recv(4096)
+                    break  # the server answered (408) or closed (b"")
+                except TimeoutError:
+                    continue  # still open: trickle on
+                except OSError:
+                    break
+            elapsed = time.monotonic() - t0
+            assert 0.4 < elapsed < 2, elapsed
+            assert answer == b"" or answer.startswith(b"HTTP/1.0 408")
+            s.close()
+        finally:
+            server.stop()
+
+    def test_huge_head_refused(self, recorder: DecisionRecorder) -> None:
+        """A request head over max_head_bytes is answered 431 and closed."""
+        server = limited(recorder, max_head_bytes=1024)
+        try:
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            s.sendall(b"GET /healthz HTTP/1.0\r\nX-Big: " + b"a" * 4096)
+            assert read_all(s, 5).startswith(b"HTTP/1.0 431")
+            s.close()
+        finally:
+            server.stop()
+
+    def test_full_backlog_answers_503(self, recorder: DecisionRecorder) -> None:
+        """With every worker busy and the backlog full, a request gets 503 at once."""
+        entered, release = threading.Event(), threading.Event()
+
+        def slow_ready() -> bool:
+            entered.set()
+            release.wait(10)
+            return True
+
+        server = AdminServer(
+            "127.0.0.1:0", recorder, slow_ready, limits=HTTPLimits(workers=1, backlog=1)
+        ).start()
+        try:
+            first = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            first.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+            assert entered.wait(5)
+            second = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            second.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while server.httpd._queue.qsize() < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            status, _, body = get(server, "/healthz")
+            assert status == 503 and "busy" in body
+            release.set()
+            assert read_all(first, 5).startswith(b"HTTP/1.0 200")
+            assert read_all(second, 5).startswith(b"HTTP/1.0 200")
+            first.close()
+            second.close()
+        finally:
+            release.set()
+            server.stop()
+
+
+class TestCaps:
+    def test_streams_beyond_cap_get_503(self, recorder: DecisionRecorder) -> None:
+        """Streams beyond max_streams are refused with 503; a closed one frees its slot."""
+        server = limited(recorder, max_streams=2)
+        try:
+            open_ = [
+                urllib.request.urlopen(server.url + "/v1/decisions/stream", timeout=5)
+                for _ in range(2)
+            ]
+            for resp in open_:
+                assert resp.readline() == b": stream open\n"
+            status, _, body = get(server, "/v1/decisions/stream")
+            assert status == 503 and "too many open streams (at most 2)" in body
+            assert get(server, "/v1/decisions")[0] == 200  # ordinary requests unaffected
+            open_[0].close()
+            deadline = time.monotonic() + 5
+            while len(server.streams) > 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            again = urllib.request.urlopen(server.url + "/v1/decisions/stream", timeout=5)
+            assert again.readline() == b": stream open\n"
+            again.close()
+            open_[1].close()
+        finally:
+            server.stop()
+
+    def test_limit_capped(self, recorder: DecisionRecorder) -> None:
+        """?limit=1000000000 returns at most MAX_LIMIT decisions and says so."""
+        big = DecisionRecorder(
+            TracingSettings(ring_size=2000, flush_interval=0.01), log_stream=io.StringIO()
+        )
+        for _ in range(1500):
+            big.record(make_record())
+        server = limited(big)
+        try:
+            status, body = get_json(server, "/v1/decisions?limit=1000000000")
+            assert status == 200
+            assert body["count"] == MAX_LIMIT == body["limit"] == 1000
+            assert body["buffered"] == 1500
+            status, body = get_json(server, "/v1/decisions")
+            assert body["count"] == body["limit"] == 100  # the default
+        finally:
+            server.stop()
+            big.close()
+
+    def test_cpu_budget_slows_admin_work_not_checks(self) -> None:
+        """Work charged beyond the budget's burst is paid back by sleeping (GIL
+        released) at `share` seconds per second."""
+        budget = CpuBudget(share=0.1, burst=0.0)
+        t0 = time.monotonic()
+        budget.charge(0.01)
+        assert time.monotonic() - t0 >= 0.09 and budget.waited >= 0.09
+
+    def test_query_work_is_metered(self) -> None:
+        """Large queries pay into the budget: with a tiny share, repeated large queries
+        spend most of their time sleeping rather than holding the GIL."""
+        big = DecisionRecorder(
+            TracingSettings(ring_size=5000, flush_interval=0.01), log_stream=io.StringIO()
+        )
+        for _ in range(5000):
+            big.record(make_record())
+        server = limited(big)
+        server.budget = CpuBudget(share=0.02, burst=0.0)
+        cpu_before = ADMIN_CPU.value()
+        try:
+            assert get_json(server, "/v1/decisions?limit=1000")[0] == 200
+            assert ADMIN_CPU.value() > cpu_before  # what /metrics reports
+            # Paid back at 2% of a core: the handler slept ~50x the CPU it used.
+            assert server.budget.waited > 0.1
+        finally:
+            server.stop()
+            big.close()
+
+    def test_post_refused(self, admin: AdminServer) -> None:
+        """Only GET (and HEAD): anything else is 405."""
+        req = urllib.request.Request(admin.url + "/healthz", data=b"x", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=5)
+        assert e.value.code == 405

@@ -270,12 +270,12 @@ class TestRingBuffer:
         sub = ring.subscribe(size=2)
         before = TRACE_DROPPED.value("stream")
         for _ in range(5):
-            ring.publish(make_record())
-        assert sub.queue.qsize() == 2 and sub.dropped == 3
+            ring.publish([make_record()])
+        assert sub.qsize() == 2 and sub.dropped == 3
         assert TRACE_DROPPED.value("stream") == before + 3
         ring.unsubscribe(sub)
-        ring.publish(make_record())
-        assert sub.queue.qsize() == 2
+        ring.publish([make_record()])
+        assert sub.qsize() == 2
 
 
 class TestDecisionRecorder:

@@ -42,6 +42,10 @@ class UsageError(Exception):
     """Bad flags: reported on stderr with exit code 2."""
 
 
+class StartError(Exception):
+    """Something `serve` needs could not start (a port taken): stderr, exit code 1."""
+
+
 # --------------------------------------------------------------------------
 # Flags
 
@@ -95,6 +99,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     net.add_argument(
+        "--admin-max-streams", type=_positive, default=32, metavar="N",
+        help="open /v1/decisions/stream clients at most; more get 503 (default: %(default)s)",
+    )
+    net.add_argument(
         "--workers", type=_positive, default=1, metavar="N",
         help="serving processes sharing the gRPC port with SO_REUSEPORT (default: 1)",
     )
@@ -129,6 +137,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rec.add_argument(
         "--decision-log", action=argparse.BooleanOptionalAction, default=True,
         help="write one JSON line per decision to stdout (default: on)",
+    )
+    rec.add_argument(
+        "--record-query-values", action="store_true",
+        help="keep query values in recorded paths; by default only the parameter names "
+        "are kept (/v1/report?api_key), as values are often secrets",
     )
     # Set by the --workers supervisor on the processes it starts.
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
@@ -245,6 +258,7 @@ def build_workload_sources(
 
 def build_recorder(args: argparse.Namespace) -> Recorder:
     """What records each decision: metrics, ring buffer, decision log, spans."""
+    from authz.bounded import RecordLimits
     from authz.spans import TracingConfigError, spans_from_env
     from authz.tracing import DecisionRecorder, TracingSettings
 
@@ -258,6 +272,7 @@ def build_recorder(args: argparse.Namespace) -> Recorder:
         ring_size=args.decision_buffer,
         allow_ratio=args.trace_allow_ratio,
         decision_log=args.decision_log,
+        limits=RecordLimits(keep_query_values=args.record_query_values),
     )
     if spans is not None:
         log.info("tracing: spans exported per OTEL_* (allow ratio %g)", args.trace_allow_ratio)
@@ -277,18 +292,23 @@ def start_admin(args: argparse.Namespace, state: ServeState) -> Closeable | None
     if not args.admin_address:
         return None
     from authz.admin import AdminServer
+    from authz.httpserve import HTTPLimits
     from authz.tracing import DecisionRecorder
 
     recorder = state.recorder if isinstance(state.recorder, DecisionRecorder) else None
+    limits = HTTPLimits(max_streams=args.admin_max_streams)
     try:
-        admin = AdminServer(args.admin_address, recorder, state.ready)
+        admin = AdminServer(args.admin_address, recorder, state.ready, limits=limits)
     except ValueError as e:
         raise UsageError(str(e)) from e
     except OSError as e:
-        # Check is what Envoy needs; a taken admin port costs probes and
-        # metrics, so it is loud in the log but does not stop the service.
-        log.error("admin endpoint not started on %s: %s", args.admin_address, e)
-        return None
+        # Without it the probes fail and Kubernetes restarts the pod in a loop
+        # with no clear cause: stop at once, saying why.
+        raise StartError(
+            f"cannot serve the admin endpoint on {args.admin_address}: "
+            f"{e.strerror or e}; free the port, or give another --admin-address "
+            "('' turns the endpoint off)"
+        ) from e
     admin.start()
     log.info("admin endpoint on %s", admin.url)
     return admin
@@ -326,6 +346,9 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"egress-authz serve: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except StartError as e:
+        print(f"egress-authz serve: {e}", file=sys.stderr)
+        return 1
 
 
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
@@ -368,7 +391,11 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         # Workers share the port (SO_REUSEPORT): one listening before its policy is in
         # force takes its share of connections and can only deny them with no-policy (a
         # restarted worker did so for 14.6 s with 31k rules). Load first, then listen.
-        admin = start_admin(args, state)  # worker 0: /healthz answers meanwhile
+        try:
+            admin = start_admin(args, state)  # worker 0: /healthz answers meanwhile
+        except StartError:
+            _close_recorder(recorder)
+            raise
         start_sources()
         if not _wait_loaded(store, stop):  # stopped before a policy arrived: never listened
             _close(policy_sources, workload_sources, admin, recorder)
@@ -379,7 +406,12 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         log.error("%s", e)
         return 1
     if not worker:
-        admin = start_admin(args, state)
+        try:
+            admin = start_admin(args, state)
+        except StartError:
+            server.stop(0)
+            _close_recorder(recorder)
+            raise
         start_sources()
     store.subscribe(lambda snapshot: log.info("policy revision %d in force", snapshot.revision))
 
@@ -419,6 +451,12 @@ def _close(policy_sources: Sequence[PolicySource], workload_sources: Sequence[Wo
     if callable(close):
         close()
     log.info("stopped")
+
+
+def _close_recorder(recorder: Recorder) -> None:
+    close = getattr(recorder, "close", None)
+    if callable(close):
+        close()
 
 
 def _wait_loaded(store: PolicyStore, stop: threading.Event) -> bool:

@@ -71,8 +71,10 @@ class ServiceProcess:
             cmd += ["--policies", str(self.policies)]
         if self.workloads is not None:
             cmd += ["--workloads", str(self.workloads)]
-        if self.admin_port is not None:
-            cmd += ["--admin-address", f"127.0.0.1:{self.admin_port}"]
+        # No admin port asked for: none at all. The default 127.0.0.1:9090 may be
+        # anyone's on a shared machine, and `serve` refuses to start without it.
+        admin = f"127.0.0.1:{self.admin_port}" if self.admin_port is not None else ""
+        cmd += ["--admin-address", admin]
         return cmd + self.extra_args
 
     # ------------------------------------------------------------ lifecycle
