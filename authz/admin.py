@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import json
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
@@ -38,7 +39,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .httpserve import BoundedHTTPServer, CpuBudget, HTTPLimits, Meter, Request, response_head
-from .metrics import ADMIN_REFUSED, REGISTRY, TRACE_DROPPED
+from .metrics import CONTENT_TYPE, METRICS, Metrics, exposition
 from .model import Reason, Verdict
 from .records import DecisionRecord
 from .ring import Subscription
@@ -53,7 +54,7 @@ STREAM_PATH = "/v1/decisions/stream"
 STREAM_QUEUE = 5000  # records a stream may have waiting; beyond, dropped and counted
 STREAM_INTERVAL = 0.1  # seconds between a stream's writes: batches, not a write per record
 STREAM_BUFFER = 1 << 20  # bytes a stream may have unsent; beyond, events are dropped
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+METRICS_CONTENT_TYPE = CONTENT_TYPE
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _FILTERS = frozenset({"namespace", "workload", "host", "verdict", "reason", "since", "limit"})
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -181,6 +182,41 @@ class DecisionQuery:
         return self.host is None or _host_matches(self.host, rec)
 
 
+class HostCheck:
+    """Which Host headers the endpoint answers: against DNS rebinding.
+
+    A web page the operator opens can make the browser send requests to a
+    name the page's author controls that resolves to 127.0.0.1 (or the
+    pod), then read the answers as same-origin: the decisions, the UI. Such
+    a request carries the author's name in Host. So only names we know are
+    accepted: localhost, the bound address, and those configured; an IP
+    literal is always accepted (no name to rebind: probes and Prometheus
+    send the pod's IP), and so is a request without Host (not a browser).
+    """
+
+    def __init__(self, bound_host: str, extra: Iterable[str] = ()) -> None:
+        names = {"localhost", bound_host.strip("[]").lower()}
+        names.update(h.strip().lower().rstrip(".") for h in extra if h.strip())
+        self.names = frozenset(names)
+
+    def allows(self, host: str | None) -> bool:
+        if host is None:
+            return True
+        name = host.strip().lower()
+        if name.startswith("["):  # [v6]:port
+            name = name[1 : name.find("]")] if "]" in name else name
+        elif name.count(":") == 1:
+            name = name.rpartition(":")[0]
+        name = name.rstrip(".")
+        if name in self.names or name.endswith(".localhost"):
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
+
 class _Answer(Exception):
     """Raised by a route to answer at once (errors)."""
 
@@ -201,20 +237,30 @@ class AdminServer:
         *,
         heartbeat: float = 15.0,
         limits: HTTPLimits | None = None,
+        metrics: Metrics | None = None,
+        allowed_hosts: Iterable[str] = (),
     ) -> None:
         self.recorder = recorder
+        # None: /metrics serves the process's own set, or every process's
+        # under --workers (authz.metrics.exposition); tests hand their own.
+        self._metrics = metrics
+        m = metrics or METRICS
+        self._refused = m.admin_refused
+        self._stream_dropped = m.trace_dropped.labels("stream")
         self.ready = ready
         self.heartbeat = heartbeat
         self.limits = limits or HTTPLimits()
         # Half the share for requests, half for streams: four query loops must
         # not starve the streams, nor twenty streams the probes and queries.
-        self.budget = CpuBudget(self.limits.cpu_share / 2)
-        self.stream_budget = CpuBudget(self.limits.cpu_share / 2)
+        self.budget = CpuBudget(self.limits.cpu_share / 2, metrics=m)
+        self.stream_budget = CpuBudget(self.limits.cpu_share / 2, metrics=m)
         # Decisions as JSON, shared by every stream and list that sends them
         # (twenty readers of one record encode it once). Bounded: LRU.
         self._encoded: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._encoded_lock = threading.Lock()
-        self.httpd = BoundedHTTPServer(parse_address(address), self._handle, self.limits)
+        bound = parse_address(address)
+        self.httpd = BoundedHTTPServer(bound, self._handle, self.limits, metrics=m)
+        self.allowed_hosts = HostCheck(bound[0], allowed_hosts)
         self.streams = _StreamPump(self)
 
     @property
@@ -253,6 +299,13 @@ class AdminServer:
         path = url.path.rstrip("/") or "/"
         meter = self.budget.meter()
         try:
+            if not self.allowed_hosts.allows(req.host):
+                self._refused.labels("host").inc()
+                raise _Answer(
+                    HTTPStatus.MISDIRECTED_REQUEST,
+                    {"error": "Host not accepted: use an IP address or localhost, or name "
+                     "it in --admin-allowed-hosts"},
+                )
             if path == "/healthz":
                 self._text(req, HTTPStatus.OK, "ok\n")
             elif path == "/readyz":
@@ -263,7 +316,7 @@ class AdminServer:
                     "ready\n" if ready else "not ready: no policy loaded yet\n",
                 )
             elif path == "/metrics":
-                body = REGISTRY.render().encode()
+                body = exposition(self._metrics)
                 self._send(req, HTTPStatus.OK, METRICS_CONTENT_TYPE, body)
             elif path == STREAM_PATH:
                 self._open_stream(req, self._recorder(), _params(url.query), meter)
@@ -359,7 +412,7 @@ class AdminServer:
         """Server-sent events: replay from `since` if given, then live decisions."""
         query = _query(params, None)
         if len(self.streams) >= self.limits.max_streams:
-            ADMIN_REFUSED.inc("streams-full")
+            self._refused.labels("streams-full").inc()
             self._send(
                 req,
                 HTTPStatus.SERVICE_UNAVAILABLE,
@@ -510,7 +563,7 @@ class _StreamPump:
                 continue
             if len(st.buf) >= STREAM_BUFFER:
                 st.sub.dropped += 1
-                TRACE_DROPPED.inc("stream")
+                self.admin._stream_dropped.inc()
                 continue
             st.buf += self.admin._event(rec).encode()
             st.sent += 1

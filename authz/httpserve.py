@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from .metrics import ADMIN_CPU, ADMIN_REFUSED
+from .metrics import METRICS, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,10 @@ class CpuBudget:
     `share` of the interpreter's time, however many clients ask.
     """
 
-    def __init__(self, share: float = 0.05, burst: float = 0.02) -> None:
+    def __init__(
+        self, share: float = 0.05, burst: float = 0.02, metrics: Metrics | None = None
+    ) -> None:
+        self._cpu = (metrics or METRICS).admin_cpu
         self.share = max(1e-3, share)
         self.burst = burst
         self._tokens = burst
@@ -86,7 +89,7 @@ class CpuBudget:
 
     def charge(self, seconds: float) -> None:
         """Record `seconds` of work; sleep while the bucket is in debt (anyone's)."""
-        ADMIN_CPU.inc(amount=seconds)
+        self._cpu.inc(seconds)
         while True:
             with self._lock:
                 now = time.monotonic()
@@ -133,11 +136,14 @@ class Meter:
 class Request:
     """A complete request head, and the connection to answer it on."""
 
-    def __init__(self, sock: socket.socket, peer: str, method: str, target: str) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: str, method: str, target: str, host: str | None = None
+    ) -> None:
         self.sock = sock
         self.peer = peer
         self.method = method
         self.target = target
+        self.host = host  # the Host header as sent (None when absent)
         self.detached = False
 
     def detach(self) -> socket.socket:
@@ -156,6 +162,15 @@ class Request:
             self.sock.settimeout(left)
             sent = self.sock.send(view[:65536])
             view = view[sent:]
+
+
+def _host_header(head: bytes) -> str | None:
+    """The Host header's value in a request head (the first one), or None."""
+    for raw in head.split(b"\n")[1:]:
+        name, sep, value = raw.partition(b":")
+        if sep and name.strip().lower() == b"host":
+            return value.strip().decode("latin-1")
+    return None
 
 
 def response_head(status: HTTPStatus, headers: dict[str, str]) -> bytes:
@@ -190,8 +205,10 @@ class BoundedHTTPServer:
         address: tuple[str, int],
         handle: Callable[[Request], None],
         limits: HTTPLimits,
+        metrics: Metrics | None = None,
     ) -> None:
         self.limits = limits
+        self._refused = (metrics or METRICS).admin_refused
         self._handle = handle
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -337,7 +354,7 @@ class BoundedHTTPServer:
                 simple_response(HTTPStatus.METHOD_NOT_ALLOWED, "only GET\n", {"Allow": "GET"}),
             )
             return
-        request = Request(p.sock, p.peer, method, target)
+        request = Request(p.sock, p.peer, method, target, _host_header(p.buf[:end]))
         p.sock.setblocking(True)
         try:
             self._queue.put_nowait(request)
@@ -361,7 +378,7 @@ class BoundedHTTPServer:
         self, sel: selectors.BaseSelector, p: _Pending, reason: str, answer: bytes | None
     ) -> None:
         """Close a connection we will not serve, with a best-effort short answer."""
-        ADMIN_REFUSED.inc(reason)
+        self._refused.labels(reason).inc()
         with contextlib.suppress(KeyError, ValueError):
             sel.unregister(p.sock)
         if answer is not None:

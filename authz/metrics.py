@@ -1,187 +1,138 @@
-"""Prometheus metrics in the text exposition format, without a client library.
+"""The service's Prometheus metrics, on prometheus-client.
 
-Counters and histograms are updated from the recording side and by the
-sources; `render()` is served on the admin endpoint's /metrics.
+`Metrics` builds every metric on one registry. The process has one default
+set (`METRICS`, and the module-level names below, which the sources and the
+Check path update); tests build their own on a fresh `CollectorRegistry`
+and hand it to what they test, so they never read process-global counters.
+
+Under `serve --workers N` the supervisor sets PROMETHEUS_MULTIPROC_DIR (a
+temporary directory of its own) before any process imports this module:
+prometheus-client then keeps every value in a per-process file there, and
+`exposition()` in the supervisor adds them all up, so /metrics counts every
+worker's Checks, including those of workers that were replaced. Gauges say
+how their per-process values combine (`multiprocess_mode`).
+
+Names and labels are a public contract (README, docs/tracing.md, the
+chart's dashboard and PrometheusRule).
 """
 
 from __future__ import annotations
 
-import bisect
-import threading
-from collections.abc import Sequence
-from typing import TypeVar
+import os
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: Sequence[str], values: Sequence[str]) -> str:
-    if not names:
-        return ""
-    inner = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
-    return "{" + inner + "}"
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help_text
-        self.label_names = tuple(labels)
-        self._lock = threading.Lock()
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-    def lines(self) -> list[str]:
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self._values: dict[tuple[str, ...], float] = {}
-
-    def inc(self, *label_values: str, amount: float = 1.0) -> None:
-        with self._lock:
-            self._values[label_values] = self._values.get(label_values, 0.0) + amount
-
-    def value(self, *label_values: str) -> float:
-        return self._values.get(label_values, 0.0)
-
-    def lines(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        if not items and not self.label_names:
-            items = [((), 0.0)]
-        return [f"{self.name}{_labels(self.label_names, k)} {v:g}" for k, v in items]
-
-
-class Gauge(Counter):
-    kind = "gauge"
-
-    def set(self, value: float, *label_values: str) -> None:
-        with self._lock:
-            self._values[label_values] = value
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, buckets: Sequence[float]) -> None:
-        super().__init__(name, help_text)
-        self.buckets = tuple(sorted(buckets))
-        self._counts = [0] * (len(self.buckets) + 1)
-        self._sum = 0.0
-        self._count = 0
-
-    def observe(self, value: float) -> None:
-        i = bisect.bisect_left(self.buckets, value)
-        with self._lock:
-            self._counts[i] += 1
-            self._sum += value
-            self._count += 1
-
-    def lines(self) -> list[str]:
-        with self._lock:
-            counts = list(self._counts)
-            total, count = self._sum, self._count
-        out, running = [], 0
-        for bound, n in zip(self.buckets, counts, strict=False):
-            running += n
-            out.append(f'{self.name}_bucket{{le="{bound:g}"}} {running}')
-        out.append(f'{self.name}_bucket{{le="+Inf"}} {count}')
-        out.append(f"{self.name}_sum {total:g}")
-        out.append(f"{self.name}_count {count}")
-        return out
-
-
-M = TypeVar("M", bound=_Metric)
-
-
-class Registry:
-    def __init__(self) -> None:
-        self._metrics: list[_Metric] = []
-
-    def add(self, metric: M) -> M:
-        self._metrics.append(metric)
-        return metric
-
-    def render(self) -> str:
-        out: list[str] = []
-        for metric in self._metrics:
-            out.extend(metric.header())
-            out.extend(metric.lines())
-        return "\n".join(out) + "\n"
-
-
-# One registry per process: a worker process serves its own /metrics.
-REGISTRY = Registry()
-CHECKS = REGISTRY.add(
-    Counter(
-        "egress_authz_checks_total",
-        "Check requests answered, by verdict, reason and source namespace.",
-        ("verdict", "reason", "namespace"),
-    )
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
 )
-CHECK_SECONDS = REGISTRY.add(
-    Histogram(
-        "egress_authz_check_duration_seconds",
-        "Time from a Check's arrival to its answer being built.",
-        (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
-    )
-)
-POLICY_REVISION = REGISTRY.add(
-    Gauge("egress_authz_policy_revision", "Revision of the policy snapshot in force.")
-)
-POLICY_ERRORS = REGISTRY.add(
-    Counter(
-        "egress_authz_policy_errors_total",
-        "Policy ConfigMaps or files rejected by validation.",
-        ("source",),
-    )
-)
-WATCH_RECONNECTS = REGISTRY.add(
-    Counter(
-        "egress_authz_watch_reconnects_total",
-        "Kubernetes watch reconnections, by resource.",
-        ("resource",),
-    )
-)
-API_UNREACHABLE = REGISTRY.add(
-    Gauge(
-        "egress_authz_kube_api_unreachable",
-        "1 while the Kubernetes API server cannot be reached (serving the last snapshot).",
-    )
-)
-TRACE_DROPPED = REGISTRY.add(
-    Counter(
-        "egress_authz_trace_records_dropped_total",
-        "Decision records dropped because a recording queue was full.",
-        ("sink",),
-    )
-)
-ADMIN_REFUSED = REGISTRY.add(
-    Counter(
-        "egress_authz_admin_refused_total",
-        "Admin connections closed or refused by a limit (authz/httpserve.py), by reason.",
-        ("reason",),
-    )
-)
-ADMIN_CPU = REGISTRY.add(
-    Counter(
-        "egress_authz_admin_cpu_seconds_total",
-        "Thread CPU time the admin endpoint's handlers used (held to a share of one core).",
-    )
-)
-UNFENCED_WILDCARD_NAMESPACES = REGISTRY.add(
-    Gauge(
-        "egress_authz_unfenced_wildcard_namespaces",
-        "Namespaces whose policy allows a wildcard host while no NetworkPolicy fences their "
-        "egress (`serve --kube`; Warning Event WildcardUnfenced on the policy ConfigMap).",
-    )
-)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# One sample per series, as before: no `_created` companions to store and graph.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CHECK_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+
+class Metrics:
+    """Every metric the service exports, registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.checks = Counter(
+            "egress_authz_checks_total",
+            "Check requests answered, by verdict, reason and source namespace.",
+            ("verdict", "reason", "namespace"),
+            registry=r,
+        )
+        self.check_seconds = Histogram(
+            "egress_authz_check_duration_seconds",
+            "Time from a Check's arrival to its answer being built.",
+            buckets=CHECK_BUCKETS,
+            registry=r,
+        )
+        self.policy_revision = Gauge(
+            "egress_authz_policy_revision",
+            "Revision of the policy snapshot in force.",
+            registry=r,
+            multiprocess_mode="livemin",  # the laggard worker's
+        )
+        self.policy_errors = Counter(
+            "egress_authz_policy_errors_total",
+            "Policy ConfigMaps or files rejected by validation.",
+            ("source",),
+            registry=r,
+        )
+        self.watch_reconnects = Counter(
+            "egress_authz_watch_reconnects_total",
+            "Kubernetes watch reconnections, by resource.",
+            ("resource",),
+            registry=r,
+        )
+        self.api_unreachable = Gauge(
+            "egress_authz_kube_api_unreachable",
+            "1 while the Kubernetes API server cannot be reached (serving the last snapshot).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.trace_dropped = Counter(
+            "egress_authz_trace_records_dropped_total",
+            "Decision records dropped because a recording queue was full.",
+            ("sink",),
+            registry=r,
+        )
+        self.admin_refused = Counter(
+            "egress_authz_admin_refused_total",
+            "Admin connections closed or refused by a limit (authz/httpserve.py), by reason.",
+            ("reason",),
+            registry=r,
+        )
+        self.admin_cpu = Counter(
+            "egress_authz_admin_cpu_seconds_total",
+            "Thread CPU time the admin endpoint's handlers used (held to a share of one core).",
+            registry=r,
+        )
+        self.unfenced_wildcard_namespaces = Gauge(
+            "egress_authz_unfenced_wildcard_namespaces",
+            "Namespaces whose policy allows a wildcard host while no NetworkPolicy fences "
+            "their egress (`serve --kube`; Warning Event WildcardUnfenced on the policy "
+            "ConfigMap).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's value in this registry (0 when never set): for tests and checks."""
+        found = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if found is None else found
+
+
+def exposition(metrics: Metrics | None = None) -> bytes:
+    """What /metrics serves: under multiprocess mode every process's values
+    added up (read from their files), else `metrics`' registry."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if metrics is None and directory:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest((metrics or METRICS).registry)
+
+
+# The process's own set: what the sources, the recorder and the admin
+# endpoint update unless handed another.
+METRICS = Metrics()
+REGISTRY = METRICS.registry
+CHECKS = METRICS.checks
+CHECK_SECONDS = METRICS.check_seconds
+POLICY_REVISION = METRICS.policy_revision
+POLICY_ERRORS = METRICS.policy_errors
+WATCH_RECONNECTS = METRICS.watch_reconnects
+API_UNREACHABLE = METRICS.api_unreachable
+TRACE_DROPPED = METRICS.trace_dropped
+ADMIN_REFUSED = METRICS.admin_refused
+ADMIN_CPU = METRICS.admin_cpu
+UNFENCED_WILDCARD_NAMESPACES = METRICS.unfenced_wildcard_namespaces

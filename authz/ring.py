@@ -24,7 +24,7 @@ import itertools
 import threading
 from collections.abc import Iterator, Sequence
 
-from .metrics import TRACE_DROPPED
+from .metrics import METRICS, Metrics
 from .records import DecisionRecord
 
 UNRESOLVED = ""  # the one bucket of callers without a resolved Pod
@@ -44,8 +44,9 @@ class Subscription:
     and reader); the reader takes everything pending at once.
     """
 
-    def __init__(self, size: int = 1000) -> None:
+    def __init__(self, size: int = 1000, metrics: Metrics | None = None) -> None:
         self.size = size
+        self._dropped = (metrics or METRICS).trace_dropped.labels("stream")
         self.dropped = 0
         self._batches: collections.deque[Sequence[DecisionRecord]] = collections.deque()
         self._pending = 0
@@ -58,7 +59,7 @@ class Subscription:
             if room < len(batch):
                 lost = len(batch) - max(0, room)
                 self.dropped += lost
-                TRACE_DROPPED.inc("stream", amount=float(lost))
+                self._dropped.inc(lost)
                 batch = batch[: max(0, room)]
             if batch:
                 self._batches.append(batch)
@@ -81,8 +82,10 @@ class Subscription:
 class RingBuffer:
     """The last `size` records over all sources, newest last, shared fairly."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, metrics: Metrics | None = None) -> None:
         self._capacity = max(1, size)
+        self.metrics = metrics or METRICS
+        self._share_dropped = self.metrics.trace_dropped.labels("ring-share")
         self._seq = itertools.count()
         self._by_source: dict[str, collections.deque[tuple[int, DecisionRecord]]] = {}
         # Whom to evict, kept up to date in O(1) per append: `_victim` holds at
@@ -139,7 +142,7 @@ class RingBuffer:
             # Still above an equal share after the eviction: a flood, not
             # turnover (a lone source holding the whole ring is not counted).
             if sources > 1 and left > self._capacity // sources:
-                TRACE_DROPPED.inc("ring-share")
+                self._share_dropped.inc()
             # A little slack on large sources, so that many sources of equal
             # size do not cost a scan per eviction; exact when sources are small.
             second = self._second
@@ -183,7 +186,7 @@ class RingBuffer:
         return None
 
     def subscribe(self, size: int = 1000) -> Subscription:
-        sub = Subscription(size)
+        sub = Subscription(size, self.metrics)
         with self._lock:
             self._subscribers.add(sub)
         return sub

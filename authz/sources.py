@@ -243,7 +243,7 @@ class DirectorySource:
             self._files = states
             self._poller.mark(before)
             for report in reports:
-                POLICY_ERRORS.inc("directory")
+                POLICY_ERRORS.labels("directory").inc()
                 self._on_error(report)
 
             policies = self._merge()

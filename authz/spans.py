@@ -95,7 +95,7 @@ class _CountingBatchSpanProcessor(BatchSpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         pending = getattr(getattr(self, "_batch_processor", None), "_queue", None)
         if isinstance(pending, collections.deque) and len(pending) == pending.maxlen:
-            TRACE_DROPPED.inc("span")
+            TRACE_DROPPED.labels("span").inc()
         super().on_end(span)
 
 
@@ -266,7 +266,7 @@ class SpanPipe:
             )
             data = f"{header}\t{json.dumps(short, separators=(',', ':'))}\n".encode()
             if len(data) > PIPE_BUF:
-                TRACE_DROPPED.inc("span")
+                TRACE_DROPPED.labels("span").inc()
                 return
         if self._chunk_size + len(data) > PIPE_BUF:
             self.end_batch()
@@ -279,15 +279,15 @@ class SpanPipe:
         chunk, lines = b"".join(self._chunk), len(self._chunk)
         self._chunk, self._chunk_size = [], 0
         if self._dead_since is not None and not self._restart_if_due():
-            TRACE_DROPPED.inc("span", amount=float(lines))
+            TRACE_DROPPED.labels("span").inc(float(lines))
             return
         try:
             os.write(self._fd, chunk)
         except BlockingIOError:
-            TRACE_DROPPED.inc("span", amount=float(lines))
+            TRACE_DROPPED.labels("span").inc(float(lines))
         except OSError as e:  # the child is gone (EPIPE): spans pause, Checks do not
             self._dead_since = time.monotonic()
-            TRACE_DROPPED.inc("span", amount=float(lines))
+            TRACE_DROPPED.labels("span").inc(float(lines))
             log.error(
                 "span exporter process exited (%s); spans are dropped until it is "
                 "restarted in %.0fs",

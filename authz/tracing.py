@@ -30,13 +30,13 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any, Protocol
 
 from .bounded import DEFAULT_LIMITS, RecordLimits, bound_explanation, bound_record, cut
-from .metrics import CHECK_SECONDS, CHECKS, TRACE_DROPPED
+from .metrics import METRICS, Metrics
 from .model import Mode, Reason, RuleCheck, Verdict
 from .model import Protocol as NetProtocol
 from .records import DecisionRecord
@@ -375,9 +375,16 @@ class DecisionRecorder:
         spans: Spans | None = None,
         log_stream: IO[str] | None = None,
         rng: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings or TracingSettings()
-        self.ring = RingBuffer(self.settings.ring_size)
+        self.metrics = metrics = metrics or METRICS
+        self._dropped = metrics.trace_dropped
+        self._observe = metrics.check_seconds.observe
+        # The counter's children by label values: labels() validates and locks
+        # on every call, a dict lookup does not (this is the Check path).
+        self._check_counters: dict[tuple[str, str, str], Any] = {}
+        self.ring = RingBuffer(self.settings.ring_size, metrics=metrics)
         self._limits = self.settings.limits
         self._namespace_labels: set[str] = set()
         self.spans = spans
@@ -391,6 +398,9 @@ class DecisionRecorder:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Under --workers: hands each drained batch to the supervisor's ring
+        # (authz.pooled.RecordForwarder), after explaining, never waiting.
+        self.forward: Callable[[Sequence[DecisionRecord]], None] | None = None
 
     # -- the Check path ----------------------------------------------------
 
@@ -408,11 +418,15 @@ class DecisionRecorder:
                     namespace = "_other"
             # The StrEnum members themselves: equal to and hashed like their values,
             # and `.value` costs half a microsecond each on this path.
-            CHECKS.inc(d.verdict, d.reason, namespace)
-            CHECK_SECONDS.observe(record.duration_ns / 1e9)
+            key = (d.verdict, d.reason, namespace)
+            counter = self._check_counters.get(key)
+            if counter is None:
+                counter = self._check_counters[key] = self.metrics.checks.labels(*key)
+            counter.inc()
+            self._observe(record.duration_ns / 1e9)
             self.ring.append(record, source_of(record))
             if len(self._pending) >= self.settings.queue_size:
-                TRACE_DROPPED.inc("queue")
+                self._dropped.labels("queue").inc()
                 if d.explainer is not None:
                     # Never explained now: let go of what the explainer holds (the
                     # request as sent, a policy snapshot) rather than keep it in the ring.
@@ -432,7 +446,7 @@ class DecisionRecorder:
                     line = fit_line(line, record, trace_id)
             self._pending.append((record, line, span, trace_id))
         except Exception:  # recording must never fail a Check
-            TRACE_DROPPED.inc("error")
+            self._dropped.labels("error").inc()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -486,6 +500,8 @@ class DecisionRecorder:
         log_on = self.settings.decision_log
         # Live readers get whole batches: one hand-over per batch and reader.
         streamed: list[DecisionRecord] | None = [] if self.ring.has_subscribers else None
+        forward = self.forward
+        forwarded: list[DecisionRecord] | None = [] if forward is not None else None
         yielded = time.perf_counter()
         while True:
             try:
@@ -497,7 +513,7 @@ class DecisionRecorder:
                     self._process(rec, line, span, trace_id)
                 except Exception:
                     log.exception("recording decision %s failed", rec.decision.decision_id)
-                    TRACE_DROPPED.inc("error")
+                    self._dropped.labels("error").inc()
                     continue
                 # Explaining and span building hold the GIL for tens of µs a
                 # record; hand it over every half millisecond, so that a gRPC
@@ -512,6 +528,11 @@ class DecisionRecorder:
                     yielded = time.perf_counter()
             if streamed is not None:
                 streamed.append(rec)
+            if forwarded is not None:
+                forwarded.append(rec)
+                if len(forwarded) >= 256 and forward is not None:
+                    forward(forwarded)
+                    forwarded = []
             if log_on:
                 lines.append(line)
                 if len(lines) >= 512:
@@ -523,6 +544,8 @@ class DecisionRecorder:
         self._write(lines)
         if streamed:
             self.ring.publish(streamed)
+        if forwarded and forward is not None:
+            forward(forwarded)
         if self.spans is not None:
             self.spans.end_batch()
 
@@ -567,7 +590,7 @@ class DecisionRecorder:
                 _write_whole_lines(fd, text.encode("utf-8", "replace"))
         except (OSError, ValueError):
             # A closed or broken stdout must not stop spans and the ring.
-            TRACE_DROPPED.inc("log", amount=float(len(lines)))
+            self._dropped.labels("log").inc(len(lines))
 
 
 _PIPE_BUF = 4096

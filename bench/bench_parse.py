@@ -107,7 +107,7 @@ def recorded_request() -> bytes:
 
 def count_and_observe(rec: DecisionRecord) -> None:
     """The two metric updates record() makes per Check."""
-    CHECKS.inc(rec.decision.verdict, rec.decision.reason, rec.decision.namespace)
+    CHECKS.labels(rec.decision.verdict, rec.decision.reason, rec.decision.namespace).inc()
     CHECK_SECONDS.observe(rec.duration_ns / 1e9)
 
 

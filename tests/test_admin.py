@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from authz.admin import (
     MAX_LIMIT,
@@ -23,16 +24,24 @@ from authz.admin import (
     parse_duration,
 )
 from authz.httpserve import CpuBudget, HTTPLimits
-from authz.metrics import ADMIN_CPU
+from authz.metrics import Metrics
 from authz.model import Protocol, Reason, Verdict
 from authz.tracing import DecisionRecorder, TracingSettings
 from tests.test_tracing import make_record
 
 
 @pytest.fixture
-def recorder() -> Iterator[DecisionRecorder]:
+def metrics() -> Metrics:
+    """A registry of the test's own: counts start at zero and nothing else adds to them."""
+    return Metrics()
+
+
+@pytest.fixture
+def recorder(metrics: Metrics) -> Iterator[DecisionRecorder]:
     rec = DecisionRecorder(
-        TracingSettings(ring_size=100, flush_interval=0.01), log_stream=io.StringIO()
+        TracingSettings(ring_size=100, flush_interval=0.01),
+        log_stream=io.StringIO(),
+        metrics=metrics,
     )
     rec.start()
     yield rec
@@ -40,9 +49,11 @@ def recorder() -> Iterator[DecisionRecorder]:
 
 
 @pytest.fixture
-def admin(recorder: DecisionRecorder) -> Iterator[AdminServer]:
+def admin(recorder: DecisionRecorder, metrics: Metrics) -> Iterator[AdminServer]:
     ready = {"value": True}
-    server = AdminServer("127.0.0.1:0", recorder, lambda: ready["value"], heartbeat=0.2)
+    server = AdminServer(
+        "127.0.0.1:0", recorder, lambda: ready["value"], heartbeat=0.2, metrics=metrics
+    )
     server.ready_flag = ready  # type: ignore[attr-defined]
     server.start()
     yield server
@@ -117,6 +128,15 @@ class TestHealth:
         assert status == 404 and "no such path" in body["error"]
 
 
+def sample(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """A sample's value in Prometheus text, parsed as Prometheus would (None: absent)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == (labels or {}):
+                return float(s.value)
+    return None
+
+
 class TestMetrics:
     def test_prometheus_text(self, admin: AdminServer, recorder: DecisionRecorder) -> None:
         """/metrics serves the registry in the Prometheus text format, with our checks."""
@@ -124,16 +144,62 @@ class TestMetrics:
         status, ctype, body = get(admin, "/metrics")
         assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
         assert "# TYPE egress_authz_checks_total counter" in body
-        assert (
-            'egress_authz_checks_total{verdict="deny",reason="host-not-allowed",'
-            'namespace="metrics-admin"} 1' in body
-        )
+        labels = {"verdict": "deny", "reason": "host-not-allowed", "namespace": "metrics-admin"}
+        assert sample(body, "egress_authz_checks_total", labels) == 1
         for name in (
             "egress_authz_check_duration_seconds_bucket",
             "egress_authz_policy_revision",
             "egress_authz_trace_records_dropped_total",
         ):
             assert name in body
+
+
+def raw_get(server: AdminServer, path: str, host: str | None) -> bytes:
+    """A GET with exactly the Host header given (None: no Host header at all)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        head = f"GET {path} HTTP/1.1\r\n" + (f"Host: {host}\r\n" if host is not None else "")
+        sock.sendall((head + "\r\n").encode())
+        return read_all(sock, 5)
+
+
+class TestHostHeader:
+    """DNS rebinding: a page on attacker.example whose name resolves to 127.0.0.1."""
+
+    def test_rebound_name_is_refused(
+        self, admin: AdminServer, recorder: DecisionRecorder, metrics: Metrics
+    ) -> None:
+        """A request naming a foreign host gets 421 and no decision, and is counted."""
+        recorder.record(make_record(namespace="secret-ns"))
+        recorder.flush()
+        for path in ("/v1/decisions", "/metrics", "/"):
+            answer = raw_get(admin, path, f"attacker.example:{admin.port}")
+            assert answer.startswith(b"HTTP/1.0 421"), answer[:80]
+            assert b"secret-ns" not in answer
+        assert metrics.value("egress_authz_admin_refused_total", {"reason": "host"}) == 3
+
+    @pytest.mark.parametrize(
+        "host",
+        ["localhost:9090", "LOCALHOST", "127.0.0.1:9090", "[::1]:9090", "10.1.2.3:9090",
+         "ui.localhost:9090", None],
+    )
+    def test_loopback_names_and_addresses_are_served(
+        self, admin: AdminServer, host: str | None
+    ) -> None:
+        """localhost, IP literals (probes and Prometheus use the pod IP) and no Host pass."""
+        assert raw_get(admin, "/healthz", host).startswith(b"HTTP/1.0 200")
+
+    def test_configured_names_are_served(self, recorder: DecisionRecorder) -> None:
+        """A name given in allowed_hosts (a Service's DNS name) is accepted, others not."""
+        server = AdminServer(
+            "127.0.0.1:0", recorder, allowed_hosts=["authz.egress-authz.svc"]
+        ).start()
+        try:
+            assert raw_get(server, "/healthz", "authz.egress-authz.svc:9090").startswith(
+                b"HTTP/1.0 200"
+            )
+            assert raw_get(server, "/healthz", "authz.evil.example").startswith(b"HTTP/1.0 421")
+        finally:
+            server.stop()
 
 
 class TestDecisionList:
@@ -347,8 +413,12 @@ class TestParsing:
 # Limits: what a hostile or careless client can make the endpoint spend.
 
 
-def limited(recorder: DecisionRecorder | None, **kw: Any) -> AdminServer:
-    return AdminServer("127.0.0.1:0", recorder, heartbeat=0.2, limits=HTTPLimits(**kw)).start()
+def limited(
+    recorder: DecisionRecorder | None, metrics: Metrics | None = None, **kw: Any
+) -> AdminServer:
+    return AdminServer(
+        "127.0.0.1:0", recorder, heartbeat=0.2, limits=HTTPLimits(**kw), metrics=metrics
+    ).start()
 
 
 def read_all(sock: socket.socket, timeout: float) -> bytes:
@@ -520,12 +590,13 @@ class TestCaps:
         )
         for _ in range(5000):
             big.record(make_record())
-        server = limited(big)
-        server.budget = CpuBudget(share=0.02, burst=0.0)
-        cpu_before = ADMIN_CPU.value()
+        metrics = Metrics()
+        server = limited(big, metrics=metrics)
+        server.budget = CpuBudget(share=0.02, burst=0.0, metrics=metrics)
         try:
             assert get_json(server, "/v1/decisions?limit=1000")[0] == 200
-            assert ADMIN_CPU.value() > cpu_before  # what /metrics reports
+            # what /metrics reports
+            assert metrics.value("egress_authz_admin_cpu_seconds_total") > 0
             # Paid back at 2% of a core: the handler slept ~50x the CPU it used.
             assert server.budget.waited > 0.1
         finally:

@@ -17,7 +17,7 @@ from kubernetes_validate import utils as kube_validate
 from authz.fence import FENCE_LABEL, FENCE_NAME, FenceOptions, fence_policy, is_fenced
 from authz.kube.fence import REASON_UNFENCED, FenceMonitor
 from authz.kube.writer import RegistryWriter
-from authz.metrics import UNFENCED_WILDCARD_NAMESPACES
+from authz.metrics import METRICS
 from authz.render import DEFAULT_GATEWAY_SELECTOR, RenderOptions
 from tests.kube_emulator import KubeEmulator
 from tests.kube_harness import Replica, emu, policy_cm, replica, rule
@@ -158,11 +158,11 @@ class TestKube:
         assert event["involvedObject"]["name"] == "p" and "*.kadath.io" in event["message"]
         assert not emu.events("shop")  # exact hosts are routed: nothing to report
         assert monitor.unfenced == {"marketing": ["marketing/p"]}
-        assert UNFENCED_WILDCARD_NAMESPACES.value() == 1
+        assert METRICS.value("egress_authz_unfenced_wildcard_namespaces") == 1
         emu.modify("v1", "Namespace", "", "marketing",
                    lambda o: o["metadata"]["labels"].update({FENCE_LABEL: "true"}))
         emu.wait_for(lambda: monitor.unfenced == {}, timeout=10)
-        assert UNFENCED_WILDCARD_NAMESPACES.value() == 0
+        assert METRICS.value("egress_authz_unfenced_wildcard_namespaces") == 0
         assert len(emu.events("marketing")) == 1  # no repeat while fenced
 
 

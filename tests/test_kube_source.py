@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from authz.metrics import WATCH_RECONNECTS
+from authz.metrics import METRICS
 from authz.policy import PolicyError, parse_configmap
 from tests.kube_emulator import KubeEmulator
 from tests.kube_harness import SVC_NS, Replica, emu, pod, policy_cm, replica, rule
@@ -155,7 +155,7 @@ class TestResilience:
         emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
         source = replica.start()
         assert source.wait_ready(5)
-        before = WATCH_RECONNECTS.value("ConfigMap")
+        before = METRICS.value("egress_authz_watch_reconnects_total", {"resource": "ConfigMap"})
         emu.stop()  # unreachable while things change, so the watch cannot keep up
         emu.seed(policy_cm("web", "q", [rule("b", "api.leng.com")]))
         emu.remove("v1", "ConfigMap", "shop", "p")
@@ -166,7 +166,7 @@ class TestResilience:
         # The policy watch missed changes and must have relisted; the cluster-tier watch
         # may resume from a bookmark newer than the compaction, which is no loss.
         assert any(r.lists >= 2 for r in source.reflectors if r.kind == "ConfigMap")
-        assert WATCH_RECONNECTS.value("ConfigMap") > before
+        assert METRICS.value("egress_authz_watch_reconnects_total", {"resource": "ConfigMap"}) > before
         emu.drop_watches()  # a plain drop: re-watch from the last resourceVersion
         emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
         emu.wait_for(lambda: replica.allows("shop", "api.kadath.io"), timeout=3)

@@ -156,7 +156,7 @@ class TestPortMapFlag:
 
         args = build_arg_parser().parse_args(
             ["--policies", "p", "--workers", "2", "--gateway-port-map", "8443:443,8080:80"])
-        argv = child_argv(args)(1, 5)
+        argv = child_argv(args)(1, 5, -1)
         assert argv[argv.index("--gateway-port-map") + 1] == "8080:80,8443:443"
 
     def test_which_map_serve_builds(self) -> None:

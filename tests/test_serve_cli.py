@@ -57,7 +57,7 @@ class TestFlags:
         # --workers: every serving process gets the opt-out, not only the supervisor
         opted = parse(["--policies", "/p", "--workers", "2", "--grpc-address", "0.0.0.0:9000",
                        "--unknown-workloads", "allow"])
-        child = parse(serve.child_argv(opted)(1, 5)[4:])
+        child = parse(serve.child_argv(opted)(1, 5, -1)[4:])
         assert child.unknown_workloads == "allow"
 
     def test_kube_source_feeds_the_index_check_reads(self, tmp_path: Path) -> None:
@@ -105,21 +105,22 @@ class TestFlags:
         assert serve.run(args) == 2
 
     def test_worker_argv_round_trips(self) -> None:
-        """Workers get the same flags, minus --workers; admin only on worker 0."""
+        """Workers get the same flags, minus --workers and the admin endpoint (the
+        supervisor serves it), plus the fds they report and forward records on."""
         args = serve.build_arg_parser().parse_args([
             "--policies", "/p", "--workloads", "/w", "--workers", "3", "--threads", "2",
             "--grpc-address", "0.0.0.0:9000",
         ])
         argv_for = serve.child_argv(args)
-        first = argv_for(0, 9)
+        first = argv_for(0, 9, 11)
         assert first[1:4] == ["-m", "authz", "serve"]
         child = serve.build_arg_parser().parse_args(first[4:])
         assert (child.policies, child.workloads, child.threads, child.grpc_address) == (
             "/p", "/w", 2, "0.0.0.0:9000"
         )
         assert (child.workers, child.worker_index, child.worker_ready_fd) == (1, 0, 9)
-        assert child.admin_address == "127.0.0.1:9090"
-        other = serve.build_arg_parser().parse_args(argv_for(2, 5)[4:])
+        assert (child.admin_address, child.worker_record_fd) == ("", 11)
+        other = serve.build_arg_parser().parse_args(argv_for(2, 5, 7)[4:])
         assert (other.admin_address, other.worker_index) == ("", 2)
 
 

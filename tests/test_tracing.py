@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from authz.metrics import CHECK_SECONDS, CHECKS, TRACE_DROPPED
+from authz.metrics import METRICS, Metrics
 from authz.model import (
     Decision,
     Destination,
@@ -46,6 +46,12 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN = "b7ad6b7169203331"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN}-01"
 _ids = itertools.count(1)
+
+
+def dropped(sink: str, metrics: Metrics = METRICS) -> float:
+    """Records dropped at `sink` as `metrics` counts them (the span pipe counts in the
+    process's own set, which is why some tests read METRICS)."""
+    return metrics.value("egress_authz_trace_records_dropped_total", {"sink": sink})
 
 
 def make_record(
@@ -266,13 +272,13 @@ class TestRingBuffer:
 
     def test_slow_subscriber_loses_records_not_time(self) -> None:
         """A full subscriber queue drops and counts; publishing never waits."""
-        ring = RingBuffer(10)
+        metrics = Metrics()
+        ring = RingBuffer(10, metrics=metrics)
         sub = ring.subscribe(size=2)
-        before = TRACE_DROPPED.value("stream")
         for _ in range(5):
             ring.publish([make_record()])
         assert sub.qsize() == 2 and sub.dropped == 3
-        assert TRACE_DROPPED.value("stream") == before + 3
+        assert dropped("stream", metrics) == 3
         ring.unsubscribe(sub)
         ring.publish([make_record()])
         assert sub.qsize() == 2
@@ -356,31 +362,32 @@ class TestDecisionRecorder:
 
     def test_metrics(self) -> None:
         """CHECKS counts by verdict, reason and namespace; CHECK_SECONDS observes latency."""
-        recorder = DecisionRecorder(log_stream=io.StringIO())
-        before = CHECKS.value("deny", "port-not-allowed", "metrics-ns")
-        count_before = CHECK_SECONDS._count
+        metrics = Metrics()
+        recorder = DecisionRecorder(log_stream=io.StringIO(), metrics=metrics)
         recorder.record(make_record(reason=Reason.PORT_NOT_ALLOWED, namespace="metrics-ns"))
-        assert CHECKS.value("deny", "port-not-allowed", "metrics-ns") == before + 1
-        assert CHECK_SECONDS._count == count_before + 1
+        recorder.record(make_record(reason=Reason.PORT_NOT_ALLOWED, namespace="metrics-ns"))
+        labels = {"verdict": "deny", "reason": "port-not-allowed", "namespace": "metrics-ns"}
+        assert metrics.value("egress_authz_checks_total", labels) == 2
+        assert metrics.value("egress_authz_check_duration_seconds_count") == 2
         recorder.close()
 
     def test_never_raises(self) -> None:
         """A record that cannot be read is counted, not raised into the Check path."""
-        recorder = DecisionRecorder(log_stream=io.StringIO())
-        before = TRACE_DROPPED.value("error")
+        metrics = Metrics()
+        recorder = DecisionRecorder(log_stream=io.StringIO(), metrics=metrics)
         recorder.record(object())  # type: ignore[arg-type]
-        assert TRACE_DROPPED.value("error") == before + 1
+        assert dropped("error", metrics) == 1
         recorder.close()
 
     def test_broken_log_stream(self) -> None:
         """A closed stdout loses log lines (counted); the ring still fills."""
         log = io.StringIO()
         log.close()
-        before = TRACE_DROPPED.value("log")
-        recorder = DecisionRecorder(log_stream=log)
+        metrics = Metrics()
+        recorder = DecisionRecorder(log_stream=log, metrics=metrics)
         recorder.record(make_record())
         recorder.close()
-        assert TRACE_DROPPED.value("log") == before + 1 and len(recorder.ring) == 1
+        assert dropped("log", metrics) == 1 and len(recorder.ring) == 1
 
 
 class TestSpans:
@@ -525,8 +532,8 @@ class TestBackpressure:
             settings,
             spans=span_sink([exporter], {}, max_queue_size=256, schedule_delay_millis=1),
             log_stream=log,
+            metrics=(metrics := Metrics()),
         ).start()
-        before_queue = TRACE_DROPPED.value("queue")
         r = make_record()
         timings = []
         for _ in range(20_000):
@@ -535,7 +542,7 @@ class TestBackpressure:
             timings.append(time.perf_counter_ns() - t0)
         assert recorder.pending <= settings.queue_size
         assert len(recorder.ring) == settings.ring_size
-        assert TRACE_DROPPED.value("queue") - before_queue >= 20_000 - settings.queue_size - 600
+        assert dropped("queue", metrics) >= 20_000 - settings.queue_size - 600
         timings.sort()
         assert statistics.median(timings) < 50_000  # ns; typically ~2 µs
         assert timings[int(len(timings) * 0.999)] < 20_000_000  # no call waits on the sinks
@@ -552,13 +559,13 @@ class TestBackpressure:
             spans=span_sink([exporter], {}, max_queue_size=64, schedule_delay_millis=1),
             log_stream=io.StringIO(),
         ).start()
-        before = TRACE_DROPPED.value("span")
+        before = dropped("span")
         for _ in range(2000):
             recorder.record(make_record())
         deadline = time.monotonic() + 10
         while recorder.pending and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert TRACE_DROPPED.value("span") - before > 1000
+        assert dropped("span") - before > 1000
         exporter.release.set()
         recorder.close()
 
@@ -744,8 +751,8 @@ class TestSpanPipe:
                 spans=pipe,
                 log_stream=io.StringIO(),
             ).start()
-            before = TRACE_DROPPED.value("span")
-            before_queue = TRACE_DROPPED.value("queue")
+            before = dropped("span")
+            before_queue = dropped("queue")
             r = make_record()
             worst = 0
             for i in range(20_000):
@@ -760,8 +767,8 @@ class TestSpanPipe:
             # The 1 MiB pipe holds ~1,500 lines and the queue 1,000 records: the
             # rest were dropped, at the pipe or (when the flood outran the
             # recorder thread) at the queue.
-            span_drops = TRACE_DROPPED.value("span") - before
-            queue_drops = TRACE_DROPPED.value("queue") - before_queue
+            span_drops = dropped("span") - before
+            queue_drops = dropped("queue") - before_queue
             assert span_drops > 1_000
             assert span_drops + queue_drops > 15_000
             assert worst < 50_000_000  # ns: no call waited on the frozen child
@@ -787,12 +794,12 @@ class TestSpanPipe:
             first = pipe.proc
             first.kill()
             first.wait(5)
-            before = TRACE_DROPPED.value("span")
+            before = dropped("span")
             recorder.record(make_record())
             deadline = time.monotonic() + 5
-            while TRACE_DROPPED.value("span") == before and time.monotonic() < deadline:
+            while dropped("span") == before and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert TRACE_DROPPED.value("span") == before + 1
+            assert dropped("span") == before + 1
             time.sleep(0.3)
             late = make_record()
             recorder.record(late)

@@ -103,6 +103,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="open /v1/decisions/stream clients at most; more get 503 (default: %(default)s)",
     )
     net.add_argument(
+        "--admin-allowed-hosts", type=_names, default=[], metavar="NAME[,NAME]",
+        help="host names the admin endpoint answers besides localhost, its bound address "
+        "and IP addresses (others get 421: DNS rebinding), e.g. a Service's DNS name",
+    )
+    net.add_argument(
         "--workers", type=_positive, default=1, metavar="N",
         help="serving processes sharing the gRPC port with SO_REUSEPORT (default: 1)",
     )
@@ -146,6 +151,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # Set by the --workers supervisor on the processes it starts.
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-record-fd", type=int, default=-1, help=argparse.SUPPRESS)
     from authz.kube.flags import add_arguments as add_kube_arguments  # light: flags only
 
     add_kube_arguments(p)
@@ -165,6 +171,10 @@ def _port_map(text: str) -> str:
         return format_port_map(parse_port_map(text))
     except PortMapError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _positive(text: str) -> int:
@@ -276,7 +286,12 @@ def build_recorder(args: argparse.Namespace) -> Recorder:
     )
     if spans is not None:
         log.info("tracing: spans exported per OTEL_* (allow ratio %g)", args.trace_allow_ratio)
-    return DecisionRecorder(settings, spans=spans).start()
+    recorder = DecisionRecorder(settings, spans=spans)
+    if args.worker_record_fd >= 0:  # --workers: the supervisor's admin endpoint serves them
+        from authz.pooled import RecordForwarder
+
+        recorder.forward = RecordForwarder(args.worker_record_fd)
+    return recorder.start()
 
 
 class Closeable(Protocol):
@@ -286,8 +301,8 @@ class Closeable(Protocol):
 def start_admin(args: argparse.Namespace, state: ServeState) -> Closeable | None:
     """Start the admin HTTP endpoint on args.admin_address; None when there is none.
 
-    Only worker 0 gets an admin address under --workers (one port, one
-    process). Wired by the admin module; `state` holds what it reads.
+    Under --workers no worker has one: the supervisor serves the pod's
+    (authz/pooled.py). Wired by the admin module; `state` holds what it reads.
     """
     if not args.admin_address:
         return None
@@ -298,7 +313,10 @@ def start_admin(args: argparse.Namespace, state: ServeState) -> Closeable | None
     recorder = state.recorder if isinstance(state.recorder, DecisionRecorder) else None
     limits = HTTPLimits(max_streams=args.admin_max_streams)
     try:
-        admin = AdminServer(args.admin_address, recorder, state.ready, limits=limits)
+        admin = AdminServer(
+            args.admin_address, recorder, state.ready, limits=limits,
+            allowed_hosts=args.admin_allowed_hosts,
+        )
     except ValueError as e:
         raise UsageError(str(e)) from e
     except OSError as e:
@@ -518,15 +536,16 @@ def _configure_logging(args: argparse.Namespace) -> None:
     )
 
 
-def child_argv(args: argparse.Namespace) -> Callable[[int, int], list[str]]:
+def child_argv(args: argparse.Namespace) -> Callable[[int, int, int], list[str]]:
     """argv for worker `index` reporting on `ready_fd`: the same flags, minus
-    --workers, and the admin endpoint only on worker 0.
+    --workers and the admin endpoint.
 
     Rebuilt from the parser's own option list, so flags added later (a
     Kubernetes source) reach the workers without changes here.
     """
     parser = build_arg_parser()
-    skip = {"help", "workers", "worker_index", "worker_ready_fd", "admin_address", "run"}
+    skip = {"help", "workers", "worker_index", "worker_ready_fd", "worker_record_fd",
+            "admin_address", "run"}
     base: list[str] = []
     for action in parser._actions:  # argparse has no public list of its actions
         if action.dest in skip or not action.option_strings:
@@ -543,12 +562,12 @@ def child_argv(args: argparse.Namespace) -> Callable[[int, int], list[str]]:
         else:
             base += [flag, str(value)]
 
-    def argv(index: int, ready_fd: int) -> list[str]:
-        admin = args.admin_address if index == 0 else ""
+    def argv(index: int, ready_fd: int, record_fd: int) -> list[str]:
         return [
             sys.executable, "-m", "authz", "serve", *base,
-            "--admin-address", admin,
+            "--admin-address", "",  # the supervisor serves the pod's (authz/pooled.py)
             "--worker-index", str(index), "--worker-ready-fd", str(ready_fd),
+            "--worker-record-fd", str(record_fd),
         ]
 
     return argv

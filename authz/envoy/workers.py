@@ -6,6 +6,8 @@ SO_REUSEPORT; the kernel spreads Envoy's connections over them. They share
 nothing: each loads the policies and workloads itself and reloads them on
 its own. The supervisor holds no gRPC state (gRPC and fork do not mix), only
 restarts a worker that dies and forwards SIGTERM for a graceful drain.
+It also serves the pod's one admin endpoint, over every worker's metrics and
+decisions (authz/pooled.py).
 """
 
 from __future__ import annotations
@@ -21,20 +23,43 @@ import threading
 import time
 from collections.abc import Callable
 
+from authz.pooled import PodObservability
+
 log = logging.getLogger("egress-authz")
 
 RESTART_BACKOFF = 1.0
 
-ArgvFor = Callable[[int, int], list[str]]  # (worker index, ready fd) -> argv
+ArgvFor = Callable[[int, int, int], list[str]]  # (worker index, ready fd, record fd) -> argv
 
 
-def _spawn(argv_for: ArgvFor, index: int) -> tuple[subprocess.Popen[bytes], int]:
-    read_fd, write_fd = os.pipe()
-    try:
-        proc = subprocess.Popen(argv_for(index, write_fd), pass_fds=(write_fd,))
-    finally:
-        os.close(write_fd)
-    return proc, read_fd
+class _Pod:
+    """The workers' processes and, per worker, the socket its decisions come in on."""
+
+    def __init__(self, argv_for: ArgvFor, obs: PodObservability) -> None:
+        self.argv_for = argv_for
+        self.obs = obs
+        self.channels: dict[int, object] = {}
+
+    def spawn(self, index: int) -> tuple[subprocess.Popen[bytes], int]:
+        read_fd, write_fd = os.pipe()
+        fds = [write_fd]
+        record_fd = -1
+        if self.obs.collector is not None:
+            mine, record_fd = self.obs.collector.channel()
+            self.channels[index] = mine
+            fds.append(record_fd)
+        try:
+            proc = subprocess.Popen(self.argv_for(index, write_fd, record_fd), pass_fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return proc, read_fd
+
+    def replaced(self, index: int, pid: int) -> None:
+        self.obs.worker_gone(pid)
+        mine = self.channels.pop(index, None)
+        if mine is not None and self.obs.collector is not None:
+            self.obs.collector.release(mine)  # type: ignore[arg-type]
 
 
 def _await_ready(procs: list[subprocess.Popen[bytes]], fds: list[int],
@@ -65,12 +90,37 @@ def _await_ready(procs: list[subprocess.Popen[bytes]], fds: list[int],
 
 def supervise(args: argparse.Namespace, argv_for: ArgvFor) -> int:
     """Run args.workers serving processes until SIGTERM/SIGINT."""
-    n = args.workers
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    obs = PodObservability()  # before any import of authz.metrics here or in a worker
+    try:
+        return _supervise(args, argv_for, stop, obs)
+    finally:
+        obs.close()
 
-    started = [_spawn(argv_for, i) for i in range(n)]
+
+def _supervise(args: argparse.Namespace, argv_for: ArgvFor, stop: threading.Event,
+               obs: PodObservability) -> int:
+    n = args.workers
+    all_ready = threading.Event()
+    if args.admin_address:
+        try:
+            admin = obs.start_admin(
+                args.admin_address, args.decision_buffer, all_ready.is_set,
+                args.admin_max_streams, args.admin_allowed_hosts,
+            )
+        except (OSError, ValueError) as e:
+            print(
+                f"egress-authz serve: cannot serve the admin endpoint on {args.admin_address}: "
+                f"{getattr(e, 'strerror', None) or e}; free the port, or give another "
+                "--admin-address ('' turns the endpoint off)",
+                file=sys.stderr, flush=True,
+            )
+            return 1
+        log.info("admin endpoint on %s (all %d workers)", admin.url, n)  # type: ignore[attr-defined]
+    pod = _Pod(argv_for, obs)
+    started = [pod.spawn(i) for i in range(n)]
     procs = [p for p, _ in started]
     fds = [fd for _, fd in started]
     revisions = _await_ready(procs, fds, stop)
@@ -82,6 +132,7 @@ def supervise(args: argparse.Namespace, argv_for: ArgvFor) -> int:
         log.error("a worker failed to start; stopping the others")
         _terminate(procs, grace=args.shutdown_grace)
         return 1
+    all_ready.set()
     revision = min(revisions)
     loaded = (
         f"policy revision {revision}" if revision
@@ -98,8 +149,9 @@ def supervise(args: argparse.Namespace, argv_for: ArgvFor) -> int:
             if code is None or stop.is_set():
                 continue
             log.error("worker %d exited with %s; restarting it", i, code)
+            pod.replaced(i, proc.pid)
             time.sleep(RESTART_BACKOFF)
-            procs[i], fd = _spawn(argv_for, i)
+            procs[i], fd = pod.spawn(i)
             os.close(fd)  # nobody waits for a restarted worker's report
     log.info("stopping %d workers", n)
     return _terminate(procs, grace=args.shutdown_delay + args.shutdown_grace)

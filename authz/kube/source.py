@@ -178,7 +178,7 @@ class KubePolicySource:
             try:
                 policy = parse_configmap(obj, cluster_namespace=self.settings.service_namespace)
             except PolicyError as e:
-                POLICY_ERRORS.inc("kubernetes")
+                POLICY_ERRORS.labels("kubernetes").inc()
                 message = str(e)
                 kept = "keeping its last good policy" if ref in self._good else "it adds nothing"
                 self._on_error(f"ConfigMap {ref} rejected, {kept}:\n  {message}")

@@ -153,17 +153,17 @@ class Reflector:
                     self._sleep(self.backoff.next())
             except KubeGone as e:
                 log.info("%s: %s; listing again", self.name, e.message)
-                WATCH_RECONNECTS.inc(self.kind)
+                WATCH_RECONNECTS.labels(self.kind).inc()
                 rv, list_rv = None, None
                 self._sleep(self.backoff.next() / 4)  # a relist is due, not an outage
             except KubeUnreachable as e:
                 if self._stop.is_set():
                     return
-                WATCH_RECONNECTS.inc(self.kind)
+                WATCH_RECONNECTS.labels(self.kind).inc()
                 self.health.failed(self.name, e)
                 self._sleep(self.backoff.next())
             except KubeError as e:
-                WATCH_RECONNECTS.inc(self.kind)
+                WATCH_RECONNECTS.labels(self.kind).inc()
                 log.warning("%s: %s", self.name, e)
                 self._sleep(self.backoff.next())
             finally:
