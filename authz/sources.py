@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from .echo import shown
 from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set, is_policy_file_name
-from .metrics import POLICY_ERRORS
 from .model import ConfigMapRef, NamespacePolicy, Workload
+from .observe.metrics import POLICY_ERRORS
 from .offload import load_file
 from .store import PolicyStore
 from .workloads import WorkloadIndex, workload_from_pod

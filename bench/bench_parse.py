@@ -39,12 +39,13 @@ from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest
 from authz.envoy.request import parse_check_request
 from authz.envoy.response import HTTP_FILTER, build_check_response
 from authz.envoy.server import CheckService
-from authz.metrics import CHECK_SECONDS, CHECKS
 from authz.model import Reason
+from authz.observe.decisionlog import log_line, trace_id_of
+from authz.observe.metrics import CHECK_SECONDS, CHECKS
+from authz.observe.recorder import DecisionRecorder, TracingSettings
 from authz.records import DecisionRecord
 from authz.sources import DirectorySource
 from authz.store import PolicyStore
-from authz.tracing import DecisionRecorder, TracingSettings, log_line, trace_id_of
 
 POLICY = """\
 apiVersion: v1

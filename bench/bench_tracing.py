@@ -55,8 +55,8 @@ def bench_record(n: int = 200_000) -> dict[str, float]:
     import io
 
     from authz.model import Decision, Destination, Identity, Protocol, Reason, Verdict, Workload
+    from authz.observe.recorder import DecisionRecorder, TracingSettings
     from authz.records import DecisionRecord, NullRecorder
-    from authz.tracing import DecisionRecorder, TracingSettings
 
     rec = DecisionRecord(
         Decision(True, Verdict.ALLOW, Reason.ALLOWED, "d1", 1, rule="shop/p/r", host="a.io",

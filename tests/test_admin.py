@@ -1,4 +1,4 @@
-"""authz.admin: the admin HTTP endpoint against a running server fed with records."""
+"""authz.observe.admin: the admin HTTP endpoint against a running server fed with records."""
 
 from __future__ import annotations
 
@@ -15,18 +15,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz.admin import (
-    MAX_LIMIT,
-    AdminServer,
-    DecisionQuery,
-    QueryError,
-    parse_address,
-    parse_duration,
-)
-from authz.httpserve import CpuBudget, HTTPLimits
-from authz.metrics import Metrics
 from authz.model import Protocol, Reason, Verdict
-from authz.tracing import DecisionRecorder, TracingSettings
+from authz.observe.admin import AdminServer, parse_address
+from authz.observe.httpserve import CpuBudget, HTTPLimits
+from authz.observe.metrics import Metrics
+from authz.observe.query import MAX_LIMIT, DecisionQuery, QueryError, parse_duration
+from authz.observe.recorder import DecisionRecorder, TracingSettings
 from tests.test_tracing import make_record
 
 

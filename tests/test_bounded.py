@@ -1,4 +1,4 @@
-"""authz.bounded and the recorder: caller-controlled fields are cut and query values
+"""authz.observe.bounded and the recorder: caller-controlled fields are cut and query values
 dropped before anything is stored, logged or served."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from authz.bounded import (
+from authz.model import Destination, Identity, Protocol, Reason, RuleCheck, Verdict
+from authz.observe.bounded import (
     DEFAULT_LIMITS,
     ELLIPSIS,
     RecordLimits,
@@ -20,16 +21,9 @@ from authz.bounded import (
     cut,
     strip_query,
 )
-from authz.model import Destination, Identity, Protocol, Reason, RuleCheck, Verdict
+from authz.observe.decisionlog import LOG_FIELDS, LOG_LINE_MAX, detail_json, log_line, record_detail
+from authz.observe.recorder import DecisionRecorder, TracingSettings
 from authz.records import DecisionRecord
-from authz.tracing import (
-    LOG_LINE_MAX,
-    DecisionRecorder,
-    TracingSettings,
-    detail_json,
-    log_line,
-    record_detail,
-)
 from tests.test_tracing import make_record
 
 SECRET = "sk_live_51HxQ"
@@ -189,6 +183,10 @@ class TestLogLine:
         assert len(line.encode()) <= LOG_LINE_MAX
         fields = json.loads(line)
         assert fields["principal"].startswith("\x01") and fields["principal"].endswith(ELLIPSIS)
+        # Re-rendered by the same renderer: every key, and the id that joins the
+        # line to spans and access logs kept whole.
+        assert list(fields) == list(LOG_FIELDS)
+        assert fields["decision_id"] == rec.decision.decision_id
 
     def test_detail_json_matches_record_detail(self) -> None:
         """The admin endpoint's fast JSON is exactly record_detail's."""

@@ -17,12 +17,12 @@ import grpc
 import pytest
 import yaml
 
-from authz.bounded import DEFAULT_LIMITS
 from authz.commands import serve
 from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest
 from authz.envoy.server import CHECK_METHOD
+from authz.observe.bounded import DEFAULT_LIMITS
+from authz.observe.decisionlog import LOG_LINE_MAX
 from authz.testing.envoy import free_port
-from authz.tracing import LOG_LINE_MAX
 from tests.kube_emulator import KubeEmulator
 from tests.kube_harness import SVC_NS, pod, policy_cm, rule
 from tests.test_server import PODS, policy_yaml

@@ -17,7 +17,7 @@ from kubernetes_validate import utils as kube_validate
 from authz.fence import FENCE_LABEL, FENCE_NAME, FenceOptions, fence_policy, is_fenced
 from authz.kube.fence import REASON_UNFENCED, FenceMonitor
 from authz.kube.writer import RegistryWriter
-from authz.metrics import METRICS
+from authz.observe.metrics import METRICS
 from authz.render import DEFAULT_GATEWAY_SELECTOR, RenderOptions
 from tests.kube_emulator import KubeEmulator
 from tests.kube_harness import Replica, emu, policy_cm, replica, rule

@@ -183,8 +183,8 @@ class TestExplained:
         import json
 
         from authz.commands.explain import render
+        from authz.observe.decisionlog import log_line, record_detail
         from authz.records import DecisionRecord
-        from authz.tracing import log_line, record_detail
 
         identity = Identity(CART, "10.0.0.9", None, True)
         d = decide(snapshot(), identity, tls("api.kadath.io"))

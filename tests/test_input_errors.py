@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from authz import hosts
-from authz.admin import AdminServer, DecisionQuery, QueryError, parse_since
 from authz.loader import load_path
 from authz.model import Reason, Verdict
-from authz.tracing import DecisionRecorder, TracingSettings
+from authz.observe.admin import AdminServer
+from authz.observe.query import DecisionQuery, QueryError, parse_since
+from authz.observe.recorder import DecisionRecorder, TracingSettings
 from tests.test_ip_spellings import audit_verdict
 
 

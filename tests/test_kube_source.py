@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from authz.metrics import METRICS
+from authz.observe.metrics import METRICS
 from authz.policy import PolicyError, parse_configmap
 from tests.kube_emulator import KubeEmulator
 from tests.kube_harness import SVC_NS, Replica, emu, pod, policy_cm, replica, rule

@@ -1,4 +1,4 @@
-"""`serve --workers N`: the pod's one admin endpoint sees every worker (authz/pooled.py)."""
+"""`serve --workers N`: the pod's one admin endpoint sees every worker (authz/observe/pooled.py)."""
 
 from __future__ import annotations
 

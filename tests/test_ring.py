@@ -1,4 +1,4 @@
-"""authz.ring: the decision buffer is bounded and shared fairly between sources."""
+"""authz.observe.ring: the decision buffer is bounded and shared fairly between sources."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import io
 import random
 from collections import Counter
 
-from authz.metrics import Metrics
 from authz.model import Identity
+from authz.observe.metrics import Metrics
+from authz.observe.recorder import DecisionRecorder, TracingSettings
+from authz.observe.ring import UNRESOLVED, RingBuffer, source_of
 from authz.records import DecisionRecord
-from authz.ring import UNRESOLVED, RingBuffer, source_of
-from authz.tracing import DecisionRecorder, TracingSettings
 from tests.test_tracing import make_record
 
 

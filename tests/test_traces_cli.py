@@ -374,8 +374,8 @@ class TestExplainRender:
         """A bad request (no identity, no destination) explains without a rule to edit."""
         from authz.commands.explain import render
         from authz.model import Decision, Reason, Verdict
+        from authz.observe.decisionlog import record_detail
         from authz.records import DecisionRecord
-        from authz.tracing import record_detail
 
         d = Decision(False, Verdict.DENY, Reason.BAD_REQUEST, "bad1", 3, message="truncated")
         text = render(record_detail(DecisionRecord(d, None, None, time.time_ns(), 1000)))
@@ -386,8 +386,8 @@ class TestExplainRender:
         """An identity outside the trust domain is explained as a mesh problem."""
         from authz.commands.explain import render
         from authz.model import Decision, Reason, Verdict
+        from authz.observe.decisionlog import record_detail
         from authz.records import DecisionRecord
-        from authz.tracing import record_detail
 
         d = Decision(False, Verdict.DENY, Reason.UNTRUSTED_IDENTITY, "u1", 3)
         ident = Identity("spiffe://evil.example/ns/x/sa/y", "10.1.1.1")

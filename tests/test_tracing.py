@@ -1,4 +1,4 @@
-"""authz.tracing: decision log, ring buffer, metrics and OpenTelemetry spans."""
+"""authz.observe (recorder, decision log, spans): decision log, ring buffer, metrics and OpenTelemetry spans."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from authz.metrics import METRICS, Metrics
 from authz.model import (
     Decision,
     Destination,
@@ -29,18 +28,18 @@ from authz.model import (
     Verdict,
     Workload,
 )
-from authz.records import DecisionRecord
-from authz.spans import SPAN_NAME, TracingConfigError, exporters_from_env, span_sink
-from authz.tracing import (
+from authz.observe.decisionlog import (
     LOG_FIELDS,
-    DecisionRecorder,
-    RingBuffer,
-    TracingSettings,
     log_line,
     record_detail,
     record_fields,
     trace_id_of,
 )
+from authz.observe.metrics import METRICS, Metrics
+from authz.observe.recorder import DecisionRecorder, TracingSettings
+from authz.observe.ring import RingBuffer
+from authz.observe.spans import SPAN_NAME, TracingConfigError, exporters_from_env, span_sink
+from authz.records import DecisionRecord
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN = "b7ad6b7169203331"
@@ -231,7 +230,7 @@ class TestRecordFields:
     def test_log_line_memo_is_bounded_and_exact(self) -> None:
         """The memo of encoded field values stays within its size under hostile variety,
         keeps no long value, and lines stay json.dumps-exact through its resets."""
-        import authz.tracing as tracing
+        import authz.observe.decisionlog as tracing
 
         memo = tracing._jstr.__self__  # type: ignore[attr-defined]
         for i in range(3 * tracing._MEMO_SIZE):
@@ -696,7 +695,7 @@ class TestSpanPipe:
         with the caller's trace as parent and the log line's trace id."""
         import os
 
-        from authz.spans import SpanPipe
+        from authz.observe.spans import SpanPipe
 
         stub = CollectorStub()
         log = io.StringIO()
@@ -740,7 +739,7 @@ class TestSpanPipe:
         import os
         import signal
 
-        from authz.spans import SpanPipe
+        from authz.observe.spans import SpanPipe
 
         stub = CollectorStub()
         pipe = SpanPipe({**os.environ, **stub.env})
@@ -782,7 +781,7 @@ class TestSpanPipe:
         process takes over after RESTART_AFTER."""
         import os
 
-        from authz.spans import SpanPipe
+        from authz.observe.spans import SpanPipe
 
         stub = CollectorStub()
         pipe = SpanPipe({**os.environ, **stub.env})
@@ -815,7 +814,7 @@ class TestSpanPipe:
 
     def test_config(self) -> None:
         """No OTEL_* means no child at all; an unsupported exporter fails at once."""
-        from authz.spans import spans_from_env
+        from authz.observe.spans import spans_from_env
 
         assert spans_from_env({}) is None
         with pytest.raises(TracingConfigError):
@@ -846,7 +845,7 @@ class TestFastEncoder:
             ExportTraceServiceRequest,
         )
 
-        from authz.otlp import encode_request
+        from authz.observe.otlp import encode_request
 
         spans = self._spans()
         raw = encode_request(spans)
@@ -860,7 +859,7 @@ class TestFastEncoder:
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
         from opentelemetry.sdk.trace import TracerProvider
 
-        from authz.otlp import FastOTLPSpanExporter, encode_request
+        from authz.observe.otlp import FastOTLPSpanExporter, encode_request
 
         exporter = InMemorySpanExporter()
         provider = TracerProvider()

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from authz.cli import build_parser, main
-from authz.client import AdminClient
 from authz.commands import ui
+from authz.commands.admin_client import AdminClient
 from authz.model import Reason
 from authz.ui.routes import CSP, STATIC
 from tests.kube_emulator import KubeEmulator

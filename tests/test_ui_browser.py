@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from authz.cli import main
-from authz.client import AdminClient
+from authz.commands.admin_client import AdminClient
 from authz.commands.suggest import FIXABLE
 from tests.ui_harness import ANALYTICS, CART, WAIT_MS, CuttableProxy, Service, running_serve
 

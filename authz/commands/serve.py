@@ -128,7 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--log-level", default="info", choices=("debug", "info", "warning", "error"),
         help="stderr log level (default: %(default)s)",
     )
-    rec = p.add_argument_group("decision recording (see authz/tracing.py; spans need OTEL_* env)")
+    rec = p.add_argument_group("decision recording (see authz/observe/; spans need OTEL_* env)")
     rec.add_argument(
         "--trace-allow-ratio", type=_ratio, default=0.1, metavar="R",
         help="share of allowed Checks that get an OpenTelemetry span; denials, audit "
@@ -268,9 +268,9 @@ def build_workload_sources(
 
 def build_recorder(args: argparse.Namespace) -> Recorder:
     """What records each decision: metrics, ring buffer, decision log, spans."""
-    from authz.bounded import RecordLimits
-    from authz.spans import TracingConfigError, spans_from_env
-    from authz.tracing import DecisionRecorder, TracingSettings
+    from authz.observe.bounded import RecordLimits
+    from authz.observe.recorder import DecisionRecorder, TracingSettings
+    from authz.observe.spans import TracingConfigError, spans_from_env
 
     try:
         # None unless OTEL_* asks for an exporter; else a child process builds
@@ -288,7 +288,7 @@ def build_recorder(args: argparse.Namespace) -> Recorder:
         log.info("tracing: spans exported per OTEL_* (allow ratio %g)", args.trace_allow_ratio)
     recorder = DecisionRecorder(settings, spans=spans)
     if args.worker_record_fd >= 0:  # --workers: the supervisor's admin endpoint serves them
-        from authz.pooled import RecordForwarder
+        from authz.observe.pooled import RecordForwarder
 
         recorder.forward = RecordForwarder(args.worker_record_fd)
     return recorder.start()
@@ -302,13 +302,13 @@ def start_admin(args: argparse.Namespace, state: ServeState) -> Closeable | None
     """Start the admin HTTP endpoint on args.admin_address; None when there is none.
 
     Under --workers no worker has one: the supervisor serves the pod's
-    (authz/pooled.py). Wired by the admin module; `state` holds what it reads.
+    (authz/observe/pooled.py). Wired by the admin module; `state` holds what it reads.
     """
     if not args.admin_address:
         return None
-    from authz.admin import AdminServer
-    from authz.httpserve import HTTPLimits
-    from authz.tracing import DecisionRecorder
+    from authz.observe.admin import AdminServer
+    from authz.observe.httpserve import HTTPLimits
+    from authz.observe.recorder import DecisionRecorder
 
     recorder = state.recorder if isinstance(state.recorder, DecisionRecorder) else None
     limits = HTTPLimits(max_streams=args.admin_max_streams)
@@ -373,7 +373,7 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
     from authz.envoy.server import AuthzServer, ServerSettings
     from authz.identity import UnknownWorkloads
-    from authz.metrics import POLICY_REVISION
+    from authz.observe.metrics import POLICY_REVISION
     from authz.store import PolicyStore
     from authz.workloads import WorkloadIndex
 
@@ -565,7 +565,7 @@ def child_argv(args: argparse.Namespace) -> Callable[[int, int, int], list[str]]
     def argv(index: int, ready_fd: int, record_fd: int) -> list[str]:
         return [
             sys.executable, "-m", "authz", "serve", *base,
-            "--admin-address", "",  # the supervisor serves the pod's (authz/pooled.py)
+            "--admin-address", "",  # the supervisor serves the pod's (authz/observe/pooled.py)
             "--worker-index", str(index), "--worker-ready-fd", str(ready_fd),
             "--worker-record-fd", str(record_fd),
         ]

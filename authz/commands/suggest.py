@@ -73,7 +73,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    from ..client import AdminClient, AdminError
+    from .admin_client import AdminClient, AdminError
 
     out = out or sys.stdout
     client = AdminClient(args.server)

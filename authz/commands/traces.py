@@ -32,7 +32,7 @@ NEAREST = "nearest: "
 
 
 def add_server_argument(parser: argparse.ArgumentParser) -> None:
-    from ..client import SERVER_ENV
+    from .admin_client import SERVER_ENV
 
     parser.add_argument(
         "--server",
@@ -81,7 +81,7 @@ def since_value(text: str) -> str:
     """--since checked before asking the server: a bad value is a usage error (exit 2)."""
     import argparse
 
-    from ..admin import QueryError, parse_since
+    from ..observe.query import QueryError, parse_since
 
     try:
         parse_since(text)
@@ -168,7 +168,7 @@ def render_table(decisions: Iterable[Mapping[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    from ..client import AdminClient, AdminError
+    from .admin_client import AdminClient, AdminError
 
     out = out or sys.stdout
     client = AdminClient(args.server)

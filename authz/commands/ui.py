@@ -67,7 +67,7 @@ def run(
     out = out or sys.stdout
     if args.kube:
         return _run_kube(args, out, stop or threading.Event())
-    from ..client import AdminClient
+    from .admin_client import AdminClient
 
     url = AdminClient(args.server).server + "/"
     problem = probe(url)
@@ -90,7 +90,7 @@ def probe(url: str, timeout: float = 5.0) -> str | None:
     except urllib.error.HTTPError as e:
         return f"{url} answered {e.code} on /healthz"
     except (urllib.error.URLError, OSError) as e:
-        from ..client import SERVER_ENV
+        from .admin_client import SERVER_ENV
 
         return (
             f"cannot reach the admin endpoint at {url}: {getattr(e, 'reason', e)}\n"

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from authz.client import AdminClient, AdminError
+from authz.commands.admin_client import AdminClient, AdminError
 from authz.testing.clients import http_via_gateway, tls_via_sidecar
 
 from .scenario import Call, Via

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from authz.client import AdminClient, AdminError
+from authz.commands.admin_client import AdminClient, AdminError
 from authz.loader import load_path
 from authz.testing.envoy import Envoy, EnvoyError, envoy_binary, free_port
 from authz.testing.pki import Credential, TestCA

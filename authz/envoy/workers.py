@@ -7,7 +7,7 @@ nothing: each loads the policies and workloads itself and reloads them on
 its own. The supervisor holds no gRPC state (gRPC and fork do not mix), only
 restarts a worker that dies and forwards SIGTERM for a graceful drain.
 It also serves the pod's one admin endpoint, over every worker's metrics and
-decisions (authz/pooled.py).
+decisions (authz/observe/pooled.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from authz.pooled import PodObservability
+from authz.observe.pooled import PodObservability
 
 log = logging.getLogger("egress-authz")
 
@@ -93,7 +93,7 @@ def supervise(args: argparse.Namespace, argv_for: ArgvFor) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    obs = PodObservability()  # before any import of authz.metrics here or in a worker
+    obs = PodObservability()  # before any import of authz.observe.metrics here or in a worker
     try:
         return _supervise(args, argv_for, stop, obs)
     finally:

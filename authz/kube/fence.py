@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 
 from ..engine import Snapshot
 from ..fence import FENCE_LABEL, unfenced_wildcards, wildcard_hosts
-from ..metrics import UNFENCED_WILDCARD_NAMESPACES
 from ..model import NamespacePolicy
+from ..observe.metrics import UNFENCED_WILDCARD_NAMESPACES
 from ..store import PolicyStore
 from .client import KubeApi, KubeError, Obj
 from .watch import ApiHealth, Backoff, Reflector

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..loader import build_policy_set
-from ..metrics import POLICY_ERRORS
 from ..model import POLICY_LABEL, TIER_CLUSTER, TIER_LABEL, ConfigMapRef, NamespacePolicy
+from ..observe.metrics import POLICY_ERRORS
 from ..policy import PolicyError, is_policy_configmap, parse_configmap
 from ..store import PolicyStore
 from ..workloads import WorkloadIndex, workload_from_pod

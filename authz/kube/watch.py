@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..metrics import API_UNREACHABLE, WATCH_RECONNECTS
+from ..observe.metrics import API_UNREACHABLE, WATCH_RECONNECTS
 from .client import KubeApi, KubeError, KubeGone, KubeUnreachable, Obj
 
 log = logging.getLogger(__name__)

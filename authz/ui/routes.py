@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from ..model import Reason
 
 if TYPE_CHECKING:
-    from ..tracing import DecisionRecorder
+    from ..observe.recorder import DecisionRecorder
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "

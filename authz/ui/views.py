@@ -13,12 +13,12 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from ..admin import DecisionQuery
-from ..tracing import record_detail
+from ..observe.decisionlog import record_detail
+from ..observe.query import DecisionQuery
 
 if TYPE_CHECKING:
+    from ..observe.recorder import DecisionRecorder
     from ..records import DecisionRecord
-    from ..tracing import DecisionRecorder
 
 # Hostile traffic can name a new host per request: the namespace view lists
 # at most this many (workload, destination) groups, the busiest first.

@@ -24,8 +24,8 @@ import itertools
 import threading
 from collections.abc import Iterator, Sequence
 
+from ..records import DecisionRecord
 from .metrics import METRICS, Metrics
-from .records import DecisionRecord
 
 UNRESOLVED = ""  # the one bucket of callers without a resolved Pod
 

@@ -87,7 +87,7 @@ class Metrics:
         )
         self.admin_refused = Counter(
             "egress_authz_admin_refused_total",
-            "Admin connections closed or refused by a limit (authz/httpserve.py), by reason.",
+            "Admin connections closed or refused by a limit (docs/security.md), by reason.",
             ("reason",),
             registry=r,
         )

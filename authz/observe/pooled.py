@@ -36,7 +36,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 
-from .records import DecisionRecord
+from ..records import DecisionRecord
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class PodObservability:
         """The pod's admin endpoint over the collected ring (raises OSError/ValueError)."""
         from .admin import AdminServer
         from .httpserve import HTTPLimits
-        from .tracing import DecisionRecorder, TracingSettings
+        from .recorder import DecisionRecorder, TracingSettings
 
         # A recorder used only for its ring (never records: the workers count
         # and log their own decisions); the UI's views read it the same way.

@@ -1,10 +1,10 @@
 """OpenTelemetry spans for recorded decisions, built off the serving process.
 
-The recorder (authz/tracing.py) hands each kept decision here. Building an
+The recorder (authz/observe/recorder.py) hands each kept decision here. Building an
 SDK span and encoding it to OTLP costs a few hundred microseconds of Python,
 as much as half a Check, and in the serving process it would hold the GIL
 against the Check path. So `serve` runs a child process (`python -m
-authz.spans`) that reads one compact line per span from a pipe and does the
+authz.observe.spans`) that reads one compact line per span from a pipe and does the
 SDK work there; the serving process pays one non-blocking pipe write, and
 drops (counted) when the pipe is full. `SpanSink` is the same span building
 in-process, for tests and for the child itself.
@@ -40,9 +40,9 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from ..records import DecisionRecord
+from .decisionlog import LOG_FIELDS
 from .metrics import TRACE_DROPPED
-from .records import DecisionRecord
-from .tracing import LOG_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class SpanSink:
 
 
 class SpanPipe:
-    """The serving process's end: one line per span to the `authz.spans` child.
+    """The serving process's end: one line per span to the `authz.observe.spans` child.
 
     A line is `[start_ns, duration_ns, traceparent, tracestate, allowed]`, a
     tab, and the decision-log JSON the recorder made anyway. Lines are
@@ -216,7 +216,7 @@ class SpanPipe:
 
     def _start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "authz.spans"],
+            [sys.executable, "-m", "authz.observe.spans"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,  # stdout is the parent's decision log
             env=self._env,
@@ -440,7 +440,7 @@ def spans_from_env(environ: Mapping[str, str] | None = None) -> SpanPipe | None:
 
 
 # ---------------------------------------------------------------------------
-# The child: `python -m authz.spans`, started by SpanPipe
+# The child: `python -m authz.observe.spans`, started by SpanPipe
 
 
 def child_main() -> int:

@@ -1,6 +1,6 @@
 """A small HTTP/1.0 GET server whose cost is bounded whatever its clients do.
 
-The admin endpoint (authz/admin.py) runs on it, in the same process as the
+The admin endpoint (authz/observe/admin.py) runs on it, in the same process as the
 Check path, so everything it can be made to spend is capped:
 
 - one thread accepts connections and reads request heads without blocking:
@@ -12,7 +12,7 @@ Check path, so everything it can be made to spend is capped:
 - complete requests go to `workers` threads through a queue of `backlog`;
   beyond it they are answered 503 at once;
 - a handler may keep its connection (`Request.detach()`) for a long-lived
-  stream, served by its owner without a thread of its own (authz/admin.py
+  stream, served by its owner without a thread of its own (authz/observe/admin.py
   serves every event stream from one thread, at most `max_streams`);
 - every answer must be written within `write_timeout`;
 - `CpuBudget` caps the CPU time the handlers spend, in all threads together,

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from .model import Destination, Identity, RuleCheck
-from .records import DecisionRecord
+from ..model import Destination, Identity, RuleCheck
+from ..records import DecisionRecord
 
 ELLIPSIS = "..."  # ASCII: one "…" would make the whole string 2 bytes a character
 
