@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
+import signal
 import statistics
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -821,59 +824,7 @@ class TestSpanPipe:
             spans_from_env({"OTEL_TRACES_EXPORTER": "jaeger"})
 
 
-class TestFastEncoder:
-    def _spans(self) -> Sequence[ReadableSpan]:
-        exporter = InMemorySpanExporter()
-        sink = span_sink([exporter], {})
-        assert sink is not None
-        for r in (
-            make_record(),
-            make_record(verdict=Verdict.ALLOW, traceparent=TRACEPARENT, tracestate="a=b,c=d"),
-            make_record(protocol=Protocol.HTTP, port=80, method="GET", path="/ünï/" + "x" * 300),
-            make_record(verdict=Verdict.AUDIT, mode=Mode.AUDIT, duration_ns=0),
-        ):
-            f = record_fields(r)
-            f["trace_id"] = f["trace_id"] or "1" * 32
-            sink.emit(r, f)
-        sink.flush()
-        return exporter.get_finished_spans()
-
-    def test_same_bytes_as_the_sdk(self) -> None:
-        """Our encoder's request parses to exactly what the SDK's encoder builds."""
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-        )
-
-        from authz.observe.otlp import encode_request
-
-        spans = self._spans()
-        raw = encode_request(spans)
-        assert raw is not None
-        for _ in range(2):  # the second pass hits the KeyValue cache
-            assert ExportTraceServiceRequest.FromString(raw) == encode_spans(spans)
-            raw = encode_request(spans)
-
-    def test_unusual_spans_fall_back(self) -> None:
-        """A span with events (not ours) is left to the SDK encoder."""
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-        from opentelemetry.sdk.trace import TracerProvider
-
-        from authz.observe.otlp import FastOTLPSpanExporter, encode_request
-
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider()
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        with provider.get_tracer("t").start_as_current_span("x") as span:
-            span.add_event("e", {"list": [1, 2]})
-        spans = exporter.get_finished_spans()
-        assert encode_request(spans) is None
-        fast = FastOTLPSpanExporter(endpoint="http://127.0.0.1:1", insecure=True)
-        assert fast._translate_data(spans) == encode_spans(spans)
-        fast.shutdown()
-
+class TestSampler:
     def test_sampler_from_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """OTEL_TRACES_SAMPLER set on purpose is obeyed (here: nothing is kept)."""
         monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
@@ -883,3 +834,62 @@ class TestFastEncoder:
         sink.emit(make_record(), record_fields(make_record()))
         sink.flush()
         assert exporter.get_finished_spans() == ()
+
+
+class TestSpansAtShutdown:
+    def test_spans_sent_just_before_sigterm_arrive(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """serve exporting to a loopback OTLP collector: Checks answered just before
+        SIGTERM all arrive as spans, though the batch processor's 5 s delay had not
+        passed (the exporter process flushes, then stops; it is not killed). The
+        SIGTERM goes to serve's whole process group, as `kill -TERM -PGID` or a
+        terminal would send it: the exporter process is not in that group."""
+        import subprocess
+        import sys
+
+        from tests.test_server import (
+            FINANCE_RULE,
+            ROOT,
+            Client,
+            check_request,
+            free_port,
+            policy_yaml,
+        )
+
+        policies = tmp_path / "policies"
+        policies.mkdir()
+        (policies / "shop.yaml").write_text(
+            policy_yaml(["api.kadath.io"], extra_rule=FINANCE_RULE)
+        )
+        stub = CollectorStub()
+        try:
+            env = {**os.environ, **stub.env, "OTEL_BSP_SCHEDULE_DELAY": "5000"}  # SDK default
+            port = free_port()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "authz", "serve", "--policies", str(policies),
+                 "--grpc-address", f"127.0.0.1:{port}", "--admin-address", "",
+                 "--trace-allow-ratio", "1"],
+                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT,
+                env=env, start_new_session=True,
+            )  # fmt: skip
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if line.startswith("egress-authz: serving Check on"):
+                    break
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            client = Client(port)
+            ids = []
+            for _ in range(30):
+                r = client.check(check_request())
+                ids.append(r.dynamic_metadata.fields["decision_id"].string_value)
+            client.close()
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            # Everything was exported before serve exited: no waiting here.
+            got = {_attrs(sp)["egress_authz.decision_id"] for sp in stub.spans}
+        finally:
+            stub.stop()
+            if proc.poll() is None:
+                proc.kill()
+        assert got == set(ids)

@@ -189,7 +189,10 @@ class DecisionRecorder:
         return self
 
     def close(self, timeout: float = 5.0) -> None:
-        """Drain what is queued, flush spans, stop the thread."""
+        """Drain what is queued, then flush spans and stop the span sink.
+
+        `timeout` bounds the drain; the span sink has its own (a child
+        exporter gets spans.FLUSH_TIMEOUT to send what it holds)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -197,7 +200,7 @@ class DecisionRecorder:
         else:
             self._drain()
         if self.spans is not None:
-            self.spans.shutdown(timeout)
+            self.spans.shutdown()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued so far is logged and its spans exported (tests)."""

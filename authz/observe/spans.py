@@ -17,7 +17,6 @@ OTEL_BSP_*. With none of them set, there are no spans at all.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
 import json
@@ -27,12 +26,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.sdk.trace.sampling import Decision as SamplingDecision
@@ -51,6 +55,10 @@ ATTRIBUTE_PREFIX = "egress_authz."
 PIPE_BUF = 4096  # POSIX: writes up to this size to a pipe are all-or-nothing
 _PIPE_SIZE = 1 << 20  # ask Linux for a 1 MiB pipe: ~1,500 spans of burst
 _F_SETPIPE_SZ = 1031
+# How long `serve` waits at shutdown for the exporter process to send what it
+# holds: longer than one OTLP export's default timeout (10 s), so that a slow
+# collector still gets the last batch (the chart's grace period allows it).
+FLUSH_TIMEOUT = 15.0
 
 
 class TracingConfigError(ValueError):
@@ -84,19 +92,51 @@ def span_attributes(fields: Mapping[str, Any], allowed: bool) -> dict[str, str |
     return attrs
 
 
-class _CountingBatchSpanProcessor(BatchSpanProcessor):
-    """A BatchSpanProcessor that counts the spans its full queue pushes out.
+class _CountingExporter(SpanExporter):
+    """Passes spans on to `inner`, counting how many the batch processor handed over."""
 
-    The SDK drops with one log line; the operator should see it in /metrics
-    like every other drop (in-process use). It reads the SDK's private
-    queue, so a future SDK without it simply stops counting.
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+        self.handed = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.handed += len(spans)
+        return self.inner.export(spans)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class _DropCountingProcessor(SpanProcessor):
+    """A BatchSpanProcessor whose full-queue drops are counted in /metrics.
+
+    The SDK drops with one log line; the operator should see it like every
+    other drop. The queue's fill is derived from public calls only (spans
+    ended here minus spans handed to the exporter): no SDK private state.
     """
 
+    def __init__(self, exporter: SpanExporter, max_queue_size: int, **kw: Any) -> None:
+        self._exporter = _CountingExporter(exporter)
+        self._batch = BatchSpanProcessor(self._exporter, max_queue_size=max_queue_size, **kw)
+        self._max = max_queue_size
+        self._ended = 0
+        self._dropped = 0
+
     def on_end(self, span: ReadableSpan) -> None:
-        pending = getattr(getattr(self, "_batch_processor", None), "_queue", None)
-        if isinstance(pending, collections.deque) and len(pending) == pending.maxlen:
+        if self._ended - self._dropped - self._exporter.handed >= self._max:
+            self._dropped += 1
             TRACE_DROPPED.labels("span").inc()
-        super().on_end(span)
+        self._ended += 1
+        self._batch.on_end(span)
+
+    def shutdown(self) -> None:
+        self._batch.shutdown()  # type: ignore[no-untyped-call]
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._batch.force_flush(timeout_millis)
 
 
 class SpanSink:
@@ -191,6 +231,8 @@ class SpanSink:
         return all(p.force_flush(int(timeout * 1000)) for p in self.processors)
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Export everything held (within `timeout`), then stop the processors."""
+        self.flush(timeout)
         for processor in self.processors:
             processor.shutdown()
 
@@ -220,6 +262,10 @@ class SpanPipe:
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,  # stdout is the parent's decision log
             env=self._env,
+            # Its own process group: a SIGTERM or Ctrl-C to serve's group must
+            # not end it before serve has handed it the last spans (it ends
+            # when the pipe closes, having exported them).
+            process_group=0,
         )
         assert self.proc.stdin is not None
         self._fd = self.proc.stdin.fileno()
@@ -299,15 +345,20 @@ class SpanPipe:
         self.end_batch()
         return self._dead_since is None
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Hand over what is left, close the pipe, let the child flush and exit."""
+    def shutdown(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """Hand over what is left and close the pipe: the child reads to the end,
+        exports everything and exits. Only a child still exporting after
+        `timeout` (a collector that does not answer) is killed."""
         self.end_batch()
         with contextlib.suppress(OSError):
             self.proc.stdin.close()  # type: ignore[union-attr]
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            log.warning("span exporter did not finish within %.1fs; stopping it", timeout)
+            log.warning(
+                "span exporter still exporting after %.1fs (collector unreachable?); "
+                "stopping it: the spans it held are lost", timeout,
+            )
             self.proc.kill()
             self.proc.wait()
 
@@ -333,9 +384,11 @@ def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter:
     # The exporters read their endpoint, headers, certificates and timeout
     # from the same OTEL_EXPORTER_OTLP_* variables themselves.
     if protocol == "grpc":
-        from .otlp import FastOTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
 
-        return FastOTLPSpanExporter()
+        return GrpcExporter()
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as HttpExporter,
@@ -415,13 +468,15 @@ def span_sink(
     # parent-based default would lose denials whose caller did not sample.
     sampler = None if env.get("OTEL_TRACES_SAMPLER") else ALWAYS_ON
     provider = TracerProvider(sampler=sampler, resource=_resource())
+    if max_queue_size is None:  # the SDK's own default and variable
+        max_queue_size = int(env.get("OTEL_BSP_MAX_QUEUE_SIZE") or 2048)
     processors: list[SpanProcessor] = [
-        _CountingBatchSpanProcessor(
+        _DropCountingProcessor(
             exporter,
             max_queue_size=max_queue_size,
             schedule_delay_millis=schedule_delay_millis,
             # A small queue needs batches no larger than itself (the SDK insists).
-            max_export_batch_size=min(512, max_queue_size) if max_queue_size else None,
+            max_export_batch_size=min(512, max_queue_size),
         )
         for exporter in exporters
     ]
@@ -444,9 +499,11 @@ def spans_from_env(environ: Mapping[str, str] | None = None) -> SpanPipe | None:
 
 
 def child_main() -> int:
-    # Ctrl-C in a terminal reaches the whole process group; the child ends
-    # when the parent closes the pipe, after flushing what it holds.
+    # Ctrl-C in a terminal, or a SIGTERM to the process group, reaches the
+    # child too: it ignores both and ends when the parent closes the pipe,
+    # having read every span sent before and exported them (flush, then stop).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Spans matter less than answers: when CPU is short, the kernel should
     # run the serving process first. The pipe then fills and the serving
     # process drops spans (and counts them) instead of answering slower.
@@ -467,7 +524,7 @@ def child_main() -> int:
             sink.emit_raw(json.loads(line), start_ns, duration_ns, traceparent, tracestate, allowed)
         except Exception:  # one bad line must not end the exporter
             log.exception("bad span line")
-    sink.shutdown()
+    sink.shutdown(FLUSH_TIMEOUT - 1.0)
     return 0
 
 
