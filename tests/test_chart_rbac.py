@@ -92,8 +92,8 @@ class TestRbac:
         """The Role (own namespace only) grants exactly the table's namespaced calls."""
         _, namespaced = expected_grants()
         objects = render(chart, namespace)
-        role = one([o for o in objects if not o["metadata"]["name"].endswith("-gateway-ports")],
-                   "Role")
+        role = one([o for o in objects if not o["metadata"]["name"].endswith(
+            ("-gateway-ports", "-cli"))], "Role")
         assert role["metadata"]["namespace"] == namespace
         assert grants(role["rules"]) == namespaced, (
             f"missing from chart: {sorted(namespaced - grants(role['rules']))}; "
@@ -188,3 +188,29 @@ class TestInstallGuideRbac:
                         target.add(("" if group == "core" else group, resource, verb))
         assert (cluster, namespaced) == expected_grants()
         assert gateway == scope_grants(Scope.GATEWAY_NAMESPACE)
+
+
+class TestCliRole:
+    """The optional Role for `traces|explain|suggest|ui --kube` (rbac.cli)."""
+
+    def test_off_by_default(self, chart: helm.Chart) -> None:
+        """No -cli Role or binding unless asked for."""
+        names = [o["metadata"]["name"] for o in render(chart, "egress-authz")]
+        assert not any(n.endswith("-cli") for n in names)
+
+    def test_grants_exactly_the_cli_table(self, chart: helm.Chart) -> None:
+        """rbac.cli: a Role in the release namespace granting CLI_PERMISSIONS, bound to
+        the subjects given."""
+        from authz.kube.permissions import CLI_PERMISSIONS
+
+        sre = {"kind": "Group", "name": "sre", "apiGroup": "rbac.authorization.k8s.io"}
+        objects = render(chart, "platform-egress",
+                         {"rbac": {"cli": {"create": True, "subjects": [sre]}}})  # fmt: skip
+        role = one([o for o in objects if o["metadata"]["name"].endswith("-cli")], "Role")
+        assert role["metadata"]["namespace"] == "platform-egress"
+        want = {(p.group, p.resource, v) for p in CLI_PERMISSIONS for v in p.verbs}
+        assert grants(role["rules"]) == want
+        binding = one([o for o in objects if o["metadata"]["name"].endswith("-cli")],
+                      "RoleBinding")
+        assert binding["roleRef"]["name"] == role["metadata"]["name"]
+        assert binding["subjects"] == [sre]

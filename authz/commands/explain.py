@@ -60,11 +60,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("decision_id", metavar="DECISION_ID")
     add_server_argument(p)
     add_output(p, "text", "json")
+    from .replicas import add_kube_arguments
+
+    add_kube_arguments(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    from .admin_client import AdminClient, AdminError
+    from .admin_client import AdminError
+    from .replicas import client_for
 
     out = out or sys.stdout
     if not DECISION_ID.match(args.decision_id.strip().lower()):
@@ -72,11 +76,17 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             f"{args.decision_id[:80]!r} is not a decision id: ids are 16 or more hex digits, "
             "as in a 403 body's decision_id or `egress-authz traces -o json`"
         )
+    client = None
     try:
-        d = AdminClient(args.server).decision(args.decision_id.strip().lower())
+        client = client_for(args, "egress-authz explain")
+        d = client.decision(args.decision_id.strip().lower())
     except AdminError as e:  # AdminNotFound says the id is not in the buffer
         print(f"egress-authz explain: {e}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        close = getattr(client, "close", None)
+        if callable(close):
+            close()
     if getattr(args, "output", "text") == "json":
         import json
 
@@ -217,6 +227,8 @@ def render(d: Mapping[str, Any]) -> str:
     """The text `explain` prints: `explanation(d)`, laid out for a terminal."""
     e = explanation(d)
     out = [f"Decision {e['decision_id']}\n"]
+    if d.get("replica"):  # --kube: the replica that recorded it
+        out.append(f"  recorded by replica {d['replica']}\n")
     out.append(
         f"  {e['verdict'].upper()} ({e['reason']}) at {e['time']}, policy revision "
         f"{e['revision']}, mode {e['mode']}, answered in {e['latency']}\n"

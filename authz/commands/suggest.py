@@ -69,15 +69,20 @@ def add_parser(subparsers: Any) -> None:
         help=f"name of the ConfigMap to print (default {DEFAULT_NAME})",
     )
     add_output(p, "yaml", "json")
+    from .replicas import add_kube_arguments
+
+    add_kube_arguments(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    from .admin_client import AdminClient, AdminError
+    from .admin_client import AdminError
+    from .replicas import client_for
 
     out = out or sys.stdout
-    client = AdminClient(args.server)
+    client = None
     try:
+        client = client_for(args, "egress-authz suggest")
         found = [
             d
             for verdict in SUGGESTED_VERDICTS
@@ -88,6 +93,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except AdminError as e:
         print(f"egress-authz suggest: {e}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        close = getattr(client, "close", None)  # --kube: the replicas' forwarders
+        if callable(close):
+            close()
     if not found:
         print(
             f"no deny or audit decisions recorded for namespace {args.namespace}: "

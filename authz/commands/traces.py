@@ -73,6 +73,9 @@ def add_parser(subparsers: Any) -> None:
         "this many",
     )
     p.add_argument("--follow", "-f", action="store_true", help="stream new decisions live")
+    from .replicas import add_kube_arguments
+
+    add_kube_arguments(p)
     add_output(p, "table", "json")
     p.set_defaults(run=run)
 
@@ -157,21 +160,31 @@ def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
 
 
 def render_table(decisions: Iterable[Mapping[str, Any]]) -> str:
+    decisions = list(decisions)
+    columns: tuple[str, ...] = COLUMNS
     rows = [row_of(d) for d in decisions]
+    if any("replica" in d for d in decisions):  # --kube: which replica answered
+        columns = (*COLUMNS, "REPLICA")
+        rows = [(*r, str(d.get("replica") or "?")) for r, d in zip(rows, decisions, strict=True)]
     widths = [
-        min(_MAX_WIDTH, max(len(c), *(len(r[i]) for r in rows))) for i, c in enumerate(COLUMNS)
+        min(_MAX_WIDTH, max(len(c), *(len(r[i]) for r in rows))) for i, c in enumerate(columns)
     ]
-    return "\n".join(_line(r, widths) for r in [COLUMNS, *rows]) + "\n"
+    return "\n".join(_line(r, widths) for r in [columns, *rows]) + "\n"
 
 
 # ---------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    from .admin_client import AdminClient, AdminError
+    from .admin_client import AdminError
+    from .replicas import client_for
 
     out = out or sys.stdout
-    client = AdminClient(args.server)
+    try:
+        client = client_for(args, "egress-authz traces")
+    except AdminError as e:
+        print(f"egress-authz traces: {e}", file=sys.stderr)
+        return EXIT_ERROR
     filters = {
         "namespace": args.namespace,
         "workload": args.workload,
@@ -187,6 +200,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except AdminError as e:
         print(f"egress-authz traces: {e}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        _close(client)
     found.reverse()  # oldest first, newest at the bottom, like a log
     if args.output == "json":
         json.dump(found, out, indent=2)
@@ -198,9 +213,20 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return EXIT_OK
 
 
+def _close(client: Any) -> None:
+    close = getattr(client, "close", None)  # a ReplicaClient's forwarders
+    if callable(close):
+        close()
+
+
 def _follow(client: Any, filters: dict[str, Any], output: str, out: TextIO) -> int:
+    replicas = hasattr(client, "replicas")
+    columns: tuple[str, ...] = COLUMNS
+    widths: tuple[int, ...] = _FOLLOW_WIDTHS
+    if replicas:
+        columns, widths = (*COLUMNS, "REPLICA"), (*_FOLLOW_WIDTHS, 30)
     if output == "table":
-        out.write(_line(COLUMNS, _FOLLOW_WIDTHS) + "\n")
+        out.write(_line(columns, widths) + "\n")
         out.flush()
     # Under `| head` the reader may go away; that ends the command quietly.
     try:
@@ -208,7 +234,8 @@ def _follow(client: Any, filters: dict[str, Any], output: str, out: TextIO) -> i
             if output == "json":
                 out.write(json.dumps(d, separators=(",", ":")) + "\n")
             else:
-                out.write(_line(row_of(d), _FOLLOW_WIDTHS) + "\n")
+                row = row_of(d) + ((str(d.get("replica") or "?"),) if replicas else ())
+                out.write(_line(row, widths) + "\n")
             out.flush()
     except BrokenPipeError:
         return EXIT_OK

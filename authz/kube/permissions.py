@@ -66,6 +66,18 @@ PERMISSIONS: tuple[Permission, ...] = (
        "the gateway Service's port -> targetPort: the gateway port map"),
 )
 
+# What a person running `egress-authz traces|explain|suggest|ui --kube` needs
+# (authz/commands/replicas.py, authz/commands/ui.py): not the service's own
+# calls, so not in PERMISSIONS; the chart's optional `-cli` Role grants them
+# (rbac.cli) and tests/test_chart_rbac.py holds the two together.
+CLI_PERMISSIONS: tuple[Permission, ...] = (
+    _p("", "v1", "pods", "Pod", "list", Scope.SERVICE_NAMESPACE,
+       "--kube: find the service's ready replicas"),
+    _p("", "v1", "pods/portforward", "Pod", "create get", Scope.SERVICE_NAMESPACE,
+       "--kube: reach each replica's admin port (the WebSocket upgrade is a GET; "
+       "RBAC checks create, and get on older clusters)"),
+)
+
 BY_KIND: dict[str, Permission] = {p.kind: p for p in PERMISSIONS}
 ISTIO_KINDS = ("ServiceEntry", "DestinationRule", "VirtualService", "Gateway")
 
