@@ -43,7 +43,9 @@ VARIANTS: list[tuple[str, dict[str, Any], str]] = [
     ("hpa", {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 9}}, NAMESPACE),
     (
         "servicemonitor",
-        {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}},
+        {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+         "prometheusRule": {"enabled": True, "labels": {"release": "kps"}},
+         "grafanaDashboard": {"enabled": True}},
         NAMESPACE,
     ),
     ("istio-off", {"istio": {"enabled": False}}, NAMESPACE),

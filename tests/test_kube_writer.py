@@ -3,6 +3,7 @@ leader election, the permissions table and the 1,000-namespace load."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -122,6 +123,32 @@ class TestWriter:
         emu.remove("v1", "ConfigMap", "shop", "p")
         emu.wait_for(lambda: not emu.list("networking.istio.io/v1", "VirtualService")
                      and not ses(emu, "shop"), timeout=1)
+
+    def test_failed_writes_are_counted(self, emu: KubeEmulator, replica: Replica,
+                                       writer: RegistryWriter) -> None:
+        """A write the API refuses counts in egress_authz_registry_write_errors_total (the
+        PrometheusRule's EgressAuthzRegistryWriteErrors), and the writer retries."""
+        from authz.observe.metrics import METRICS
+        from tests.kube_emulator import ApiError
+
+        def errors() -> float:
+            return METRICS.value("egress_authz_registry_write_errors_total")
+
+        refusing = threading.Event()
+        refusing.set()
+
+        def refuse(method: str, path: str) -> None:
+            if refusing.is_set() and method == "PATCH" and "/serviceentries/" in path:
+                raise ApiError(403, "Forbidden", "serviceentries is forbidden (test)")
+
+        before = errors()
+        emu.before_request = refuse
+        assert replica.source is not None and replica.source.wait_ready(5)
+        emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
+        emu.wait_for(lambda: errors() > before, timeout=5)
+        refusing.clear()
+        emu.wait_for(lambda: ses(emu, "shop") == {"egress-authz-dns-443": ["api.kadath.io"]},
+                     timeout=5)
 
     def test_hand_edited_service_entry_is_restored(self, emu: KubeEmulator, replica: Replica,
                                                    writer: RegistryWriter) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from ..engine import Snapshot
 from ..fence import FenceOptions, fence_policy
 from ..model import MANAGED_BY_LABEL, MANAGED_BY_VALUE
+from ..observe.metrics import REGISTRY_WRITE_ERRORS
 from ..render import APPLY_ORDER, RenderOptions, object_key, render
 from ..store import PolicyStore
 from .client import KubeApi, KubeError, KubeNotFound, Obj
@@ -223,5 +224,6 @@ class RegistryWriter:
         except KubeNotFound:
             return what == "delete"  # already gone is what we wanted
         except KubeError as e:
+            REGISTRY_WRITE_ERRORS.inc()
             log.warning("%s %s %s/%s: %s", what, key[1], key[2], key[3], e)
             return False

@@ -96,6 +96,12 @@ class Metrics:
             "Thread CPU time the admin endpoint's handlers used (held to a share of one core).",
             registry=r,
         )
+        self.registry_write_errors = Counter(
+            "egress_authz_registry_write_errors_total",
+            "Writes of the mesh registry (Istio objects, fence NetworkPolicies) that failed "
+            "(the leader retries).",
+            registry=r,
+        )
         self.unfenced_wildcard_namespaces = Gauge(
             "egress_authz_unfenced_wildcard_namespaces",
             "Namespaces whose policy allows a wildcard host while no NetworkPolicy fences "
@@ -136,3 +142,4 @@ TRACE_DROPPED = METRICS.trace_dropped
 ADMIN_REFUSED = METRICS.admin_refused
 ADMIN_CPU = METRICS.admin_cpu
 UNFENCED_WILDCARD_NAMESPACES = METRICS.unfenced_wildcard_namespaces
+REGISTRY_WRITE_ERRORS = METRICS.registry_write_errors
