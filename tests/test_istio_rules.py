@@ -149,6 +149,16 @@ class TestDefects:
                                             "ports": [8443]}])))
         assert_istio_accepts(objs, chart_gateways)
 
+    def test_one_host_on_different_ports_in_two_namespaces(
+            self, chart_gateways: list[dict[str, Any]]) -> None:
+        """shop allows api.kadath.io on 443, billing on 443 and 8443: the gateway keeps one
+        ServiceEntry per hostname across namespaces (the oldest; Istio merges only within a
+        namespace), so it must see one that has every port it routes the host to."""
+        objs = render(policies(cm("shop", [{"name": "a", "hosts": ["api.kadath.io"]}]),
+                               cm("billing", [{"name": "a", "hosts": ["api.kadath.io"],
+                                               "ports": [443, 8443]}])))
+        assert_istio_accepts(objs, chart_gateways)
+
 
 HOST_LABELS = ["my", "api", "my-api", "api-example", "example", "x--y", "a"]
 hosts_st = st.builds(

@@ -79,9 +79,15 @@ class TestRender:
             wild = any(h.startswith("*.") for h in o["spec"]["hosts"])
             assert o["spec"]["resolution"] == ("NONE" if wild else "DNS")
             assert o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "egress-authz"
-            assert o["metadata"]["ownerReferences"][0]["kind"] == "ConfigMap"
             ns = o["metadata"]["namespace"]
-            assert o["spec"]["exportTo"] == (["*"] if ns == SVC_NS else [".", "istio-egress"])
+            if ns == "istio-egress":  # the gateway's own entries: no owner across namespaces
+                assert "ownerReferences" not in o["metadata"] and not wild
+            else:
+                assert o["metadata"]["ownerReferences"][0]["kind"] == "ConfigMap"
+            # Namespaces' entries are their sidecars' alone; the gateway sees its own.
+            assert o["spec"]["exportTo"] == (["*"] if ns == SVC_NS else ["."])
+        assert {h for o in entries if o["metadata"]["namespace"] == "istio-egress"
+                for h in o["spec"]["hosts"]} == {"api.kadath.io", "status.io"}
         shop_dr = next(o for o in objs if o["kind"] == "DestinationRule"
                        and o["metadata"]["namespace"] == "shop")
         assert {s["trafficPolicy"]["tls"]["sni"] for s in shop_dr["spec"]["subsets"]} == {
@@ -280,7 +286,11 @@ class TestScale:
         start = time.monotonic()
         objs = render(replica.store.current.policy_set)
         rendered = time.monotonic() - start
-        assert len([o for o in objs if o["kind"] == "ServiceEntry"]) == 1000
+        entries = [o for o in objs if o["kind"] == "ServiceEntry"]
+        assert len([o for o in entries if o["metadata"]["namespace"] != "istio-egress"]) == 1000
+        # The gateway's own entry lists every host, once.
+        [gw_entry] = [o for o in entries if o["metadata"]["namespace"] == "istio-egress"]
+        assert len(gw_entry["spec"]["hosts"]) == 10_000
         print(f"\nkube scale: load {loaded:.2f}s, render {rendered:.2f}s, {len(objs)} objects")
         assert loaded < 20 and rendered < 10
 

@@ -24,7 +24,7 @@ from typing import Any
 from ..engine import Snapshot
 from ..fence import FenceOptions, fence_policy
 from ..model import MANAGED_BY_LABEL, MANAGED_BY_VALUE
-from ..render import APPLY_ORDER, RenderOptions, object_key, render
+from ..render import APPLY_ORDER, RenderOptions, gateway_entry_last, object_key, render
 from ..store import PolicyStore
 from .client import KubeApi, KubeError, KubeNotFound, Obj
 from .permissions import ISTIO_KINDS
@@ -182,9 +182,11 @@ class RegistryWriter:
         # 2. routes: DestinationRules, Gateway, VirtualServices (render's order);
         # 3. ServiceEntries gain hosts last;
         # 4. routes no longer wanted go (their hosts left the registry in step 1).
-        for key in [k for k in gone if k[1] == "ServiceEntry"]:
+        # (The gateway's own entries go last here and first in step 3: the gateway can
+        # forward a host whenever a sidecar can dial it.)
+        for key in sorted((k for k in gone if k[1] == "ServiceEntry"), key=gateway_entry_last):
             ok &= self._delete(key)
-        for key, obj in changed.items():
+        for key, obj in sorted(changed.items(), key=lambda ko: gateway_entry_last(ko[0])):
             have = current.get(key)
             if obj["kind"] == "ServiceEntry" and have is not None:
                 kept = _narrowed(obj, have)
