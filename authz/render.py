@@ -13,7 +13,8 @@ Istio would not merge; every policy ConfigMap of the namespace is an owner):
   per distinct port set so a host is never admitted on another host's ports.
 - ServiceEntry `egress-authz-wildcard-<ports>`: wildcard hosts, resolution NONE (a wildcard
   cannot be resolved). ServiceEntries are exported to "." only: the gateway has its own.
-- DestinationRule `egress-authz-gateway` for the gateway Service: one subset per exact host
+- DestinationRule `egress-authz-gateway` (exportTo ".") for the gateway Service: one subset
+  per exact host
   (this namespace's and the cluster tier's: a sidecar that finds this rule looks no
   further), ISTIO_MUTUAL with `sni: <host>`: the gateway sees the caller's SPIFFE identity
   and the host it asked for. A subset depends on its host alone, so every rule that
@@ -223,7 +224,10 @@ def _scope_objects(namespace: str, owners: list[NamespacePolicy], host_ports: di
             names, key, wild=wild, export=export if entry_export is None else entry_export))
     exact = {h: hp for h, hp in host_ports.items() if not hosts.is_wildcard(h) and hp.key()}
     if subsets:
-        out.append(_destination_rule(namespace, owners, subsets, export, opt))
+        # Private (exportTo "."): a sidecar in the root namespace finds only that namespace's
+        # private rules before the gateway namespace's (push_context.go destinationRule,
+        # rootNamespaceLocal), and no other namespace needs this one.
+        out.append(_destination_rule(namespace, owners, subsets, ["."], opt))
     for host, hp in sorted(exact.items()):
         out.append(_virtual_service(namespace, owners, host, hp, export, scope, opt))
     return out

@@ -177,15 +177,21 @@ class _Index:
     def destination_rule(self, namespace: str) -> tuple[Obj | None, str]:
         """push_context.go destinationRule(): proxy namespace (rules visible there), the
         gateway Service's namespace, the root namespace (rules exported beyond their own
-        namespace, to this one). The first namespace with a rule for the host wins."""
+        namespace, to this one). The first namespace with a rule for the host wins.
+        setDestinationRules: a rule is private when its exportTo is "." or its own namespace
+        alone."""
         host = self.mesh.gateway_host
         rules = [o for o in self.by_kind["DestinationRule"] if o["spec"]["host"] == host]
-        steps: list[tuple[str, bool]] = [(namespace, True)]
-        if namespace != self.mesh.root_namespace:
-            steps += [(self.mesh.gateway_namespace, False), (self.mesh.root_namespace, False)]
+        # A proxy in the root namespace first looks only at the root namespace's *private*
+        # rules (setDestinationRules' rootNamespaceLocal); an exported rule there is found
+        # only in the last step, after the gateway namespace's.
+        root = namespace == self.mesh.root_namespace
+        steps: list[tuple[str, bool]] = [
+            (namespace, True), (self.mesh.gateway_namespace, False),
+            (self.mesh.root_namespace, False)]
         for where, local in steps:
             found = [o for o in rules if _ns(o) == where and (
-                _visible(o, namespace) if local
+                (_visible(o, namespace) and not (root and _exported_beyond_own(o))) if local
                 else _exported_beyond_own(o) and _visible(o, namespace))]
             if len(found) > 1:
                 return None, (f"several DestinationRules for {host} in {where} "

@@ -149,6 +149,14 @@ class TestDefects:
                                             "ports": [8443]}])))
         assert_istio_accepts(objs, chart_gateways)
 
+    def test_policy_in_the_root_namespace(self, chart_gateways: list[dict[str, Any]]) -> None:
+        """A sidecar in the root namespace (istio-system) first finds only that namespace's
+        private DestinationRules: an exported one there is looked at after the gateway
+        namespace's, which lacks this namespace's subsets."""
+        objs = render(policies(cm(SVC_NS, [{"name": "b", "hosts": ["status.io"]}], cluster=True),
+                               cm("istio-system", [{"name": "a", "hosts": ["api.kadath.io"]}])))
+        assert_istio_accepts(objs, chart_gateways)
+
     def test_one_host_on_different_ports_in_two_namespaces(
             self, chart_gateways: list[dict[str, Any]]) -> None:
         """shop allows api.kadath.io on 443, billing on 443 and 8443: the gateway keeps one
@@ -177,7 +185,8 @@ rule_st = st.fixed_dictionaries(
 @st.composite
 def policy_sets(draw: st.DrawFn) -> list[dict[str, Any]]:
     cms = []
-    for ns in draw(st.lists(st.sampled_from(["shop", "billing", "ops", "istio-egress", "a" * 50]),
+    for ns in draw(st.lists(st.sampled_from(["shop", "billing", "ops", "istio-egress", "istio-system",
+                                             "a" * 50]),
                             max_size=4, unique=True)):
         rules = draw(st.lists(rule_st, min_size=1, max_size=3))
         cms.append(cm(ns, [{"name": f"r{i}", **r} for i, r in enumerate(rules)]))
