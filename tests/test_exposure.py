@@ -196,3 +196,22 @@ class TestAdminPortAtStart:
         err = capsys.readouterr().err
         assert f"cannot serve the admin endpoint on 127.0.0.1:{port}" in err
         assert "--admin-address" in err
+
+    def test_taken_grpc_port_names_the_cause(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A taken Check port stops `serve` (exit 1) with the cause and the flag on one line
+        of ours, not only in a gRPC C-core log line."""
+        (tmp_path / "shop.yaml").write_text(policy_yaml(["api.kadath.io"]))
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            args = serve.build_arg_parser().parse_args([
+                "--policies", str(tmp_path), "--grpc-address", f"127.0.0.1:{port}",
+                "--admin-address", "",
+            ])  # fmt: skip
+            assert serve.run(args) == 1
+        err = capsys.readouterr().err
+        assert f"egress-authz serve: cannot listen for Check on 127.0.0.1:{port}: " in err
+        assert "Address already in use" in err and "--grpc-address" in err

@@ -351,6 +351,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _bind_cause(address: str) -> str:
+    """Why `address` (host:port) cannot be bound, as the kernel says it."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, int(port)))
+    except (OSError, ValueError) as e:
+        return getattr(e, "strerror", None) or str(e)
+    return "gRPC could not bind it (set GRPC_VERBOSITY=debug for its reason)"
+
+
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
     from authz.envoy.server import AuthzServer, ServerSettings
@@ -403,8 +418,17 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     try:
         port = server.start()
     except RuntimeError as e:
-        log.error("%s", e)
-        return 1
+        log.debug("gRPC start failed: %s", e)
+        if worker:  # its sources and admin endpoint already run
+            _close(policy_sources, workload_sources, admin, recorder)
+        else:
+            _close_recorder(recorder)
+        # gRPC says only "Failed to bind" (the cause is in a C-core log line): ask the
+        # kernel the same question to say why.
+        raise StartError(
+            f"cannot listen for Check on {args.grpc_address}: {_bind_cause(args.grpc_address)}"
+            "; free the port, or give another --grpc-address"
+        ) from e
     if not worker:
         try:
             admin = start_admin(args, state)
