@@ -22,7 +22,7 @@ from functools import partial
 from typing import Any
 
 from ..engine import Snapshot
-from ..fence import FenceOptions, fence_policy
+from ..fence import FENCE_NAME, FenceOptions, fence_policy
 from ..model import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from ..render import APPLY_ORDER, RenderOptions, gateway_entry_last, object_key, render
 from ..store import PolicyStore
@@ -163,7 +163,10 @@ class RegistryWriter:
         self.reconciles += 1
         wanted = {object_key(o): o for o in render(snapshot.policy_set, self.options)}
         with self._lock:
-            current = dict(self._current)
+            # Ours are the Istio kinds with our label, and of NetworkPolicies only the fence:
+            # one copied from it under another name (our label kept) is the user's.
+            current = {k: o for k, o in self._current.items()
+                       if k[1] != "NetworkPolicy" or k[3] == FENCE_NAME}
         fenced = self.fences() if self.fences is not None else None
         if fenced is None:  # not known yet (or not ours): leave NetworkPolicies as they are
             current = {k: o for k, o in current.items() if k[1] != "NetworkPolicy"}
