@@ -248,23 +248,27 @@ class TestPermissions:
             w.stop()
             fences.stop()
             el.stop()
-        by_path = {}
+        by_path: dict[tuple[str, str], list[Any]] = {}
         for p in PERMISSIONS:
             base = f"/apis/{p.group}/{p.version}" if p.group else f"/api/{p.version}"
-            by_path[(base, p.resource)] = p
-        used: set[tuple[str, str, str]] = set()
+            by_path.setdefault((base, p.resource), []).append(p)
+        used: set[tuple[str, str, str, frozenset[str]]] = set()
         for rec in emu.requests:
             parts = rec.path.split("/")
             base = "/".join(parts[:3]) if parts[1] == "api" else "/".join(parts[:4])
             rest = [x for x in rec.path[len(base):].split("/") if x]
             if rest[0] == "namespaces" and len(rest) >= 3:
                 rest = rest[2:]
-            perm = by_path[(base, rest[0])]
+            name = rest[1] if len(rest) > 1 else None
             verbs = verbs_of(rec.method, rec.content_type, collection=len(rest) == 1,
                              watch=rec.query.get("watch") == "true")
-            assert verbs <= perm.verbs, f"{rec.method} {rec.path} needs {verbs}"
-            used.update((perm.group, perm.resource, verb) for verb in verbs)
-        listed = {(p.group, p.resource, v) for p in PERMISSIONS for v in p.verbs}
+            for verb in verbs:
+                # As RBAC judges it: a rule with resourceNames grants only those names.
+                [perm, *_] = [p for p in by_path[(base, rest[0])] if verb in p.verbs
+                              and (not p.names or name in p.names)] or [None]
+                assert perm is not None, f"{rec.method} {rec.path} needs {verb}"
+                used.add((perm.group, perm.resource, verb, perm.names))
+        listed = {(p.group, p.resource, v, p.names) for p in PERMISSIONS for v in p.verbs}
         assert listed == used
 
 
