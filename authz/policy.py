@@ -373,6 +373,10 @@ def _parse_rule(p: _Problems, index: int, raw: Any, *, tier: Tier, wide_ok: bool
             except hosts.PatternError as e:
                 p.add(f"{where} hosts[{i}]", _host_problem(host, e))
                 continue
+            loopback = hosts.loopback_problem(pattern)
+            if loopback is not None:
+                p.add(f"{where} hosts[{i}]", loopback)
+                continue
             over_wide = None if wide_ok else hosts.public_suffix_problem(pattern)
             if over_wide is not None:
                 p.add(f"{where} hosts[{i}]", f'"{shown(host, quote=False)}": {over_wide}; '

@@ -389,6 +389,12 @@ class DecisionRecorder:
         self._pending: collections.deque[tuple[DecisionRecord, str, bool, str | None]] = (
             collections.deque()
         )
+        # Records queued per source (authz.ring.source_of): once the queue is half
+        # full, a source holding its share of the other half is refused, so that a
+        # flood cannot crowd other namespaces out of the decision log and spans
+        # (issue 12). Counted up by gRPC threads, down by the recorder thread.
+        self._queued: dict[str, int] = {}
+        self._queued_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -410,9 +416,15 @@ class DecisionRecorder:
             # and `.value` costs half a microsecond each on this path.
             CHECKS.inc(d.verdict, d.reason, namespace)
             CHECK_SECONDS.observe(record.duration_ns / 1e9)
-            self.ring.append(record, source_of(record))
-            if len(self._pending) >= self.settings.queue_size:
-                TRACE_DROPPED.inc("queue")
+            source = source_of(record)
+            self.ring.append(record, source)
+            size = self.settings.queue_size
+            pending = len(self._pending)
+            if pending >= size or (
+                pending >= size >> 1
+                and self._queued.get(source, 0) >= (size >> 1) // (len(self._queued) or 1)
+            ):
+                TRACE_DROPPED.inc("queue" if pending >= size else "queue-share")
                 if d.explainer is not None:
                     # Never explained now: let go of what the explainer holds (the
                     # request as sent, a policy snapshot) rather than keep it in the ring.
@@ -430,6 +442,8 @@ class DecisionRecorder:
                 line = log_line(record, trace_id)
                 if len(line) > 1024:
                     line = fit_line(line, record, trace_id)
+            with self._queued_lock:  # counted before it can be taken: never below zero
+                self._queued[source] = self._queued.get(source, 0) + 1
             self._pending.append((record, line, span, trace_id))
         except Exception:  # recording must never fail a Check
             TRACE_DROPPED.inc("error")
@@ -492,6 +506,13 @@ class DecisionRecorder:
                 rec, line, span, trace_id = self._pending.popleft()
             except IndexError:
                 break
+            source = source_of(rec)
+            with self._queued_lock:
+                left = self._queued.get(source, 1) - 1
+                if left > 0:
+                    self._queued[source] = left
+                else:
+                    self._queued.pop(source, None)
             if rec.decision.explainer is not None or span:
                 try:
                     self._process(rec, line, span, trace_id)

@@ -412,6 +412,8 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
             _close_recorder(recorder)
             raise
         start_sources()
+        if not store.loaded:  # fail closed: Envoy's connections go to the other workers
+            log.info("worker %d: not listening on Check until a policy loads", args.worker_index)
         if not _wait_loaded(store, stop):  # stopped before a policy arrived: never listened
             _close(policy_sources, workload_sources, admin, recorder)
             return 0
