@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 
 from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest, CheckResponse
 from authz.envoy.server import CHECK_METHOD
@@ -22,7 +21,16 @@ from authz.gateway_ports import GatewayPorts
 from authz.kube.gateway_service import GatewayServiceWatch
 from authz.testing.envoy import free_port
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import SVC_NS, Replica, emu, pod, policy_cm, replica, rule
+from tests.kube_harness import (
+    SVC_NS,
+    Replica,
+    emu,
+    pod,
+    policy_cm,
+    replica,
+    rule,
+    write_kubeconfig,
+)
 
 __all__ = ["emu", "replica"]  # fixtures
 pytestmark = pytest.mark.kube
@@ -131,12 +139,7 @@ class TestServeKube:
         emu.seed(policy_cm("shop", "p", [rule("kadath", "api.kadath.io", ports=[443])]),
                  gateway_service(),
                  pod("shop", "cart", "10.0.0.9", sa="cart"))  # the caller: no Pod, no allow
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "e",
-            "clusters": [{"name": "e", "cluster": {"server": emu.url}}],
-            "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-            "users": [{"name": "u", "user": {"token": "t"}}]}))
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
         port = free_port()
         args = build_arg_parser().parse_args([
             "--kube", "--kubeconfig", str(kubeconfig), "--namespace", SVC_NS,

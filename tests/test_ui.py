@@ -25,6 +25,7 @@ from authz.commands import ui
 from authz.model import Reason
 from authz.ui.routes import CSP, STATIC
 from tests.kube_emulator import KubeEmulator
+from tests.kube_harness import write_kubeconfig
 from tests.ui_harness import ANALYTICS, CART, Service, free_port, running_serve
 
 pytestmark = pytest.mark.timeout(180)
@@ -260,13 +261,7 @@ class TestUiKube:
                      phase="Pending"),
             )  # fmt: skip
             emu.port_forwards[("egress-authz", "authz-b", 9090)] = ("127.0.0.1", admin_port)
-            kubeconfig = tmp_path / "kubeconfig"
-            kubeconfig.write_text(json.dumps({
-                "apiVersion": "v1", "kind": "Config", "current-context": "emu",
-                "clusters": [{"name": "emu", "cluster": {"server": emu.url}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u"}}],
-            }))  # fmt: skip
+            kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
             args = build_parser().parse_args(["ui", "--kube", "--kubeconfig", str(kubeconfig)])
             out = io.StringIO()
             stop = threading.Event()
@@ -301,13 +296,7 @@ class TestUiKube:
         """No ready pod matches: exit 1 saying how many were found, nothing forwarded."""
         with KubeEmulator() as emu:
             emu.seed(_pod("authz-starting", ready=False, created="2026-11-03T00:00:00Z"))
-            kubeconfig = tmp_path / "kubeconfig"
-            kubeconfig.write_text(json.dumps({
-                "apiVersion": "v1", "kind": "Config", "current-context": "emu",
-                "clusters": [{"name": "emu", "cluster": {"server": emu.url}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u"}}],
-            }))  # fmt: skip
+            kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
             code, out, err = cli(capsys, "ui", "--kube", "--kubeconfig", str(kubeconfig))
         assert code == 1 and out == ""
         assert "no ready pod in namespace egress-authz" in err and "(of 1 found)" in err

@@ -213,14 +213,10 @@ class TestKubeMode:
         """Service 443 -> the TLS listener: the 443 rule allows through Envoy; the Service
         edited to point 443 elsewhere: the same connection is refused; restored: allowed."""
         from tests.kube_emulator import KubeEmulator
+        from tests.kube_harness import write_kubeconfig
 
         with KubeEmulator(bookmark_interval=0.2) as emu:
-            kubeconfig = tmp_path / "kubeconfig"
-            kubeconfig.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "e",
-                "clusters": [{"name": "e", "cluster": {"server": emu.url}}],
-                "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-                "users": [{"name": "u", "user": {"token": "t"}}]}))
+            kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
             emu.seed(yaml.safe_load(POLICY), {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": CART_FINANCE.name, "namespace": "shop",
