@@ -40,7 +40,6 @@ does it.
 from __future__ import annotations
 
 import os
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from authz.testing.clients import HTTPResult, TLSResult
 from authz.testing.envoy import free_port
 from authz.testing.mesh import LoopbackMesh
 from authz.testing.pods import Pod, pod_object, pods_manifest
+from authz.testing.policies import policy_configmap
 from authz.testing.service import ServiceProcess
 from tests.kube_emulator import KubeEmulator
 
@@ -67,23 +67,6 @@ CART_MARKETING = Pod(
 )
 FRONTEND = Pod("frontend", "shop", "frontend", "127.0.0.4", {"app": "frontend"})
 PODS = (CART_FINANCE, CART_MARKETING, FRONTEND)
-
-
-def policy_configmap(name: str, namespace: str, rules: str) -> str:
-    """A policy ConfigMap; `rules` is the YAML list under `rules:`."""
-    body = "mode: enforce\nrules:\n" + textwrap.indent(textwrap.dedent(rules).strip(), "  ")
-    return f"""\
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: {name}
-  namespace: {namespace}
-  labels:
-    egress-authz.io/policy: "true"
-data:
-  policy.yaml: |
-{textwrap.indent(body, "    ")}
-"""
 
 
 def ports_of(mesh_ports: tuple[int, int]) -> str:

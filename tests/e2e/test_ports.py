@@ -26,9 +26,10 @@ import yaml
 from authz.testing.envoy import free_port
 from authz.testing.mesh import LoopbackMesh
 from authz.testing.pods import pods_manifest
+from authz.testing.policies import policy_configmap
 from authz.testing.service import ServiceProcess
 
-from .conftest import CART_FINANCE, eventually, policy_configmap
+from .conftest import CART_FINANCE, eventually
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(120)]
 
