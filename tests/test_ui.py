@@ -11,7 +11,6 @@ import re
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from importlib import resources
 from pathlib import Path
@@ -26,26 +25,11 @@ from authz.model import Reason
 from authz.ui.routes import CSP, STATIC
 from tests.kube_emulator import KubeEmulator
 from tests.kube_harness import write_kubeconfig
-from tests.ui_harness import ANALYTICS, CART, Service, free_port, running_serve
+from tests.ui_harness import Service, free_port, service, traffic
+
+__all__ = ["service", "traffic"]  # fixtures
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with running_serve(tmp_path_factory.mktemp("ui")) as svc:
-        yield svc
-
-
-@pytest.fixture(scope="module")
-def traffic(service: Service) -> dict[str, str]:
-    return {
-        "allow": service.check(sni="api.kadath.io", **CART),
-        "deny": service.check(sni="api.leng.com", **CART),
-        "port": service.check(sni="api.kadath.io", port=8443, **CART),
-        "cluster": service.check(sni="api.stealyourmoney.com", **CART),
-        "audit": service.check(host="hooks.kadath.io", port=80, path="/v2/x", **ANALYTICS),
-    }
 
 
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
