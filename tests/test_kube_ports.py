@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest, CheckResponse
+from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckResponse
 from authz.envoy.server import CHECK_METHOD
 from authz.gateway_ports import GatewayPorts
 from authz.kube.gateway_service import GatewayServiceWatch
@@ -31,6 +31,7 @@ from tests.kube_harness import (
     rule,
     write_kubeconfig,
 )
+from tests.test_ports import check_request
 
 __all__ = ["emu", "replica"]  # fixtures
 pytestmark = pytest.mark.kube
@@ -114,17 +115,6 @@ class TestServiceWatch:
                                  if "/services" in r.path), timeout=3)
         paths = {r.path for r in emu.requests if "/services" in r.path}
         assert paths == {f"/api/v1/namespaces/{GATEWAY_NS}/services"}
-
-
-def check_request(listener: int) -> bytes:
-    r = CheckRequest()
-    a = r.attributes
-    a.source.principal = "spiffe://cluster.local/ns/shop/sa/cart"
-    a.source.address.socket_address.address = "10.0.0.9"
-    a.destination.address.socket_address.address = "10.9.9.9"
-    a.destination.address.socket_address.port_value = listener
-    a.tls_session.sni = "api.kadath.io"
-    return r.SerializeToString()
 
 
 class TestServeKube:
