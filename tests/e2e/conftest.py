@@ -39,6 +39,7 @@ does it.
 
 from __future__ import annotations
 
+import http.client
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -365,3 +366,14 @@ def eventually(
         if time.monotonic() - start > timeout:
             raise AssertionError(f"{what} not reached within {timeout}s")
         time.sleep(interval)
+
+
+def plain_get(port: int, host: str, path: str = "/") -> tuple[int, bytes]:
+    """An app's plain-HTTP GET to its sidecar at 127.0.0.1:`port`: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

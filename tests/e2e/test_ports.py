@@ -11,7 +11,6 @@ loopback upstream saw.
 
 from __future__ import annotations
 
-import http.client
 import json
 import sys
 import time
@@ -29,7 +28,7 @@ from authz.testing.pods import pods_manifest
 from authz.testing.policies import policy_configmap
 from authz.testing.service import ServiceProcess
 
-from .conftest import CART_FINANCE, eventually
+from .conftest import CART_FINANCE, eventually, plain_get
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(120)]
 
@@ -166,19 +165,9 @@ class TestHostPortCannotChooseThePort:
         """The same through the mesh's own HTTP path (app -> sidecar -> gateway)."""
         sidecar = ports_world.mesh.sidecar("shop", "cart", CART_FINANCE.ip, kind="http")
         port = ports_world.mesh.listen_port(sidecar)
-
-        def get(host: str) -> tuple[int, bytes]:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request("GET", "/", headers={"Host": host})
-                resp = conn.getresponse()
-                return resp.status, resp.read()
-            finally:
-                conn.close()
-
-        status, body = get("api.kadath.io:443")
+        status, body = plain_get(port, "api.kadath.io:443")
         assert status == 403 and json.loads(body)["reason"] == "port-mismatch"
-        assert get("web.kadath.io")[0] == 200
+        assert plain_get(port, "web.kadath.io")[0] == 200
 
 
 class KubeServiceProcess(ServiceProcess):
