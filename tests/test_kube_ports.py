@@ -21,16 +21,7 @@ from authz.gateway_ports import GatewayPorts
 from authz.kube.gateway_service import GatewayServiceWatch
 from authz.testing.envoy import free_port
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import (
-    SVC_NS,
-    Replica,
-    emu,
-    pod,
-    policy_cm,
-    replica,
-    rule,
-    write_kubeconfig,
-)
+from tests.kube_harness import SVC_NS, Replica, emu, pod, policy_cm, replica, rule, write_kubeconfig
 from tests.test_ports import check_request
 
 __all__ = ["emu", "replica"]  # fixtures

@@ -18,15 +18,7 @@ from authz.kube.writer import RegistryWriter
 from authz.loader import build_policy_set, load_path
 from authz.render import RenderOptions, render
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import (
-    SVC_NS,
-    Replica,
-    emu,
-    policy_cm,
-    replica,
-    rule,
-    write_kubeconfig,
-)
+from tests.kube_harness import SVC_NS, Replica, emu, policy_cm, replica, rule, write_kubeconfig
 from tests.schemas import requires_istio_schemas, validate_istio
 
 __all__ = ["emu", "replica"]  # fixtures
