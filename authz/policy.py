@@ -270,25 +270,27 @@ def _parse_http(p: _Problems, where: str, raw: Any) -> HttpMatch | None:
                     p.add(f"{where}.methods[{i}]", f"{shown(m)} is not an HTTP method such as GET")
             if not got:
                 p.add(f"{where}.methods", "is empty; omit it to allow every method")
-    paths = None
+    paths = exact = None
     if "paths" in raw:
-        got = _string_list(p, f"{where}.paths", raw["paths"])
-        if got is not None:
-            paths = tuple(got)
-            for i, path in enumerate(got):
-                _path_problem(p, f"{where}.paths[{i}]", path, "a path prefix")
-            if not got:
-                p.add(f"{where}.paths", "is empty; omit it to allow every path")
-    exact = None
+        got = _path_list(p, f"{where}.paths", raw["paths"], "a path prefix",
+                         "is empty; omit it to allow every path")
+        paths = None if got is None else tuple(got)
     if "exactPaths" in raw:
-        got = _string_list(p, f"{where}.exactPaths", raw["exactPaths"])
-        if got is not None:
-            exact = frozenset(got)
-            for i, path in enumerate(got):
-                _path_problem(p, f"{where}.exactPaths[{i}]", path, "an exact path")
-            if not got:
-                p.add(f"{where}.exactPaths", "is empty; omit it")
+        got = _path_list(p, f"{where}.exactPaths", raw["exactPaths"], "an exact path",
+                         "is empty; omit it")
+        exact = None if got is None else frozenset(got)
     return HttpMatch(methods, paths, exact)
+
+
+def _path_list(p: _Problems, where: str, raw: Any, what: str, if_empty: str) -> list[str] | None:
+    """`paths` or `exactPaths`: a list of strings, each a path in normal form, not empty."""
+    got = _string_list(p, where, raw)
+    if got is not None:
+        for i, path in enumerate(got):
+            _path_problem(p, f"{where}[{i}]", path, what)
+        if not got:
+            p.add(where, if_empty)
+    return got
 
 
 def _path_problem(p: _Problems, where: str, path: str, what: str) -> None:

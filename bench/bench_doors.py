@@ -35,6 +35,7 @@ from typing import Any
 from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest
 from authz.testing.envoy import free_port
 from authz.testing.loadgen import H2LoadResult, grpc_frame, median, run_h2load
+from authz.testing.policies import policy_configmap
 from authz.testing.service import ServiceProcess
 
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
@@ -43,22 +44,13 @@ SUBSCRIBERS = 20
 QUERY_LOOPS = 4
 LONG = 16_000
 
-POLICY = """\
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: egress-policy
-  namespace: shop
-  labels: {egress-authz.io/policy: "true"}
-data:
-  policy.yaml: |
-    rules:
-      - name: cart
-        workloads: {serviceAccounts: [cart]}
-        hosts: [api.kadath.io, h1.example.com, h2.example.com, h3.example.com,
-                h4.example.com, h5.example.com, h6.example.com, h7.example.com,
-                h8.example.com, '*.svc.example.com']
-"""
+POLICY = policy_configmap("egress-policy", "shop", """
+    - name: cart
+      workloads: {serviceAccounts: [cart]}
+      hosts: [api.kadath.io, h1.example.com, h2.example.com, h3.example.com,
+              h4.example.com, h5.example.com, h6.example.com, h7.example.com,
+              h8.example.com, '*.svc.example.com']
+""")
 
 PODS = f"""\
 apiVersion: v1

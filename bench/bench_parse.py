@@ -44,23 +44,15 @@ from authz.model import Reason
 from authz.records import DecisionRecord
 from authz.sources import DirectorySource
 from authz.store import PolicyStore
+from authz.testing.policies import policy_configmap
 from authz.tracing import DecisionRecorder, TracingSettings, log_line, trace_id_of
 
-POLICY = """\
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: egress-policy
-  namespace: shop
-  labels: {egress-authz.io/policy: "true"}
-data:
-  policy.yaml: |
-    rules:
-      - name: kadath
-        workloads: {serviceAccounts: [cart]}
-        hosts: ["*.kadath.io"]
-        ports: [443, 8443]
-"""
+POLICY = policy_configmap("egress-policy", "shop", """
+    - name: kadath
+      workloads: {serviceAccounts: [cart]}
+      hosts: ["*.kadath.io"]
+      ports: [443, 8443]
+""")
 
 
 def recorded_request() -> bytes:

@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 
 from authz.bounded import DEFAULT_LIMITS
 from authz.commands import serve
@@ -24,7 +23,7 @@ from authz.envoy.server import CHECK_METHOD
 from authz.testing.envoy import free_port
 from authz.tracing import LOG_LINE_MAX
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import SVC_NS, pod, policy_cm, rule
+from tests.kube_harness import SVC_NS, pod, policy_cm, rule, write_kubeconfig
 from tests.test_server import PODS, policy_yaml
 
 pytestmark = pytest.mark.timeout(60)
@@ -68,15 +67,7 @@ def kube_args(tmp_path: Path) -> Iterator[list[str]]:
             policy_cm("shop", "egress-policy", [rule("cart", "api.kadath.io")]),
             pod("shop", "cart-finance", "127.0.0.2", sa="cart"),
         )
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "e",
-                "clusters": [{"name": "e", "cluster": {"server": emu.url}}],
-                "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-            })
-        )  # fmt: skip
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
         yield ["--kube", "--kubeconfig", str(kubeconfig), "--namespace", SVC_NS]
 
 

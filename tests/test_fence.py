@@ -20,7 +20,7 @@ from authz.kube.writer import RegistryWriter
 from authz.metrics import UNFENCED_WILDCARD_NAMESPACES
 from authz.render import DEFAULT_GATEWAY_SELECTOR, RenderOptions
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import Replica, emu, policy_cm, replica, rule
+from tests.kube_harness import Replica, emu, policy_cm, replica, rule, write_kubeconfig
 
 __all__ = ["emu", "replica"]  # fixtures
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,12 +220,7 @@ class TestChartFlags:
         [deploy] = [d for path, text in manifests.items() if not path.endswith("NOTES.txt")
                     for d in yaml.safe_load_all(text) if d and d["kind"] == "Deployment"]
         args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "e",
-            "clusters": [{"name": "e", "cluster": {"server": "http://127.0.0.1:9"}}],
-            "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-            "users": [{"name": "u", "user": {"token": "t"}}]}))
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9")
         parsed = build_arg_parser().parse_args([*args[1:], "--kubeconfig", str(kubeconfig)])
         controller = KubeController.from_args(parsed, WorkloadIndex())
         assert controller.writer is not None

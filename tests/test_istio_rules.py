@@ -4,11 +4,9 @@ set in the repository and on generated ones; and the checker itself catches each
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import helm_python as helm
 import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
@@ -24,15 +22,6 @@ from tests.schemas import skip_unless_istio_schemas, validate_istio
 ROOT = Path(__file__).resolve().parent.parent
 SVC_NS = "egress-authz"
 NO_POLICY_NS = "no-policy"  # a namespace that has no policy of its own: sees only the cluster tier
-
-
-@pytest.fixture(scope="module")
-def chart_gateways() -> Iterator[list[dict[str, Any]]]:
-    """The Gateway(s) the chart installs, next to what the service writes."""
-    with helm.Chart.load(ROOT / "charts" / "egress-authz") as chart:
-        manifests = chart.render(name="egress-authz", namespace=SVC_NS)
-    yield [doc for path, text in manifests.items() if not path.endswith("NOTES.txt")
-           for doc in yaml.safe_load_all(text) if doc and doc["kind"] == "Gateway"]
 
 
 def cm(ns: str, rules: list[dict[str, Any]], *, name: str = "p", cluster: bool = False,

@@ -153,13 +153,9 @@ class TestServeKubeSelector:
         from authz.commands.serve import build_arg_parser
         from authz.kube.controller import KubeController
         from authz.workloads import WorkloadIndex
+        from tests.kube_harness import write_kubeconfig
 
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "e",
-            "clusters": [{"name": "e", "cluster": {"server": "http://127.0.0.1:9"}}],
-            "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-            "users": [{"name": "u", "user": {"token": "t"}}]}))
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9")
         args = build_arg_parser().parse_args([
             "--kube", "--kubeconfig", str(kubeconfig), "--namespace", "egress-authz",
             "--gateway-selector", "app=edge,egress-authz.io/gateway=blue"])

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,19 @@ pytestmark = pytest.mark.kube
 
 CHILD_TIMEOUT = 60.0
 CHILD_MEMORY = 2 << 30  # address space: the Kubernetes client and threads, not the bomb
+
+
+def run_child(code: str, late: str) -> dict[str, Any]:
+    """Run `code` in a child Python; the JSON of its last stdout line. A timeout fails
+    the test saying `late`; a crash fails it with the child's stderr."""
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{late} within {CHILD_TIMEOUT} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
 
 
 def test_alias_bomb_in_one_namespace_leaves_the_others_served() -> None:
@@ -51,13 +65,7 @@ def test_alias_bomb_in_one_namespace_leaves_the_others_served() -> None:
                                "decide_s": decide_s,
                                "event": events[0]["message"], "errors": replica.errors}}))
     """)
-    try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the Kubernetes source did not get ready within {CHILD_TIMEOUT} s")
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_child(code, "the Kubernetes source did not get ready")
     assert out["ready"] and out["took"] < 10
     assert out["allowed"] and out["decide_s"] < 0.5
     assert "alias" in out["event"] and len(out["event"]) < 400
@@ -180,13 +188,7 @@ def test_serve_kube_with_a_bomb_in_one_namespace(tmp_path) -> None:  # type: ign
     Warning Event. In a child with an address-space cap and a timeout."""
     code = SERVE_KUBE_CHILD.format(memory=3 << 30, bomb=bomb(),
                                    kubeconfig=str(tmp_path / "kubeconfig"))
-    try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"serve --kube did not answer within {CHILD_TIMEOUT} s")
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_child(code, "serve --kube did not answer")
     assert out["ready"] < 20 and out["median"] < 0.05
     assert out["rss_mib"] < 384, out  # 3/4 of the chart's limit; ~78 MiB measured
     assert "alias" in out["event"] and len(out["event"]) < 400

@@ -18,7 +18,7 @@ from authz.kube.writer import RegistryWriter
 from authz.loader import build_policy_set, load_path
 from authz.render import RenderOptions, render
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import SVC_NS, Replica, emu, policy_cm, replica, rule
+from tests.kube_harness import SVC_NS, Replica, emu, policy_cm, replica, rule, write_kubeconfig
 from tests.schemas import requires_istio_schemas, validate_istio
 
 __all__ = ["emu", "replica"]  # fixtures
@@ -311,17 +311,10 @@ class TestServeKube:
         the Lease back on shutdown."""
         import threading
 
-        import yaml
-
         from authz.commands.serve import build_arg_parser, serve
 
         emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "e",
-            "clusters": [{"name": "e", "cluster": {"server": emu.url}}],
-            "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-            "users": [{"name": "u", "user": {"token": "t"}}]}))
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
         args = build_arg_parser().parse_args([
             "--kube", "--kubeconfig", str(kubeconfig), "--namespace", SVC_NS,
             "--grpc-address", "127.0.0.1:0", "--admin-address", ""])
