@@ -133,13 +133,12 @@ def _string_list(p: _Problems, where: str, value: Any) -> list[str] | None:
     if not isinstance(value, list):
         p.add(where, f"must be a list, not {_type_name(value)}")
         return None
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            p.add(f"{where}[{i}]", f"must be a string, not {_type_name(item)}")
-        else:
-            out.append(item)
-    return out
+    bad = [i for i, item in enumerate(value) if not isinstance(item, str)]
+    for i in bad:
+        p.add(f"{where}[{i}]", f"must be a string, not {_type_name(value[i])}")
+    # With a non-string dropped, later items' indexes would name the wrong item:
+    # the list is reported as it stands and not checked further.
+    return None if bad else list(value)
 
 
 def _parse_workloads(p: _Problems, where: str, raw: Any) -> WorkloadSelector:
