@@ -237,6 +237,22 @@ def _public_suffixes() -> PublicSuffixList:
     return PublicSuffixList(accept_unknown=False)
 
 
+# Names every resolver answers with a loopback address: `localhost` and all names
+# under it (RFC 6761, section 6.3) and the aliases Kubernetes writes into every
+# pod's /etc/hosts. Through the egress gateway they reach the gateway itself.
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost",
+                             "ip6-loopback"})
+
+
+def loopback_problem(pattern: str) -> str | None:
+    """Why a canonical pattern names the loopback interface, or None."""
+    name = wildcard_key(pattern) if is_wildcard(pattern) else pattern
+    if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
+        return (f"'{pattern}' names the loopback interface (RFC 6761): through the "
+                "gateway it would reach the gateway itself, not an external host")
+    return None
+
+
 def public_suffix_problem(pattern: str) -> str | None:
     """Why a canonical wildcard pattern is over-wide, or None.
 

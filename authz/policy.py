@@ -133,13 +133,12 @@ def _string_list(p: _Problems, where: str, value: Any) -> list[str] | None:
     if not isinstance(value, list):
         p.add(where, f"must be a list, not {_type_name(value)}")
         return None
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            p.add(f"{where}[{i}]", f"must be a string, not {_type_name(item)}")
-        else:
-            out.append(item)
-    return out
+    bad = [i for i, item in enumerate(value) if not isinstance(item, str)]
+    for i in bad:
+        p.add(f"{where}[{i}]", f"must be a string, not {_type_name(value[i])}")
+    # With a non-string dropped, later items' indexes would name the wrong item:
+    # the list is reported as it stands and not checked further.
+    return None if bad else list(value)
 
 
 def _parse_workloads(p: _Problems, where: str, raw: Any) -> WorkloadSelector:
@@ -270,25 +269,27 @@ def _parse_http(p: _Problems, where: str, raw: Any) -> HttpMatch | None:
                     p.add(f"{where}.methods[{i}]", f"{shown(m)} is not an HTTP method such as GET")
             if not got:
                 p.add(f"{where}.methods", "is empty; omit it to allow every method")
-    paths = None
+    paths = exact = None
     if "paths" in raw:
-        got = _string_list(p, f"{where}.paths", raw["paths"])
-        if got is not None:
-            paths = tuple(got)
-            for i, path in enumerate(got):
-                _path_problem(p, f"{where}.paths[{i}]", path, "a path prefix")
-            if not got:
-                p.add(f"{where}.paths", "is empty; omit it to allow every path")
-    exact = None
+        got = _path_list(p, f"{where}.paths", raw["paths"], "a path prefix",
+                         "is empty; omit it to allow every path")
+        paths = None if got is None else tuple(got)
     if "exactPaths" in raw:
-        got = _string_list(p, f"{where}.exactPaths", raw["exactPaths"])
-        if got is not None:
-            exact = frozenset(got)
-            for i, path in enumerate(got):
-                _path_problem(p, f"{where}.exactPaths[{i}]", path, "an exact path")
-            if not got:
-                p.add(f"{where}.exactPaths", "is empty; omit it")
+        got = _path_list(p, f"{where}.exactPaths", raw["exactPaths"], "an exact path",
+                         "is empty; omit it")
+        exact = None if got is None else frozenset(got)
     return HttpMatch(methods, paths, exact)
+
+
+def _path_list(p: _Problems, where: str, raw: Any, what: str, if_empty: str) -> list[str] | None:
+    """`paths` or `exactPaths`: a list of strings, each a path in normal form, not empty."""
+    got = _string_list(p, where, raw)
+    if got is not None:
+        for i, path in enumerate(got):
+            _path_problem(p, f"{where}[{i}]", path, what)
+        if not got:
+            p.add(where, if_empty)
+    return got
 
 
 def _path_problem(p: _Problems, where: str, path: str, what: str) -> None:
@@ -372,6 +373,10 @@ def _parse_rule(p: _Problems, index: int, raw: Any, *, tier: Tier, wide_ok: bool
                 pattern = hosts.parse_pattern(host)
             except hosts.PatternError as e:
                 p.add(f"{where} hosts[{i}]", _host_problem(host, e))
+                continue
+            loopback = hosts.loopback_problem(pattern)
+            if loopback is not None:
+                p.add(f"{where} hosts[{i}]", loopback)
                 continue
             over_wide = None if wide_ok else hosts.public_suffix_problem(pattern)
             if over_wide is not None:

@@ -12,8 +12,9 @@ Istio would not merge; every policy ConfigMap of the namespace is an owner):
 - ServiceEntry `egress-authz-dns-<ports>`: exact hosts, MESH_EXTERNAL, resolution DNS; one
   per distinct port set so a host is never admitted on another host's ports.
 - ServiceEntry `egress-authz-wildcard-<ports>`: wildcard hosts, resolution NONE (a wildcard
-  cannot be resolved). exportTo is [".", <gateway namespace>].
-- DestinationRule `egress-authz-gateway` for the gateway Service: one subset per exact host
+  cannot be resolved). ServiceEntries are exported to "." only: the gateway has its own.
+- DestinationRule `egress-authz-gateway` (exportTo ".") for the gateway Service: one subset
+  per exact host
   (this namespace's and the cluster tier's: a sidecar that finds this rule looks no
   further), ISTIO_MUTUAL with `sni: <host>`: the gateway sees the caller's SPIFFE identity
   and the host it asked for. A subset depends on its host alone, so every rule that
@@ -26,7 +27,11 @@ Every generated name ends in a hash of the full host where a host is in it: slug
 collide (`my-api.example.com`, `my.api-example.com`), and a lost VirtualService would leave
 its host dialable without the gateway.
 
-In the gateway namespace: one Gateway `egress-authz-hosts` with a server per (exact host,
+In the gateway namespace: ServiceEntries `egress-authz-gateway-dns-<ports>` (exportTo ".")
+with every exact host the gateway forwards and every port any scope routes it on (istiod
+keeps one service per hostname across namespaces, so the namespaces' entries, which may
+disagree on ports, are not what the gateway should build its clusters from). One Gateway
+`egress-authz-hosts` with a server per (exact host,
 port): TLS (ISTIO_MUTUAL) for TLS ports, HTTPS (ISTIO_MUTUAL, HTTP inside) for HTTP ports
 other than 80, each with its own port name (Istio refuses duplicates). Plain HTTP on 80
 uses the chart's catch-all Gateway (`egress-authz`), where routing is by Host header. And
@@ -204,28 +209,58 @@ def _export(namespace: str, opt: RenderOptions) -> list[str]:
 
 def _scope_objects(namespace: str, owners: list[NamespacePolicy], host_ports: dict[str, _HostPorts],
                    subsets: set[str], export: list[str], scope: str,
-                   opt: RenderOptions) -> list[Obj]:
+                   opt: RenderOptions, *, entry_export: list[str] | None = None) -> list[Obj]:
     """ServiceEntries and VirtualServices (and, when `subsets` is given, the
-    DestinationRule) for one scope: a namespace, or the cluster tier."""
+    DestinationRule) for one scope: a namespace, or the cluster tier. `entry_export` is
+    the ServiceEntries' exportTo (default `export`)."""
     out: list[Obj] = []
     groups: dict[tuple[bool, tuple[tuple[int, str], ...]], list[str]] = {}
     for host, hp in host_ports.items():
         if hp.key():
             groups.setdefault((hosts.is_wildcard(host), hp.key()), []).append(host)
     for (wild, key), names in sorted(groups.items()):
-        out.append({
-            "apiVersion": ISTIO_API, "kind": "ServiceEntry",
-            "metadata": _meta(_entry_name("wildcard" if wild else "dns", key, scope),
-                              namespace, owners),
-            "spec": {"hosts": sorted(names), "location": "MESH_EXTERNAL",
-                     "resolution": "NONE" if wild else "DNS",
-                     "ports": _port_list(key), "exportTo": export},
-        })
+        out.append(_service_entry(
+            _meta(_entry_name("wildcard" if wild else "dns", key, scope), namespace, owners),
+            names, key, wild=wild, export=export if entry_export is None else entry_export))
     exact = {h: hp for h, hp in host_ports.items() if not hosts.is_wildcard(h) and hp.key()}
     if subsets:
-        out.append(_destination_rule(namespace, owners, subsets, export, opt))
+        # Private (exportTo "."): a sidecar in the root namespace finds only that namespace's
+        # private rules before the gateway namespace's (push_context.go destinationRule,
+        # rootNamespaceLocal), and no other namespace needs this one.
+        out.append(_destination_rule(namespace, owners, subsets, ["."], opt))
     for host, hp in sorted(exact.items()):
         out.append(_virtual_service(namespace, owners, host, hp, export, scope, opt))
+    return out
+
+
+def _service_entry(meta: Obj, names: Iterable[str], key: tuple[tuple[int, str], ...], *,
+                   wild: bool, export: list[str]) -> Obj:
+    return {"apiVersion": ISTIO_API, "kind": "ServiceEntry", "metadata": meta,
+            "spec": {"hosts": sorted(names), "location": "MESH_EXTERNAL",
+                     "resolution": "NONE" if wild else "DNS",
+                     "ports": _port_list(key), "exportTo": export}}
+
+
+def _gateway_entries(served: dict[str, _HostPorts], served_by: dict[str, list[NamespacePolicy]],
+                     opt: RenderOptions) -> list[Obj]:
+    """The ServiceEntries the gateway itself builds its upstream clusters from: every host it
+    forwards, with every port any scope routes it on. istiod keeps one service per hostname
+    across namespaces (the oldest; ports are merged only within one namespace:
+    pilot/pkg/model/sidecar.go canMergeServices), so the namespaces' own entries, which may
+    list a host on different ports, are not exported to the gateway; these, private to the
+    gateway namespace, are what it sees."""
+    groups: dict[tuple[tuple[int, str], ...], list[str]] = {}
+    for host, hp in served.items():
+        if hp.key():
+            groups.setdefault(hp.key(), []).append(host)
+    out = []
+    for key, names in sorted(groups.items()):
+        owners = sorted({str(p.source): p for h in names for p in served_by[h]}.values(),
+                        key=lambda p: str(p.source))
+        out.append(_service_entry(
+            _meta(_entry_name("dns", key, GATEWAY_ENTRY_PREFIX[len(PREFIX) + 1:]),
+                  opt.gateway_namespace, owners,
+                  owned=False), names, key, wild=False, export=["."]))
     return out
 
 
@@ -334,6 +369,7 @@ def render(policy_set: PolicySet, options: RenderOptions | None = None, *,
 
     out: list[Obj] = []
     served: dict[str, _HostPorts] = {}  # exact host -> every port the gateway must serve
+    served_by: dict[str, list[NamespacePolicy]] = {}  # exact host -> the policies naming it
     base_subsets = {h for h in baseline if not hosts.is_wildcard(h)}
     gw_ns_owners: list[NamespacePolicy] = []
     gw_ns_subsets: set[str] = set(base_subsets)
@@ -368,11 +404,16 @@ def render(policy_set: PolicySet, options: RenderOptions | None = None, *,
             # A sidecar that finds this namespace's DestinationRule looks no further, so it
             # repeats the baseline subsets (identical: a subset depends on its host alone).
             subsets = exact | base_subsets if exact else set()
-        out += _scope_objects(ns, owners, own, subsets, _export(ns, opt), "", opt)
+        # Sidecars of this namespace only: the gateway has entries of its own (below).
+        out += _scope_objects(ns, owners, own, subsets, _export(ns, opt), "", opt,
+                              entry_export=["."])
         for h in exact:
             _add(served, h, own[h])
+            served_by.setdefault(h, []).extend(owners)
     for h in base_subsets:
         _add(served, h, baseline[h])
+        served_by.setdefault(h, []).extend(cluster)
+    out += _gateway_entries(served, served_by, opt)
     if gw_ns_subsets:
         # Where every sidecar finds it: a sidecar looks in its own namespace, then in the
         # gateway Service's namespace, then in the root namespace (istiod's
@@ -423,9 +464,21 @@ def _hosts_gateway(served: dict[str, _HostPorts], opt: RenderOptions) -> Obj | N
 APPLY_ORDER = ("DestinationRule", "VirtualService", "Gateway", "ServiceEntry")
 
 
+GATEWAY_ENTRY_PREFIX = f"{PREFIX}-gateway-"  # the gateway's own ServiceEntries (_gateway_entries)
+
+
+def gateway_entry_last(key: tuple[str, str, str, str]) -> bool:
+    """Sort key (an `object_key`): the gateway's own ServiceEntries after the others. They
+    are applied before the sidecars' ones (the gateway can forward a host before any sidecar
+    can dial it) and narrowed or deleted after them."""
+    return key[1] == "ServiceEntry" and key[3].startswith(GATEWAY_ENTRY_PREFIX)
+
+
 def apply_order(objs: Iterable[Obj]) -> list[Obj]:
-    """`objs` sorted for applying: routes first, ServiceEntries last (stable otherwise)."""
-    return sorted(objs, key=lambda o: APPLY_ORDER.index(o["kind"]))
+    """`objs` sorted for applying: routes first, then the gateway's ServiceEntries, the
+    sidecars' ServiceEntries last (stable otherwise)."""
+    return sorted(objs, key=lambda o: (APPLY_ORDER.index(o["kind"]),
+                                       not gateway_entry_last(object_key(o))))
 
 
 def object_key(obj: Mapping[str, Any]) -> tuple[str, str, str, str]:

@@ -82,6 +82,25 @@ class _Loader(_SafeBase):  # type: ignore[valid-type,misc]
         return mapping
 
 
+# The longest integer literal converted. Ports and counts need a few digits; a
+# long literal is an attack: YAML 1.1's base-60 form (`1:30:30...`) costs
+# quadratic big-integer work holding the GIL (32 s for one 1 MiB value), and hex,
+# octal and binary escape Python's 4,300-digit guard, then break every str().
+MAX_INT_CHARS = 100
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    text = node.value
+    if isinstance(text, str) and len(text) > MAX_INT_CHARS:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"an integer of {len(text)} characters, over the limit of "
+            f"{MAX_INT_CHARS}", node.start_mark,
+        )
+    return _SafeBase.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in _SafeBase.yaml_implicit_resolvers.items()

@@ -46,22 +46,14 @@ from authz.observe.recorder import DecisionRecorder, TracingSettings
 from authz.records import DecisionRecord
 from authz.sources import DirectorySource
 from authz.store import PolicyStore
+from authz.testing.policies import policy_configmap
 
-POLICY = """\
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: egress-policy
-  namespace: shop
-  labels: {egress-authz.io/policy: "true"}
-data:
-  policy.yaml: |
-    rules:
-      - name: kadath
-        workloads: {serviceAccounts: [cart]}
-        hosts: ["*.kadath.io"]
-        ports: [443, 8443]
-"""
+POLICY = policy_configmap("egress-policy", "shop", """
+    - name: kadath
+      workloads: {serviceAccounts: [cart]}
+      hosts: ["*.kadath.io"]
+      ports: [443, 8443]
+""")
 
 
 def recorded_request() -> bytes:

@@ -144,13 +144,25 @@ class _Index:
                 if host in o["spec"]["hosts"] and _visible(o, namespace)]
         for rank in (False, True):
             tier = [o for o in seen if _public(o) is rank]
-            ports = {tuple(sorted((p["number"], p["protocol"]) for p in o["spec"]["ports"]))
-                     for o in tier}
-            if len(ports) > 1:
+            # sidecar.go appendSidecarServices / canMergeServices: services of one hostname
+            # from the same namespace with the same resolution and exportTo are merged (ports
+            # added up); from different namespaces only the first (oldest) counts.
+            merged: dict[tuple[str, str, tuple[str, ...]], dict[int, str]] = {}
+            for o in tier:
+                key = (_ns(o), o["spec"].get("resolution", "NONE"),
+                       tuple(sorted(o["spec"].get("exportTo") or ["*"])))
+                for p in o["spec"]["ports"]:
+                    merged.setdefault(key, {}).setdefault(p["number"], p["protocol"])
+            if len({tuple(sorted(v.items())) for v in merged.values()}) > 1:
                 return None, (f"{host}: ServiceEntries visible from {namespace} disagree on "
-                              f"ports ({', '.join(_name(o) for o in tier)})")
+                              f"ports ({', '.join(_name(o) for o in tier)}): istiod keeps the "
+                              "oldest, so the others' ports may not exist there")
             if tier:
-                return tier[0], ""
+                first = dict(tier[0])
+                first["spec"] = {**tier[0]["spec"], "ports": [
+                    {"number": n, "protocol": proto}
+                    for n, proto in sorted(next(iter(merged.values())).items())]}
+                return first, ""
         return None, f"{host}: no ServiceEntry visible"
 
     def mesh_virtual_service(self, host: str, namespace: str) -> Obj | None:
@@ -165,15 +177,21 @@ class _Index:
     def destination_rule(self, namespace: str) -> tuple[Obj | None, str]:
         """push_context.go destinationRule(): proxy namespace (rules visible there), the
         gateway Service's namespace, the root namespace (rules exported beyond their own
-        namespace, to this one). The first namespace with a rule for the host wins."""
+        namespace, to this one). The first namespace with a rule for the host wins.
+        setDestinationRules: a rule is private when its exportTo is "." or its own namespace
+        alone."""
         host = self.mesh.gateway_host
         rules = [o for o in self.by_kind["DestinationRule"] if o["spec"]["host"] == host]
-        steps: list[tuple[str, bool]] = [(namespace, True)]
-        if namespace != self.mesh.root_namespace:
-            steps += [(self.mesh.gateway_namespace, False), (self.mesh.root_namespace, False)]
+        # A proxy in the root namespace first looks only at the root namespace's *private*
+        # rules (setDestinationRules' rootNamespaceLocal); an exported rule there is found
+        # only in the last step, after the gateway namespace's.
+        root = namespace == self.mesh.root_namespace
+        steps: list[tuple[str, bool]] = [
+            (namespace, True), (self.mesh.gateway_namespace, False),
+            (self.mesh.root_namespace, False)]
         for where, local in steps:
             found = [o for o in rules if _ns(o) == where and (
-                _visible(o, namespace) if local
+                (_visible(o, namespace) and not (root and _exported_beyond_own(o))) if local
                 else _exported_beyond_own(o) and _visible(o, namespace))]
             if len(found) > 1:
                 return None, (f"several DestinationRules for {host} in {where} "
@@ -354,6 +372,15 @@ def _check_gateway_leg(idx: _Index, where: str, host: str, port: int, protocol: 
         if dest.get("host") != host or (dest.get("port") or {}).get("number") != port:
             return [f"{where}: the gateway routes it to {dest.get('host')}:"
                     f"{(dest.get('port') or {}).get('number')} ({_name(vs)})"]
+        # The gateway proxy builds the upstream cluster host:port from the ServiceEntry that
+        # its own namespace sees for the host; a port that entry lacks has no cluster, and
+        # the route goes nowhere.
+        se, problem = idx.service_entry(host, idx.mesh.gateway_namespace)
+        if se is None:
+            return [f"{where}: on the gateway: {problem}"]
+        if port not in {p["number"] for p in se["spec"]["ports"]}:
+            return [f"{where}: on the gateway, the ServiceEntry it sees for {host} "
+                    f"({_name(se)}) has no port {port}"]
         return []
     return [f"{where}: no VirtualService bound to {ref} routes it on port {gw_port}"]
 

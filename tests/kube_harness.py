@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,16 @@ from authz.workloads import WorkloadIndex
 from tests.kube_emulator import KubeEmulator
 
 SVC_NS = "egress-authz"
+
+
+def write_kubeconfig(path: Path, server: str) -> Path:
+    """A kubeconfig at `path` whose one context reaches `server` with a token."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "e",
+        "clusters": [{"name": "e", "cluster": {"server": server}}],
+        "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}]}))
+    return path
 
 
 def policy_cm(ns: str, name: str, rules: list[dict[str, Any]], *, mode: str = "enforce",

@@ -244,6 +244,9 @@ class TestDecisionList:
             ("limit=0", "limit"),
             ("limit=x", "bad limit"),
             ("colour=red", "unknown filter"),
+            # More fields than parse_qs accepts: was a dropped connection and a
+            # traceback in the service log per request (a log flood).
+            ("&".join(f"host=h{i}.example" for i in range(40)), "too many query parameters"),
         ],
     )
     def test_bad_filters(self, admin: AdminServer, query: str, message: str) -> None:

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART_DIR = ROOT / "charts" / "egress-authz"
 RELEASE = "egress-authz"
 
-Grant = tuple[str, str, str]  # (api group, resource, verb)
+Grant = tuple[str, str, str, tuple[str, ...]]  # (api group, resource, verb, resourceNames)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def grants(rules: Iterable[dict[str, Any]]) -> set[Grant]:
         for group in rule.get("apiGroups", []):
             for resource in rule.get("resources", []):
                 for verb in rule.get("verbs", []):
-                    out.add((group, resource, verb))
+                    out.add((group, resource, verb, tuple(sorted(rule.get("resourceNames", [])))))
     return out
 
 
@@ -64,8 +64,8 @@ def scope_grants(scope: Any) -> set[Grant]:
     """The table's grants of one Scope."""
     from authz.kube.permissions import PERMISSIONS
 
-    return {(p.group, p.resource, verb) for p in PERMISSIONS if p.scope is scope
-            for verb in p.verbs}
+    return {(p.group, p.resource, verb, tuple(sorted(p.names))) for p in PERMISSIONS
+            if p.scope is scope for verb in p.verbs}
 
 
 def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -184,8 +184,10 @@ class TestInstallGuideRbac:
                       "gateway namespace": gateway}[scope]
             for group in groups.split(", "):
                 for resource in resources.split(", "):
+                    resource, _, named = resource.partition(" named ")  # resourceNames
+                    names = tuple(sorted(named.strip("`").split())) if named else ()
                     for verb in verbs.split(", "):
-                        target.add(("" if group == "core" else group, resource, verb))
+                        target.add(("" if group == "core" else group, resource, verb, names))
         assert (cluster, namespaced) == expected_grants()
         assert gateway == scope_grants(Scope.GATEWAY_NAMESPACE)
 
@@ -208,7 +210,7 @@ class TestCliRole:
                          {"rbac": {"cli": {"create": True, "subjects": [sre]}}})  # fmt: skip
         role = one([o for o in objects if o["metadata"]["name"].endswith("-cli")], "Role")
         assert role["metadata"]["namespace"] == "platform-egress"
-        want = {(p.group, p.resource, v) for p in CLI_PERMISSIONS for v in p.verbs}
+        want = {(p.group, p.resource, v, ()) for p in CLI_PERMISSIONS for v in p.verbs}
         assert grants(role["rules"]) == want
         binding = one([o for o in objects if o["metadata"]["name"].endswith("-cli")],
                       "RoleBinding")

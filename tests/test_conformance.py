@@ -39,6 +39,7 @@ from authz.envoy.response import DECISION_ID_HEADER
 from authz.envoy.server import CHECK_METHOD, AuthzServer, ServerSettings
 from authz.sources import DirectorySource
 from authz.store import PolicyStore
+from authz.testing.policies import policy_configmap
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,21 +47,12 @@ CART = "spiffe://cluster.local/ns/shop/sa/cart"
 GATEWAY = "spiffe://cluster.local/ns/istio-system/sa/egressgateway"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
-POLICY = """\
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: egress-policy
-  namespace: shop
-  labels: {egress-authz.io/policy: "true"}
-data:
-  policy.yaml: |
-    rules:
-      - name: kadath
-        workloads: {serviceAccounts: [cart]}
-        hosts: ["*.kadath.io"]
-        ports: [443, 8443]
-"""
+POLICY = policy_configmap("egress-policy", "shop", """
+    - name: kadath
+      workloads: {serviceAccounts: [cart]}
+      hosts: ["*.kadath.io"]
+      ports: [443, 8443]
+""")
 
 
 def peer(address: str, port: int, principal: str = "", **kw: object) -> AttributeContextPeer:

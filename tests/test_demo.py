@@ -152,6 +152,17 @@ class TestDemoRun:
             assert rec[1] == owner, rec
             assert (rec[3], rec[4]) == (call.expect_verdict, call.expect_reason), rec
 
+    def test_decisions_name_the_port_the_app_dialled(self, demo: Run) -> None:
+        """The loopback gateway listens on unprivileged ports, as istioctl's gateway does
+        (8443 behind 443); serve's --gateway-port-map turns them back, so decisions, traces
+        and the suggested rules say 443 / 80, never the listener port (which a user would
+        otherwise copy into a real policy)."""
+        view = demo.section("$ egress-authz traces", "$ egress-authz explain")
+        ports = {m.group(1) for m in re.finditer(r"\.(?:io|com):(\d+) ", view)}
+        assert ports == {"443", "80"}, view
+        assert re.search(r"ports: \[(443|80)\]", demo.section("$ egress-authz explain",
+                                                               "demo finished"))
+
     def test_explain_of_the_label_denial(self, demo: Run) -> None:
         """`egress-authz explain` shows the identity, the rule that almost matched and why not."""
         call = CALLS[EXPLAIN_CALL]
@@ -314,13 +325,10 @@ class TestInterruptedStart:
 
 
 class TestPolicyCopies:
-    ALIASES = {443: 40443, 80: 40080}
-
-    def test_copies_load_with_the_loopback_ports_beside_the_mesh_ports(
-        self, tmp_path: Path
-    ) -> None:
-        """istio/examples + the demo's audit policy load cleanly; 443/80 gain their stand-ins."""
-        written = policies.write_policies(tmp_path, self.ALIASES)
+    def test_copies_load_with_the_mesh_ports_unchanged(self, tmp_path: Path) -> None:
+        """istio/examples + the demo's audit policy load cleanly, with the ports a mesh policy
+        names (443, 80): the loopback listener ports are serve's business (port map)."""
+        written = policies.write_policies(tmp_path)
         assert {p.name for p in written} == {
             "cluster-policy.yaml", "shop-policy.yaml", "marketing-policy.yaml"
         }
@@ -328,10 +336,10 @@ class TestPolicyCopies:
         assert loaded.problems == []
         by_ns = {p.source.namespace: p for p in loaded.policies}
         assert {r.name: set(r.ports) for r in by_ns["shop"].rules} == {
-            "api-connector-to-kadath": {443, 40443},
-            "finance-to-leng": {443, 40443},
+            "api-connector-to-kadath": {443},
+            "finance-to-leng": {443},
         }
-        assert [set(r.ports) for r in by_ns["marketing"].rules] == [{80, 40080}]
+        assert [set(r.ports) for r in by_ns["marketing"].rules] == [{80}]
         assert by_ns["marketing"].mode is Mode.AUDIT
         assert "api.stealyourmoney.com" in by_ns["egress-authz"].deny
 
@@ -343,11 +351,10 @@ class TestPolicyCopies:
             assert shipped.get(example.name) == example.read_bytes(), example.name
 
     def test_copies_say_where_they_came_from(self, tmp_path: Path) -> None:
-        """A user editing a copy reads its origin and why the ports differ."""
-        policies.write_policies(tmp_path, self.ALIASES)
+        """A user editing a copy reads where it came from."""
+        policies.write_policies(tmp_path)
         text = (tmp_path / "shop-policy.yaml").read_text()
         assert "Copied from authz/demo/policies/shop-policy.yaml" in text
-        assert "443 -> 40443" in text
 
     def test_a_policy_that_does_not_load_stops_the_demo(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

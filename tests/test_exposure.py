@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 
 from authz.commands import serve
 from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest
@@ -24,7 +23,7 @@ from authz.observe.bounded import DEFAULT_LIMITS
 from authz.observe.decisionlog import LOG_LINE_MAX
 from authz.testing.envoy import free_port
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import SVC_NS, pod, policy_cm, rule
+from tests.kube_harness import SVC_NS, pod, policy_cm, rule, write_kubeconfig
 from tests.test_server import PODS, policy_yaml
 
 pytestmark = pytest.mark.timeout(60)
@@ -68,15 +67,7 @@ def kube_args(tmp_path: Path) -> Iterator[list[str]]:
             policy_cm("shop", "egress-policy", [rule("cart", "api.kadath.io")]),
             pod("shop", "cart-finance", "127.0.0.2", sa="cart"),
         )
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "e",
-                "clusters": [{"name": "e", "cluster": {"server": emu.url}}],
-                "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-            })
-        )  # fmt: skip
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
         yield ["--kube", "--kubeconfig", str(kubeconfig), "--namespace", SVC_NS]
 
 
@@ -196,3 +187,22 @@ class TestAdminPortAtStart:
         err = capsys.readouterr().err
         assert f"cannot serve the admin endpoint on 127.0.0.1:{port}" in err
         assert "--admin-address" in err
+
+    def test_taken_grpc_port_names_the_cause(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A taken Check port stops `serve` (exit 1) with the cause and the flag on one line
+        of ours, not only in a gRPC C-core log line."""
+        (tmp_path / "shop.yaml").write_text(policy_yaml(["api.kadath.io"]))
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            args = serve.build_arg_parser().parse_args([
+                "--policies", str(tmp_path), "--grpc-address", f"127.0.0.1:{port}",
+                "--admin-address", "",
+            ])  # fmt: skip
+            assert serve.run(args) == 1
+        err = capsys.readouterr().err
+        assert f"egress-authz serve: cannot listen for Check on 127.0.0.1:{port}: " in err
+        assert "Address already in use" in err and "--grpc-address" in err

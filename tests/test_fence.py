@@ -20,7 +20,7 @@ from authz.kube.writer import RegistryWriter
 from authz.observe.metrics import METRICS
 from authz.render import DEFAULT_GATEWAY_SELECTOR, RenderOptions
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import Replica, emu, policy_cm, replica, rule
+from tests.kube_harness import Replica, emu, policy_cm, replica, rule, write_kubeconfig
 
 __all__ = ["emu", "replica"]  # fixtures
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,6 +144,35 @@ class TestKube:
         emu.wait_for(lambda: emu.get(*NP, "shop", FENCE_NAME) is None, timeout=10)
         assert emu.get(*NP, "billing", "theirs") is not None
 
+    def test_a_users_networkpolicy_with_our_label_is_never_pruned(
+            self, emu: KubeEmulator, running: tuple[FenceMonitor, RegistryWriter]) -> None:
+        """Only `egress-authz-fence` is ours: a NetworkPolicy copied from it (our managed-by
+        label kept) under another name stays, in a fenced namespace and elsewhere."""
+        _, writer = running
+        ours = {"app.kubernetes.io/managed-by": "egress-authz"}
+        emu.seed(namespace("shop", {FENCE_LABEL: "true"}), namespace("billing"),
+                 policy_cm("shop", "p", [rule("a", "api.kadath.io")]),
+                 *({"apiVersion": NP[0], "kind": NP[1],
+                    "metadata": {"name": "allow-db", "namespace": ns, "labels": dict(ours)},
+                    "spec": {"podSelector": {}, "policyTypes": ["Egress"]}}
+                   for ns in ("shop", "billing")))
+        emu.wait_for(lambda: emu.get(*NP, "shop", FENCE_NAME), timeout=10)
+        writer.reconcile()  # one more whole pass, now that everything is listed
+        assert emu.get(*NP, "shop", "allow-db") is not None
+        assert emu.get(*NP, "billing", "allow-db") is not None
+
+    def test_the_client_changes_no_other_networkpolicy(self) -> None:
+        """The permissions table (and so the client and the chart's RBAC) allows patch and
+        delete on the fence alone; list, watch and create (not limitable by name) on any."""
+        from authz.kube.permissions import NotPermitted, require
+
+        for verb in ("patch", "delete"):
+            assert require("NetworkPolicy", verb, FENCE_NAME).names == {FENCE_NAME}
+            with pytest.raises(NotPermitted):
+                require("NetworkPolicy", verb, "default-deny")
+        for verb in ("list", "watch", "create"):
+            assert not require("NetworkPolicy", verb).names
+
     def test_unfenced_wildcard_is_reported_until_fenced(
             self, emu: KubeEmulator, running: tuple[FenceMonitor, RegistryWriter]) -> None:
         """A wildcard policy in an unfenced namespace: one Warning Event on its ConfigMap and
@@ -191,12 +220,7 @@ class TestChartFlags:
         [deploy] = [d for path, text in manifests.items() if not path.endswith("NOTES.txt")
                     for d in yaml.safe_load_all(text) if d and d["kind"] == "Deployment"]
         args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "e",
-            "clusters": [{"name": "e", "cluster": {"server": "http://127.0.0.1:9"}}],
-            "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-            "users": [{"name": "u", "user": {"token": "t"}}]}))
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9")
         parsed = build_arg_parser().parse_args([*args[1:], "--kubeconfig", str(kubeconfig)])
         controller = KubeController.from_args(parsed, WorkloadIndex())
         assert controller.writer is not None

@@ -16,25 +16,17 @@ from authz.envoy.request import BadRequest, ParsedCheck, parse_check_request
 from authz.envoy.server import CHECK_METHOD, AuthzServer, CheckService, ServerSettings
 from authz.sources import DirectorySource
 from authz.store import PolicyStore
+from authz.testing.policies import policy_configmap
 from authz.workloads import WorkloadIndex, workload_from_pod
 
 pytestmark = pytest.mark.timeout(120)
 
-POLICY = """\
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: egress-policy
-  namespace: shop
-  labels: {egress-authz.io/policy: "true"}
-data:
-  policy.yaml: |
-    rules:
-      - name: kadath
-        workloads: {serviceAccounts: [cart], matchLabels: {function: finance}}
-        hosts: ["*.kadath.io", api.stripe.com]
-        http: {methods: [GET], paths: [/v1/]}
-"""
+POLICY = policy_configmap("egress-policy", "shop", """
+    - name: kadath
+      workloads: {serviceAccounts: [cart], matchLabels: {function: finance}}
+      hosts: ["*.kadath.io", api.stripe.com]
+      http: {methods: [GET], paths: [/v1/]}
+""")
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

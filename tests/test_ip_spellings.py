@@ -132,3 +132,36 @@ def test_every_inet_aton_spelling_is_an_ip_literal(case: tuple[str, str], dot: b
     _, _, reason, _ = hosts.normalize_or_reason(spelling)
     assert reason is Reason.IP_LITERAL
     assert audit_verdict(sni=spelling) == (Verdict.DENY, Reason.IP_LITERAL)
+
+
+class TestLoopbackNames:
+    """Names every resolver answers with a loopback address (RFC 6761: `localhost`
+    and everything under it; the aliases Kubernetes writes into each pod's
+    /etc/hosts). Allowed in a policy, they would let a namespace owner route its
+    workloads, through the gateway, to the gateway itself (its Envoy admin on
+    127.0.0.1:15000 can drain or stop it): an address in a name's clothing."""
+
+    @pytest.mark.parametrize("name", [
+        "localhost", "LOCALHOST.", "foo.localhost", "a.b.localhost", "localhost.localdomain",
+        "ip6-localhost", "ip6-loopback",
+    ])
+    @pytest.mark.parametrize("tier", [Tier.NAMESPACE, Tier.CLUSTER])
+    def test_refused_in_policies(self, name: str, tier: Tier) -> None:
+        """In either tier, with a located error that says why."""
+        from authz.policy import PolicyError, parse_configmap
+
+        ns = "egress-authz" if tier is Tier.CLUSTER else "shop"
+        labels = {"egress-authz.io/tier": "cluster"} if tier is Tier.CLUSTER else {
+            "egress-authz.io/policy": "true"}
+        cm = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": "p", "namespace": ns, "labels": labels},
+              "data": {"policy.yaml": f"rules: [{{name: r, hosts: ['{name}'], ports: [15000]}}]"}}
+        with pytest.raises(PolicyError) as info:
+            parse_configmap(cm, cluster_namespace="egress-authz")
+        (problem,) = info.value.problems
+        assert "loopback" in problem and "hosts[0]" in problem
+
+    @pytest.mark.parametrize("name", ["localhost.example.com", "mylocalhost", "localhost-api.io"])
+    def test_names_that_only_contain_it_stay_names(self, name: str) -> None:
+        """Only `localhost` itself, names under it and the /etc/hosts aliases are refused."""
+        assert hosts.loopback_problem(hosts.parse_pattern(name)) is None

@@ -4,11 +4,9 @@ set in the repository and on generated ones; and the checker itself catches each
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import helm_python as helm
 import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
@@ -24,15 +22,6 @@ from tests.schemas import skip_unless_istio_schemas, validate_istio
 ROOT = Path(__file__).resolve().parent.parent
 SVC_NS = "egress-authz"
 NO_POLICY_NS = "no-policy"  # a namespace that has no policy of its own: sees only the cluster tier
-
-
-@pytest.fixture(scope="module")
-def chart_gateways() -> Iterator[list[dict[str, Any]]]:
-    """The Gateway(s) the chart installs, next to what the service writes."""
-    with helm.Chart.load(ROOT / "charts" / "egress-authz") as chart:
-        manifests = chart.render(name="egress-authz", namespace=SVC_NS)
-    yield [doc for path, text in manifests.items() if not path.endswith("NOTES.txt")
-           for doc in yaml.safe_load_all(text) if doc and doc["kind"] == "Gateway"]
 
 
 def cm(ns: str, rules: list[dict[str, Any]], *, name: str = "p", cluster: bool = False,
@@ -149,6 +138,24 @@ class TestDefects:
                                             "ports": [8443]}])))
         assert_istio_accepts(objs, chart_gateways)
 
+    def test_policy_in_the_root_namespace(self, chart_gateways: list[dict[str, Any]]) -> None:
+        """A sidecar in the root namespace (istio-system) first finds only that namespace's
+        private DestinationRules: an exported one there is looked at after the gateway
+        namespace's, which lacks this namespace's subsets."""
+        objs = render(policies(cm(SVC_NS, [{"name": "b", "hosts": ["status.io"]}], cluster=True),
+                               cm("istio-system", [{"name": "a", "hosts": ["api.kadath.io"]}])))
+        assert_istio_accepts(objs, chart_gateways)
+
+    def test_one_host_on_different_ports_in_two_namespaces(
+            self, chart_gateways: list[dict[str, Any]]) -> None:
+        """shop allows api.kadath.io on 443, billing on 443 and 8443: the gateway keeps one
+        ServiceEntry per hostname across namespaces (the oldest; Istio merges only within a
+        namespace), so it must see one that has every port it routes the host to."""
+        objs = render(policies(cm("shop", [{"name": "a", "hosts": ["api.kadath.io"]}]),
+                               cm("billing", [{"name": "a", "hosts": ["api.kadath.io"],
+                                               "ports": [443, 8443]}])))
+        assert_istio_accepts(objs, chart_gateways)
+
 
 HOST_LABELS = ["my", "api", "my-api", "api-example", "example", "x--y", "a"]
 hosts_st = st.builds(
@@ -167,7 +174,8 @@ rule_st = st.fixed_dictionaries(
 @st.composite
 def policy_sets(draw: st.DrawFn) -> list[dict[str, Any]]:
     cms = []
-    for ns in draw(st.lists(st.sampled_from(["shop", "billing", "ops", "istio-egress", "a" * 50]),
+    for ns in draw(st.lists(st.sampled_from(["shop", "billing", "ops", "istio-egress", "istio-system",
+                                             "a" * 50]),
                             max_size=4, unique=True)):
         rules = draw(st.lists(rule_st, min_size=1, max_size=3))
         cms.append(cm(ns, [{"name": f"r{i}", **r} for i, r in enumerate(rules)]))

@@ -113,7 +113,8 @@ class TestGatewaySelector:
 
 
 # Istio versions as the proxies report them (node metadata ISTIO_VERSION).
-OLD = ["1.22.0", "1.26.3", "1.28.0", "1.28.9-distroless", "1.2.0", "1.9.9", "0.8.0", ""]
+OLD = ["1.22.0", "1.26.3", "1.28.0", "1.28.9-distroless", "1.2.0", "1.9.9", "0.8.0", "",
+       "1.10.0", "1.19.3", "1.20.0", "1.3.0", "1.28"]
 NEW = ["1.29.0", "1.29.1", "1.29-dev", "1.30.0", "1.45.2", "1.100.0", "2.0.0", "10.1.0"]
 
 
@@ -152,13 +153,9 @@ class TestServeKubeSelector:
         from authz.commands.serve import build_arg_parser
         from authz.kube.controller import KubeController
         from authz.workloads import WorkloadIndex
+        from tests.kube_harness import write_kubeconfig
 
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "e",
-            "clusters": [{"name": "e", "cluster": {"server": "http://127.0.0.1:9"}}],
-            "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-            "users": [{"name": "u", "user": {"token": "t"}}]}))
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9")
         args = build_arg_parser().parse_args([
             "--kube", "--kubeconfig", str(kubeconfig), "--namespace", "egress-authz",
             "--gateway-selector", "app=edge,egress-authz.io/gateway=blue"])

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,19 @@ pytestmark = pytest.mark.kube
 
 CHILD_TIMEOUT = 60.0
 CHILD_MEMORY = 2 << 30  # address space: the Kubernetes client and threads, not the bomb
+
+
+def run_child(code: str, late: str) -> dict[str, Any]:
+    """Run `code` in a child Python; the JSON of its last stdout line. A timeout fails
+    the test saying `late`; a crash fails it with the child's stderr."""
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{late} within {CHILD_TIMEOUT} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
 
 
 def test_alias_bomb_in_one_namespace_leaves_the_others_served() -> None:
@@ -51,13 +65,7 @@ def test_alias_bomb_in_one_namespace_leaves_the_others_served() -> None:
                                "decide_s": decide_s,
                                "event": events[0]["message"], "errors": replica.errors}}))
     """)
-    try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the Kubernetes source did not get ready within {CHILD_TIMEOUT} s")
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_child(code, "the Kubernetes source did not get ready")
     assert out["ready"] and out["took"] < 10
     assert out["allowed"] and out["decide_s"] < 0.5
     assert "alias" in out["event"] and len(out["event"]) < 400
@@ -180,13 +188,34 @@ def test_serve_kube_with_a_bomb_in_one_namespace(tmp_path) -> None:  # type: ign
     Warning Event. In a child with an address-space cap and a timeout."""
     code = SERVE_KUBE_CHILD.format(memory=3 << 30, bomb=bomb(),
                                    kubeconfig=str(tmp_path / "kubeconfig"))
-    try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"serve --kube did not answer within {CHILD_TIMEOUT} s")
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_child(code, "serve --kube did not answer")
     assert out["ready"] < 20 and out["median"] < 0.05
     assert out["rss_mib"] < 384, out  # 3/4 of the chart's limit; ~78 MiB measured
     assert "alias" in out["event"] and len(out["event"]) < 400
+
+
+def test_one_namespace_cannot_grow_the_service_without_bound(
+        emu: KubeEmulator, replica: Replica, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-ConfigMap caps do not stop an owner from creating many maximal
+    ConfigMaps (about 10 MiB of the service's memory each: 50 take a replica over
+    the chart's 512 MiB). Host patterns are therefore also capped per namespace: the
+    ConfigMap that would cross the cap is rejected with a PolicyInvalid Event and its
+    last good version (or nothing) stays; other namespaces are unaffected, and an
+    edit that brings it back under the cap is accepted."""
+    import authz.kube.source as source_module
+
+    monkeypatch.setattr(source_module, "MAX_NAMESPACE_HOSTS", 10)
+    hosts = [f"h{i}.kadath.io" for i in range(6)]
+    emu.seed(policy_cm("evil", "a", [rule("a", *hosts)]),
+             policy_cm("shop", "p", [rule("p", *hosts, "api.kadath.io")]))
+    assert replica.start().wait_ready(30)
+    emu.wait_for(lambda: replica.allows("evil", "h0.kadath.io"), timeout=20)
+    emu.seed(policy_cm("evil", "b", [rule("b", "api.leng.com", *hosts)]))
+    events = emu.wait_for(lambda: emu.events("evil", reason="PolicyInvalid"), timeout=20)
+    assert "evil" in events[0]["message"] and "per namespace" in events[0]["message"]
+    assert not replica.allows("evil", "api.leng.com")
+    assert replica.allows("evil", "h0.kadath.io")  # ConfigMap a stays in force
+    assert replica.allows("shop", "api.kadath.io")  # 7 hosts of its own: under the cap
+    emu.modify("v1", "ConfigMap", "evil", "b", lambda o: o["data"].update(
+        {"policy.yaml": "rules: [{name: b, hosts: [api.leng.com], ports: [443]}]"}))
+    emu.wait_for(lambda: replica.allows("evil", "api.leng.com"), timeout=20)

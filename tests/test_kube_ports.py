@@ -14,15 +14,15 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 
-from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest, CheckResponse
+from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckResponse
 from authz.envoy.server import CHECK_METHOD
 from authz.gateway_ports import GatewayPorts
 from authz.kube.gateway_service import GatewayServiceWatch
 from authz.testing.envoy import free_port
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import SVC_NS, Replica, emu, pod, policy_cm, replica, rule
+from tests.kube_harness import SVC_NS, Replica, emu, pod, policy_cm, replica, rule, write_kubeconfig
+from tests.test_ports import check_request
 
 __all__ = ["emu", "replica"]  # fixtures
 pytestmark = pytest.mark.kube
@@ -108,17 +108,6 @@ class TestServiceWatch:
         assert paths == {f"/api/v1/namespaces/{GATEWAY_NS}/services"}
 
 
-def check_request(listener: int) -> bytes:
-    r = CheckRequest()
-    a = r.attributes
-    a.source.principal = "spiffe://cluster.local/ns/shop/sa/cart"
-    a.source.address.socket_address.address = "10.0.0.9"
-    a.destination.address.socket_address.address = "10.9.9.9"
-    a.destination.address.socket_address.port_value = listener
-    a.tls_session.sni = "api.kadath.io"
-    return r.SerializeToString()
-
-
 class TestServeKube:
     """The shipped command line (`serve --kube`, the chart's flags) against the emulator."""
 
@@ -131,12 +120,7 @@ class TestServeKube:
         emu.seed(policy_cm("shop", "p", [rule("kadath", "api.kadath.io", ports=[443])]),
                  gateway_service(),
                  pod("shop", "cart", "10.0.0.9", sa="cart"))  # the caller: no Pod, no allow
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "e",
-            "clusters": [{"name": "e", "cluster": {"server": emu.url}}],
-            "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-            "users": [{"name": "u", "user": {"token": "t"}}]}))
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
         port = free_port()
         args = build_arg_parser().parse_args([
             "--kube", "--kubeconfig", str(kubeconfig), "--namespace", SVC_NS,

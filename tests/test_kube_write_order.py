@@ -3,13 +3,9 @@ not even between two writes: every state the emulator went through passes Istio'
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import helm_python as helm
 import pytest
-import yaml
 
 from authz.kube.writer import RegistryWriter
 from authz.render import RenderOptions
@@ -19,16 +15,7 @@ from tests.kube_harness import SVC_NS, Replica, emu, policy_cm, replica, rule
 
 __all__ = ["emu", "replica"]  # fixtures
 pytestmark = pytest.mark.kube
-ROOT = Path(__file__).resolve().parent.parent
 ISTIO_KINDS = {"ServiceEntry", "VirtualService", "DestinationRule", "Gateway"}
-
-
-@pytest.fixture(scope="module")
-def chart_gateways() -> Iterator[list[dict[str, Any]]]:
-    with helm.Chart.load(ROOT / "charts" / "egress-authz") as chart:
-        manifests = chart.render(name="egress-authz", namespace=SVC_NS)
-    yield [doc for path, text in manifests.items() if not path.endswith("NOTES.txt")
-           for doc in yaml.safe_load_all(text) if doc and doc["kind"] == "Gateway"]
 
 
 def replay(emu: KubeEmulator) -> list[tuple[str, list[dict[str, Any]]]]:

@@ -215,6 +215,14 @@ rules:
         assert any(expected in p for p in found), found
         assert all(p.startswith("shop/egress-policy") for p in found)
 
+    def test_a_non_string_in_a_list_does_not_shift_later_locations(self) -> None:
+        """`paths: ["/a", 3, "/b/../c"]`: the 3 is paths[1]; no error names "/b/../c" as
+        paths[1] (dropping the 3 used to shift every later index by one)."""
+        body = "rules: [{name: a, hosts: [x.io], http: {paths: ['/a', 3, '/b/../c']}}]"
+        found = problems(body)
+        assert any("paths[1]: must be a string, not" in p for p in found), found
+        assert not any("paths[1]" in p and "/b/../c" in p for p in found), found
+
     def test_all_problems_are_reported_at_once(self) -> None:
         """A ConfigMap with several mistakes lists them all, not just the first."""
         body = "rules: [{name: a, hosts: ['*'], ports: [0], protocols: [UDP]}]"

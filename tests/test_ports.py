@@ -235,30 +235,32 @@ class TestMapFromService:
             assert dict(found.mapping) == {} and found.problems
 
 
+def check_request(listener: int, *, host: str | None = None) -> bytes:
+    """shop/cart (10.0.0.9) to api.kadath.io through gateway listener `listener`;
+    with `host`, as the HTTP filter sends it. Also used by test_kube_ports."""
+    from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest
+
+    r = CheckRequest()
+    a = r.attributes
+    a.source.principal = "spiffe://cluster.local/ns/shop/sa/cart"
+    a.source.address.socket_address.address = "10.0.0.9"
+    a.destination.address.socket_address.address = "10.9.9.9"
+    a.destination.address.socket_address.port_value = listener
+    a.tls_session.sni = "api.kadath.io"
+    if host is not None:
+        http_ = a.request.http
+        http_.host, http_.method, http_.path, http_.scheme = host, "GET", "/", "https"
+    return r.SerializeToString()
+
+
 class TestTranslation:
     """The listener port in the CheckRequest becomes the port the app dialled."""
-
-    @staticmethod
-    def request(listener: int, *, host: str | None = None) -> bytes:
-        from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest
-
-        r = CheckRequest()
-        a = r.attributes
-        a.source.principal = "spiffe://cluster.local/ns/shop/sa/cart"
-        a.source.address.socket_address.address = "10.0.0.9"
-        a.destination.address.socket_address.address = "10.9.9.9"
-        a.destination.address.socket_address.port_value = listener
-        a.tls_session.sni = "api.kadath.io"
-        if host is not None:
-            http_ = a.request.http
-            http_.host, http_.method, http_.path, http_.scheme = host, "GET", "/", "https"
-        return r.SerializeToString()
 
     def parse(self, listener: int, mapping: dict[int, int] | None, **kw: Any) -> Destination:
         from authz.envoy.request import ParsedCheck, parse_check_request
         from authz.gateway_ports import GatewayPorts
 
-        parsed = parse_check_request(self.request(listener, **kw), None,
+        parsed = parse_check_request(check_request(listener, **kw), None,
                                      GatewayPorts(mapping).translate)
         assert isinstance(parsed, ParsedCheck), parsed
         return parsed.destination
@@ -290,7 +292,7 @@ class TestTranslation:
 
         def code(svc: CheckService, listener: int, **kw: Any) -> int:
             resp = CheckResponse()
-            resp.ParseFromString(svc.check(self.request(listener, **kw)))
+            resp.ParseFromString(svc.check(check_request(listener, **kw)))
             return resp.status.code
 
         assert code(service_, 8443) == 0

@@ -114,3 +114,51 @@ class TestRecorderFairness:
         ids = {r.decision.decision_id for r in recorder.ring.snapshot()}
         assert all(r.decision.decision_id in ids for r in mine)
         assert len(recorder.ring) == 200
+
+
+class TestLogQueueFairness:
+    """The decision log and spans are fed from one bounded queue: a flooding source
+    must not crowd everyone else's decisions out of it (issue 12, forged and
+    flooding callers) any more than out of the ring."""
+
+    def test_flood_leaves_room_for_other_sources_in_the_log(self) -> None:
+        """With the recorder thread behind (not started), one namespace's flood
+        fills at most its share of the queue: a quiet namespace's decisions still
+        reach the decision log, and the flood's excess is counted as `queue-share`."""
+        out = io.StringIO()
+        settings = TracingSettings(ring_size=1_000, queue_size=100)
+        metrics = Metrics()
+        recorder = DecisionRecorder(settings, log_stream=out, metrics=metrics)
+        for _ in range(1_000):
+            recorder.record(from_namespace("flood"))
+        for _ in range(200):  # a forged flood in the shared bucket
+            recorder.record(forged("anything"))
+        quiet = [from_namespace("payments") for _ in range(10)]
+        for r in quiet:
+            recorder.record(r)
+        assert recorder.pending <= settings.queue_size
+        recorder.close()
+        logged = out.getvalue()
+        assert all(r.decision.decision_id in logged for r in quiet)
+        shares = {"sink": "queue-share"}
+        assert metrics.value("egress_authz_trace_records_dropped_total", shares) >= (
+            1_000 - settings.queue_size
+        )
+
+    def test_lone_source_is_not_limited_below_the_queue(self) -> None:
+        """Fairness costs a lone source nothing while the queue has room: every
+        decision of a burst smaller than half the queue is logged."""
+        out = io.StringIO()
+        recorder = DecisionRecorder(TracingSettings(queue_size=100), log_stream=out)
+        burst = [from_namespace("shop") for _ in range(50)]
+        for r in burst:
+            recorder.record(r)
+        recorder.close()
+        assert all(r.decision.decision_id in out.getvalue() for r in burst)
+
+    def test_queue_share_is_a_documented_sink(self) -> None:
+        """The drop counter's new `sink` value is documented where the others are."""
+        from pathlib import Path
+
+        docs = (Path(__file__).resolve().parents[1] / "docs" / "tracing.md").read_text()
+        assert "`queue-share`" in docs

@@ -222,9 +222,16 @@ status: {phase: Running, podIP: 127.0.0.2}
                     r.attributes.source.address.socket_address.address = ip
                     r.attributes.destination.address.socket_address.port_value = 443
                     r.attributes.tls_session.sni = "api.kadath.io"
-                    body = check(r.SerializeToString(), timeout=10, wait_for_ready=True)
-                    out[ip] = CheckResponse.FromString(body).dynamic_metadata.fields[
-                        "reason"].string_value
+                    # serve listens at once and loads the policy file just after: the
+                    # first Checks may find no policy yet (flaked under load).
+                    deadline = time.monotonic() + 30
+                    while True:
+                        body = check(r.SerializeToString(), timeout=10, wait_for_ready=True)
+                        out[ip] = CheckResponse.FromString(body).dynamic_metadata.fields[
+                            "reason"].string_value
+                        if out[ip] != "no-policy" or time.monotonic() > deadline:
+                            break
+                        time.sleep(0.02)
         finally:
             stop.set()
             t.join(10)

@@ -11,25 +11,14 @@ import pytest
 from authz.model import ConfigMapRef
 from authz.sources import DirectorySource, WorkloadFileSource, pods_in, yaml_files
 from authz.store import PolicyStore
+from authz.testing.policies import policy_configmap
 from authz.workloads import WorkloadIndex
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def configmap(name: str, hosts: str = "[api.kadath.io]", namespace: str = "shop") -> str:
-    return f"""\
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: {name}
-  namespace: {namespace}
-  labels: {{egress-authz.io/policy: "true"}}
-data:
-  policy.yaml: |
-    rules:
-      - name: r
-        hosts: {hosts}
-"""
+    return policy_configmap(name, namespace, f"- name: r\n  hosts: {hosts}")
 
 
 BROKEN_HOSTS = '["*.*.io"]'

@@ -7,10 +7,9 @@ import itertools
 import json
 import os
 import signal
-import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -506,11 +505,28 @@ class _Stalled(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         self.calls += 1
-        self.release.wait(30)
+        self.release.wait(120)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
         self.release.set()
+
+
+def _queue_drops() -> float:
+    """Records dropped before the recorder's queue: full, or over their source's share."""
+    return dropped("queue") + dropped("queue-share")
+
+
+def _returns_within(fn: Callable[[], None], timeout: float) -> bool:
+    """Run `fn` in a thread; whether it returned within `timeout` seconds."""
+    done = threading.Event()
+
+    def run() -> None:
+        fn()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(timeout)
 
 
 class _StalledStream(io.StringIO):
@@ -519,7 +535,7 @@ class _StalledStream(io.StringIO):
         self.release = threading.Event()
 
     def write(self, s: str) -> int:
-        self.release.wait(30)
+        self.release.wait(120)
         return len(s)
 
 
@@ -537,17 +553,20 @@ class TestBackpressure:
             metrics=(metrics := Metrics()),
         ).start()
         r = make_record()
-        timings = []
-        for _ in range(20_000):
-            t0 = time.perf_counter_ns()
-            recorder.record(r)
-            timings.append(time.perf_counter_ns() - t0)
+
+        def flood() -> None:
+            for _ in range(20_000):
+                recorder.record(r)
+
+        # The sinks stay stalled until released below: a record() that waited on
+        # either would never return (the bound only keeps the test from hanging).
+        assert _returns_within(flood, 60), "record() waited on a stalled sink"
+        assert not log.release.is_set() and not exporter.release.is_set()
         assert recorder.pending <= settings.queue_size
         assert len(recorder.ring) == settings.ring_size
-        assert dropped("queue", metrics) >= 20_000 - settings.queue_size - 600
-        timings.sort()
-        assert statistics.median(timings) < 50_000  # ns; typically ~2 µs
-        assert timings[int(len(timings) * 0.999)] < 20_000_000  # no call waits on the sinks
+        assert dropped("queue", metrics) + dropped("queue-share", metrics) >= (
+            20_000 - settings.queue_size - 600
+        )
         log.release.set()
         exporter.release.set()
         recorder.close()
@@ -737,8 +756,9 @@ class TestSpanPipe:
         assert set(names) == {"egress-authz-test"}
 
     def test_stalled_child_drops_never_blocks(self) -> None:
-        """With the exporter process frozen, record() stays fast and the spans that
-        do not fit in the pipe are dropped and counted."""
+        """With the exporter process frozen, record() never waits for it: a flood
+        returns while the child is still stopped, and the spans that do not fit in
+        the pipe are dropped and counted."""
         import os
         import signal
 
@@ -754,26 +774,33 @@ class TestSpanPipe:
                 log_stream=io.StringIO(),
             ).start()
             before = dropped("span")
-            before_queue = dropped("queue")
+            before_queue = _queue_drops()
             r = make_record()
-            worst = 0
-            for i in range(20_000):
-                t0 = time.perf_counter_ns()
-                recorder.record(r)
-                worst = max(worst, time.perf_counter_ns() - t0)
-                if i % 200 == 0:
-                    time.sleep(0.005)  # paced so that the recorder keeps up: the pipe fills
-            deadline = time.monotonic() + 20
-            while recorder.pending and time.monotonic() < deadline:
-                time.sleep(0.01)
+
+            def flood() -> None:
+                for _ in range(20_000):
+                    recorder.record(r)
+
+            # A blocking write to the frozen child's full pipe would never return;
+            # the generous bound only guards the test against hanging.
+            assert _returns_within(flood, 60), "record() waited on the frozen child"
+            # Then hand the recorder thread records at a pace it keeps up with, so
+            # that they reach the (full) pipe however loaded the machine is.
+            for _ in range(100):
+                if dropped("span") - before > 1_000:
+                    break
+                for _ in range(100):
+                    recorder.record(r)
+                deadline = time.monotonic() + 20
+                while recorder.pending and time.monotonic() < deadline:
+                    time.sleep(0.005)
             # The 1 MiB pipe holds ~1,500 lines and the queue 1,000 records: the
             # rest were dropped, at the pipe or (when the flood outran the
             # recorder thread) at the queue.
             span_drops = dropped("span") - before
-            queue_drops = dropped("queue") - before_queue
+            queue_drops = _queue_drops() - before_queue
             assert span_drops > 1_000
             assert span_drops + queue_drops > 15_000
-            assert worst < 50_000_000  # ns: no call waited on the frozen child
         finally:
             os.kill(pipe.proc.pid, signal.SIGCONT)
             recorder.close()

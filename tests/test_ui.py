@@ -11,7 +11,6 @@ import re
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from importlib import resources
 from pathlib import Path
@@ -25,26 +24,12 @@ from authz.commands.admin_client import AdminClient
 from authz.model import Reason
 from authz.ui.routes import CSP, STATIC
 from tests.kube_emulator import KubeEmulator
-from tests.ui_harness import ANALYTICS, CART, Service, free_port, running_serve
+from tests.kube_harness import write_kubeconfig
+from tests.ui_harness import Service, free_port, service, traffic
+
+__all__ = ["service", "traffic"]  # fixtures
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with running_serve(tmp_path_factory.mktemp("ui")) as svc:
-        yield svc
-
-
-@pytest.fixture(scope="module")
-def traffic(service: Service) -> dict[str, str]:
-    return {
-        "allow": service.check(sni="api.kadath.io", **CART),
-        "deny": service.check(sni="api.leng.com", **CART),
-        "port": service.check(sni="api.kadath.io", port=8443, **CART),
-        "cluster": service.check(sni="api.stealyourmoney.com", **CART),
-        "audit": service.check(host="hooks.kadath.io", port=80, path="/v2/x", **ANALYTICS),
-    }
 
 
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -260,13 +245,7 @@ class TestUiKube:
                      phase="Pending"),
             )  # fmt: skip
             emu.port_forwards[("egress-authz", "authz-b", 9090)] = ("127.0.0.1", admin_port)
-            kubeconfig = tmp_path / "kubeconfig"
-            kubeconfig.write_text(json.dumps({
-                "apiVersion": "v1", "kind": "Config", "current-context": "emu",
-                "clusters": [{"name": "emu", "cluster": {"server": emu.url}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u"}}],
-            }))  # fmt: skip
+            kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
             args = build_parser().parse_args(["ui", "--kube", "--kubeconfig", str(kubeconfig)])
             out = io.StringIO()
             stop = threading.Event()
@@ -301,13 +280,7 @@ class TestUiKube:
         """No ready pod matches: exit 1 saying how many were found, nothing forwarded."""
         with KubeEmulator() as emu:
             emu.seed(_pod("authz-starting", ready=False, created="2026-11-03T00:00:00Z"))
-            kubeconfig = tmp_path / "kubeconfig"
-            kubeconfig.write_text(json.dumps({
-                "apiVersion": "v1", "kind": "Config", "current-context": "emu",
-                "clusters": [{"name": "emu", "cluster": {"server": emu.url}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u"}}],
-            }))  # fmt: skip
+            kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
             code, out, err = cli(capsys, "ui", "--kube", "--kubeconfig", str(kubeconfig))
         assert code == 1 and out == ""
         assert "no ready pod in namespace egress-authz" in err and "(of 1 found)" in err

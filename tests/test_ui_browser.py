@@ -20,7 +20,17 @@ import pytest
 from authz.cli import main
 from authz.commands.admin_client import AdminClient
 from authz.commands.suggest import FIXABLE
-from tests.ui_harness import ANALYTICS, CART, WAIT_MS, CuttableProxy, Service, running_serve
+from tests.ui_harness import (
+    ANALYTICS,
+    CART,
+    WAIT_MS,
+    CuttableProxy,
+    Service,
+    service,
+    traffic,
+)
+
+__all__ = ["service", "traffic"]  # fixtures
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -46,24 +56,6 @@ def chromium() -> Iterator[Any]:
         browser = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, timeout=WAIT_MS * 2)
         yield browser
         browser.close()
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with running_serve(tmp_path_factory.mktemp("ui")) as svc:
-        yield svc
-
-
-@pytest.fixture(scope="module")
-def traffic(service: Service) -> dict[str, str]:
-    """One of each: allow, host denial, port denial, cluster deny, audit (HTTP)."""
-    return {
-        "allow": service.check(sni="api.kadath.io", **CART),
-        "deny": service.check(sni="api.leng.com", **CART),
-        "port": service.check(sni="api.kadath.io", port=8443, **CART),
-        "cluster": service.check(sni="api.stealyourmoney.com", **CART),
-        "audit": service.check(host="hooks.kadath.io", port=80, path="/v2/x", **ANALYTICS),
-    }
 
 
 @pytest.fixture

@@ -17,11 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from authz.commands.serve import build_arg_parser, serve
 from tests.kube_emulator import KubeEmulator
-from tests.kube_harness import SVC_NS, pod, policy_cm, rule
+from tests.kube_harness import SVC_NS, pod, policy_cm, rule, write_kubeconfig
 from tests.test_server import CART, Client, check_request, free_port
 
 
@@ -29,15 +28,6 @@ from tests.test_server import CART, Client, check_request, free_port
 def api() -> Iterator[KubeEmulator]:
     with KubeEmulator(bookmark_interval=0.2) as e:
         yield e
-
-
-def kubeconfig(emu: KubeEmulator, path: Path) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "e",
-        "clusters": [{"name": "e", "cluster": {"server": emu.url}}],
-        "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}]}))
-    return path
 
 
 def listening(port: int) -> bool:
@@ -58,7 +48,7 @@ class TestWorkerStart:
         nothing; once the policy loads it listens, reports its revision and allows."""
         api.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]),
                  pod("shop", "cart", "10.0.0.1", sa="cart"))
-        config = kubeconfig(api, tmp_path / "kubeconfig")
+        config = write_kubeconfig(tmp_path / "kubeconfig", api.url)
         api.stop()  # the worker starts during an API outage (or a slow first list)
         port = free_port()
         ready_r, ready_w = os.pipe()
@@ -95,7 +85,7 @@ class TestWorkerStart:
         self, api: KubeEmulator, tmp_path: Path
     ) -> None:
         """SIGTERM (the stop event) during the first load: exit 0 without ever listening."""
-        config = kubeconfig(api, tmp_path / "kubeconfig")
+        config = write_kubeconfig(tmp_path / "kubeconfig", api.url)
         api.stop()
         port = free_port()
         args = build_arg_parser().parse_args([

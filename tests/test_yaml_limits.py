@@ -123,6 +123,24 @@ class TestAliasBomb:
         assert "2 file(s), 1 policy ConfigMap(s)" in done.stderr
         assert len(done.stdout + done.stderr) < 1500
 
+    def test_lint_reads_every_file_through_the_limits(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Every pass of `lint` over a file (the fence check reads Namespaces and
+        NetworkPolicies too) goes through the limited loader: a hostile file is an
+        error naming it, never a traceback or a long stall."""
+        from authz.cli import main
+        from authz.commands import exits
+
+        # 50,000 levels: a RecursionError in a parser without the depth limit.
+        (tmp_path / "hostile.yaml").write_text("a: " + "[" * 50_000 + "]" * 50_000 + "\n")
+        (tmp_path / "good.yaml").write_text(yaml.safe_dump(configmap(
+            "rules: [{name: r, hosts: [a.example]}]", namespace="ok")))
+        assert main(["lint", str(tmp_path)]) == exits.USAGE
+        err = capsys.readouterr()
+        assert "hostile.yaml" in err.out + err.err
+        assert "Traceback" not in err.out + err.err
+
     def test_workloads_bomb_refused(self, tmp_path: Path) -> None:
         """A --workloads Pod file with an alias bomb is refused, not expanded."""
         path = tmp_path / "pods.yaml"
@@ -218,6 +236,27 @@ class TestLimits:
         """A 5,000-digit port is a clear error, not a ValueError escaping the parser."""
         msgs = problems("rules: [{name: r, hosts: [a.example], ports: [" + "9" * 5000 + "]}]")
         assert len(msgs) == 1 and len(msgs[0]) < 300
+
+    @pytest.mark.parametrize("number", [
+        "1" + ":30" * 60_000,  # YAML 1.1 base 60: quadratic big-integer work (32 s at 1 MiB)
+        "0x" + "f" * 5_000,  # binary bases escape Python's 4,300-digit guard, then break str()
+        "0b" + "1" * 20_000,
+        "0" + "7" * 6_000,  # YAML 1.1 octal
+        "1_0" * 3_000,
+    ])
+    def test_long_integers_refused_before_conversion(self, number: str) -> None:
+        """An integer written with more characters than any real value needs is refused
+        before it is converted (a namespace owner could otherwise hold the GIL for
+        seconds per edit, or plant a value that breaks every message echoing it)."""
+        with pytest.raises(yl().YamlError, match="integer of"):
+            yl().load_one(f"ports: [{number}]\n", yl().POLICY_LIMITS)
+        (msg,) = problems(f"rules: [{{name: r, hosts: [a.example], ports: [{number}]}}]")
+        assert "integer of" in msg and len(msg) < 300
+
+    def test_ordinary_integers_still_load(self) -> None:
+        """Ports, sexagesimal-looking small values and underscores keep their YAML meaning."""
+        assert yl().load_one("[443, 0x1bb, 1_000, 017, 1:30, 18446744073709551615]\n",
+                             yl().POLICY_LIMITS) == [443, 443, 1000, 15, 90, 2**64 - 1]
 
     def test_file_limits_are_wider_than_policy_limits(self) -> None:
         """Manifest files (List dumps, Pod dumps) get room for real clusters' dumps."""

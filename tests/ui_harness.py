@@ -158,6 +158,25 @@ def running_serve(tmp: Path) -> Iterator[Service]:
         log.close()
 
 
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One running serve for a test module (a fixture: import it with `traffic`)."""
+    with running_serve(tmp_path_factory.mktemp("ui")) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def traffic(service: Service) -> dict[str, str]:
+    """One of each: allow, host denial, port denial, cluster deny, audit (HTTP)."""
+    return {
+        "allow": service.check(sni="api.kadath.io", **CART),
+        "deny": service.check(sni="api.leng.com", **CART),
+        "port": service.check(sni="api.kadath.io", port=8443, **CART),
+        "cluster": service.check(sni="api.stealyourmoney.com", **CART),
+        "audit": service.check(host="hooks.kadath.io", port=80, path="/v2/x", **ANALYTICS),
+    }
+
+
 @dataclass
 class CuttableProxy:
     """127.0.0.1:port -> target, whose connections a test can cut and restore:

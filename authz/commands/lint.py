@@ -62,16 +62,21 @@ def unfenced_wildcard_warnings(result: LoadResult) -> list[str]:
     """Namespace policies with a wildcard host whose namespace nothing under PATH fences:
     no Namespace labelled egress-authz.io/egress-fence=true, no fencing NetworkPolicy
     (`serve --kube` judges the same against the cluster)."""
-    import yaml
-
     from ..fence import FENCE_LABEL, unfenced_wildcards, wildcard_hosts
+    from ..yamlload import FILE_LIMITS, YamlError, load_all
 
     fenced: set[str] = set()
     netpols: dict[str, list[dict[str, Any]]] = {}
-    for path in result.files:  # already read, under the loader's size limit
+    for path in result.files:  # already read once by the loader, which reported problems
         try:
-            docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
-        except (OSError, UnicodeError, yaml.YAMLError):
+            # Through the limits again: a file the loader refused may be here (a
+            # plain parser would recurse 50,000 levels deep, or stall on a number).
+            with path.open("rb") as stream:
+                raw = stream.read(FILE_LIMITS.max_bytes + 1)
+            if len(raw) > FILE_LIMITS.max_bytes:
+                continue  # reported by the loader; never read whole
+            docs = [d for d in load_all(raw.decode(), FILE_LIMITS) if isinstance(d, dict)]
+        except (OSError, UnicodeError, YamlError):
             continue  # the loader has reported it
         for d in docs:
             meta = d.get("metadata")

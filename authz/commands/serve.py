@@ -369,6 +369,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _bind_cause(address: str) -> str:
+    """Why `address` (host:port) cannot be bound, as the kernel says it."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, int(port)))
+    except (OSError, ValueError) as e:
+        return getattr(e, "strerror", None) or str(e)
+    return "gRPC could not bind it (set GRPC_VERBOSITY=debug for its reason)"
+
+
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
     from authz.envoy.server import AuthzServer, ServerSettings
@@ -410,19 +425,30 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         # force takes its share of connections and can only deny them with no-policy (a
         # restarted worker did so for 14.6 s with 31k rules). Load first, then listen.
         try:
-            admin = start_admin(args, state)  # worker 0: /healthz answers meanwhile
+            admin = start_admin(args, state)  # none under the supervisor (authz/observe/pooled.py)
         except StartError:
             _close_recorder(recorder)
             raise
         start_sources()
+        if not store.loaded:  # fail closed: Envoy's connections go to the other workers
+            log.info("worker %d: not listening on Check until a policy loads", args.worker_index)
         if not _wait_loaded(store, stop):  # stopped before a policy arrived: never listened
             _close(policy_sources, workload_sources, admin, recorder)
             return 0
     try:
         port = server.start()
     except RuntimeError as e:
-        log.error("%s", e)
-        return 1
+        log.debug("gRPC start failed: %s", e)
+        if worker:  # its sources and admin endpoint already run
+            _close(policy_sources, workload_sources, admin, recorder)
+        else:
+            _close_recorder(recorder)
+        # gRPC says only "Failed to bind" (the cause is in a C-core log line): ask the
+        # kernel the same question to say why.
+        raise StartError(
+            f"cannot listen for Check on {args.grpc_address}: {_bind_cause(args.grpc_address)}"
+            "; free the port, or give another --grpc-address"
+        ) from e
     if not worker:
         try:
             admin = start_admin(args, state)

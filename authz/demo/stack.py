@@ -212,9 +212,7 @@ class DemoStack:
         for pod in PODS:
             self.identities[pod.name] = self.ca.workload(pod.namespace, pod.service_account)
         self.gateway_identity = self.ca.workload(GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT)
-        write_policies(
-            self.policy_dir, {443: self.ports.gateway_tls, 80: self.ports.gateway_http}
-        )
+        write_policies(self.policy_dir)
         # serve would start with a broken file and deny its namespace (fail
         # closed); the demo would then only show wrong verdicts. Say why here.
         loaded = load_path(self.policy_dir)
@@ -246,7 +244,11 @@ class DemoStack:
             # The decision log goes to stdout, which the harness discards;
             # the table and `traces` show the decisions instead. Info level
             # for the reload lines that ReloadNotes turns into console notes.
-            extra_args=["--log-level", "info"],
+            # The loopback gateway listens on unprivileged ports, as istioctl's does
+            # (8443 behind 443): the port map turns them back into the ports the
+            # apps dialled, so the policies stay exactly istio/examples.
+            extra_args=["--log-level", "info", "--gateway-port-map",
+                        f"{self.ports.gateway_tls}:443,{self.ports.gateway_http}:80"],
             on_line=self.reload_notes.feed,
         )
         self._stack.callback(self.service.stop)

@@ -85,7 +85,7 @@ def instructions(stack: DemoStack, decision_id: str | None = None) -> str:
         *(f"  {f}" for f in sorted(stack.policy_dir.glob("*.yaml"))),
         f"Pods (source IP -> namespace, service account, labels): {stack.workloads_file}",
         f"The gateway listens on 127.0.0.1:{p.gateway_tls} (TLS, for 443) and "
-        f":{p.gateway_http} (HTTP, for 80); the copied rules list both ports.",
+        f":{p.gateway_http} (HTTP, for 80); serve --gateway-port-map judges them as 443 and 80.",
         "",
     ]
     for ex in examples(stack):

@@ -38,6 +38,7 @@ from .common import (
     as_list,
     as_map,
     configmap_name,
+    objects_of_kind,
     overlaps,
     port_list,
     rule_name,
@@ -132,15 +133,9 @@ def translate(paths: list[str], options: Any) -> Translation:
         known[name].setdefault(NAME_LABEL, name)
     rules: list[_Rule] = []
     subjects: dict[str, tuple[list[str] | None, dict[str, Any] | None, str, bool]] = {}
-    for doc in docs:
-        obj = as_map(doc.obj)
+    policies = [d for d in docs if as_map(d.obj).get("kind") != "Namespace"]  # read above
+    for obj in objects_of_kind(t, policies, KINDS, "not an AdminNetworkPolicy"):
         kind = obj.get("kind")
-        if kind == "Namespace":
-            continue
-        if kind not in KINDS:
-            t.note(f"{doc.origin} kind {shown(kind)}", Outcome.DROPPED,
-                   "not an AdminNetworkPolicy")
-            continue
         meta, spec = as_map(obj.get("metadata")), as_map(obj.get("spec"))
         pname = str(meta.get("name") or "unnamed")
         label = f"{kind} {pname}"

@@ -30,6 +30,7 @@ from .common import (
     as_list,
     as_map,
     configmap_name,
+    objects_of_kind,
     port_list,
     rule_name,
     shown,
@@ -230,13 +231,9 @@ def _egress(
 
 def translate(paths: list[str], options: Any) -> Translation:
     t = Translation()
-    for doc in documents(paths):
-        obj = as_map(doc.obj)
+    for obj in objects_of_kind(t, documents(paths), KINDS,
+                               f"not a Cilium policy ({', '.join(KINDS)})"):
         kind = obj.get("kind")
-        if kind not in KINDS:
-            t.note(f"{doc.origin} kind {shown(kind)}", Outcome.DROPPED,
-                   f"not a Cilium policy ({', '.join(KINDS)})")
-            continue
         meta = as_map(obj.get("metadata"))
         name = str(meta.get("name") or "unnamed")
         policy_ns = None

@@ -13,11 +13,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import hosts
+
+if TYPE_CHECKING:  # inputs imports this module
+    from .inputs import Document
 
 CLUSTER = ""  # DraftRule.namespace for the cluster tier
 # Ports our gateway sees for names nobody pinned to a port (AWS, Squid without
@@ -134,6 +137,18 @@ def as_map(value: Any) -> dict[str, Any]:
 
 def as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
+
+
+def objects_of_kind(
+    t: Translation, docs: Iterable[Document], kinds: tuple[str, ...], why_not: str
+) -> Iterator[dict[str, Any]]:
+    """The objects whose kind is one of `kinds`; every other one gets a DROPPED note."""
+    for doc in docs:
+        obj = as_map(doc.obj)
+        if obj.get("kind") not in kinds:
+            t.note(f"{doc.origin} kind {shown(obj.get('kind'))}", Outcome.DROPPED, why_not)
+            continue
+        yield obj
 
 
 def as_int(value: Any, default: int = 0) -> int:

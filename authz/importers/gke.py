@@ -24,6 +24,7 @@ from .common import (
     as_list,
     as_map,
     configmap_name,
+    objects_of_kind,
     port_list,
     rule_name,
     shown,
@@ -85,12 +86,7 @@ def name_or_pattern(match: dict[str, Any]) -> tuple[str | None, str, str]:
 
 def translate(paths: list[str], options: Any) -> Translation:
     t = Translation()
-    for doc in documents(paths):
-        obj = as_map(doc.obj)
-        if obj.get("kind") != KIND:
-            t.note(f"{doc.origin} kind {shown(obj.get('kind'))}", Outcome.DROPPED,
-                   f"not a {KIND}")
-            continue
+    for obj in objects_of_kind(t, documents(paths), (KIND,), f"not a {KIND}"):
         meta, spec = as_map(obj.get("metadata")), as_map(obj.get("spec"))
         name = str(meta.get("name") or "unnamed")
         ns = str(meta.get("namespace") or options.namespace or "default")

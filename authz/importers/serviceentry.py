@@ -30,6 +30,7 @@ from .common import (
     as_list,
     as_map,
     configmap_name,
+    objects_of_kind,
     rule_name,
     shown,
 )
@@ -59,12 +60,7 @@ def export_targets(export_to: Any, own: str) -> tuple[list[str], str]:
 
 def translate(paths: list[str], options: Any) -> Translation:
     t = Translation()
-    for doc in documents(paths):
-        obj = as_map(doc.obj)
-        if obj.get("kind") != KIND:
-            t.note(f"{doc.origin} kind {shown(obj.get('kind'))}", Outcome.DROPPED,
-                   f"not a {KIND}")
-            continue
+    for obj in objects_of_kind(t, documents(paths), (KIND,), f"not a {KIND}"):
         meta, spec = as_map(obj.get("metadata")), as_map(obj.get("spec"))
         name = str(meta.get("name") or "unnamed")
         own = str(meta.get("namespace") or options.namespace or "default")

@@ -212,7 +212,7 @@ class KubeApi:
               name: str | None = None, body: Obj | None = None, collection: bool = False,
               content_type: str = "application/json",
               query: Mapping[str, str | None] | None = None) -> Obj:
-        perm = require(kind, verb_of(method, collection=collection and method == "GET"))
+        perm = require(kind, verb_of(method, collection=collection and method == "GET"), name)
         if perm.scope is Scope.SERVICE_NAMESPACE and namespace != self.service_ns:
             raise KubeError(f"{kind} calls are limited to namespace {self.service_ns}")
         _check_scope(perm, namespace)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ..fence import FENCE_NAME
+
 
 class Scope(StrEnum):
     CLUSTER = "cluster"  # across all namespaces: a ClusterRole
@@ -28,6 +30,9 @@ class Permission:
     verbs: frozenset[str]
     scope: Scope
     why: str
+    names: frozenset[str] = frozenset()
+    """RBAC resourceNames: only these objects (empty: any). Kubernetes cannot limit
+    create, list or watch by name, so a row with names holds none of those."""
 
     @property
     def api_version(self) -> str:
@@ -35,8 +40,9 @@ class Permission:
 
 
 def _p(group: str, version: str, resource: str, kind: str, verbs: str, scope: Scope,
-       why: str) -> Permission:
-    return Permission(group, version, resource, kind, frozenset(verbs.split()), scope, why)
+       why: str, names: str = "") -> Permission:
+    return Permission(group, version, resource, kind, frozenset(verbs.split()), scope, why,
+                      frozenset(names.split()))
 
 
 _ISTIO_WRITE = "list watch create patch delete"
@@ -59,9 +65,13 @@ PERMISSIONS: tuple[Permission, ...] = (
        Scope.CLUSTER, "ISTIO_MUTUAL with the external host as SNI to the gateway"),
     _p("networking.istio.io", "v1", "gateways", "Gateway", _ISTIO_WRITE, Scope.CLUSTER,
        "per-host TLS servers on the egress gateway"),
-    _p("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", _ISTIO_WRITE,
-       Scope.CLUSTER, "layer 3: fence namespaces labelled egress-authz.io/egress-fence=true; "
-       "report wildcard policies in namespaces no NetworkPolicy fences"),
+    _p("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", "list watch create",
+       Scope.CLUSTER, "layer 3: fence namespaces labelled egress-authz.io/egress-fence=true "
+       "(an apply that creates is also a create); report wildcard policies in namespaces no "
+       "NetworkPolicy fences"),
+    # Only the fence itself may be changed or deleted: never a NetworkPolicy of the user's.
+    _p("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", "patch delete",
+       Scope.CLUSTER, "apply the fence, remove it when the label goes", names=FENCE_NAME),
     _p("", "v1", "services", "Service", "list watch", Scope.GATEWAY_NAMESPACE,
        "the gateway Service's port -> targetPort: the gateway port map"),
 )
@@ -78,7 +88,8 @@ CLI_PERMISSIONS: tuple[Permission, ...] = (
        "RBAC checks create, and get on older clusters)"),
 )
 
-BY_KIND: dict[str, Permission] = {p.kind: p for p in PERMISSIONS}
+BY_KIND: dict[str, tuple[Permission, ...]] = {
+    kind: tuple(p for p in PERMISSIONS if p.kind == kind) for kind in {p.kind for p in PERMISSIONS}}
 ISTIO_KINDS = ("ServiceEntry", "DestinationRule", "VirtualService", "Gateway")
 
 
@@ -86,11 +97,12 @@ class NotPermitted(RuntimeError):
     """A call the permissions table does not list: a bug, never a runtime condition."""
 
 
-def require(kind: str, verb: str) -> Permission:
-    perm = BY_KIND.get(kind)
-    if perm is None or verb not in perm.verbs:
-        raise NotPermitted(f"{verb} {kind} is not in authz.kube.permissions.PERMISSIONS")
-    return perm
+def require(kind: str, verb: str, name: str | None = None) -> Permission:
+    for perm in BY_KIND.get(kind, ()):
+        if verb in perm.verbs and (not perm.names or name in perm.names):
+            return perm
+    what = f"{verb} {kind}" + (f" {name}" if name else "")
+    raise NotPermitted(f"{what} is not in authz.kube.permissions.PERMISSIONS")
 
 
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"

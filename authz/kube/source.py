@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 
 REASON_INVALID = "PolicyInvalid"
 REASON_ACCEPTED = "PolicyAccepted"
+# Host patterns over all policy ConfigMaps of one namespace (the service's own, the
+# cluster tier, is exempt). The per-ConfigMap caps bound one object, not how many an
+# owner creates: a maximal ConfigMap costs ~10 MiB compiled, so ~50 of them would
+# take every replica over the chart's 512 MiB. 20,000 is ~5 MiB, and hundreds of
+# times what a namespace's egress needs.
+MAX_NAMESPACE_HOSTS = 20_000
 COMPONENT = "egress-authz"
 
 
@@ -177,6 +183,7 @@ class KubePolicySource:
             self._parsed[ref] = rv
             try:
                 policy = parse_configmap(obj, cluster_namespace=self.settings.service_namespace)
+                self._within_namespace_cap(ref, policy)
             except PolicyError as e:
                 POLICY_ERRORS.labels("kubernetes").inc()
                 message = str(e)
@@ -191,6 +198,21 @@ class KubePolicySource:
                 del self._invalid[ref]
                 self._post_event(obj, "Normal", REASON_ACCEPTED,
                                  f"policy accepted: {len(policy.rules)} rule(s) in force")
+
+    def _within_namespace_cap(self, ref: ConfigMapRef, policy: NamespacePolicy) -> None:
+        """Raise PolicyError when `policy` would take its namespace over
+        MAX_NAMESPACE_HOSTS (lock held). Rejected like any invalid ConfigMap: an
+        Event, and its last good version stays; it is read again when edited."""
+        if ref.namespace == self.settings.service_namespace:
+            return
+        others = sum(len(r.hosts) for other, p in self._good.items()
+                     if other.namespace == ref.namespace and other != ref for r in p.rules)
+        total = others + sum(len(r.hosts) for r in policy.rules)
+        if total > MAX_NAMESPACE_HOSTS:
+            raise PolicyError(str(ref), [
+                f"namespace {ref.namespace} would hold {total} host patterns over its "
+                f"policy ConfigMaps, over the limit of {MAX_NAMESPACE_HOSTS} per namespace; "
+                "remove hosts or ConfigMaps"])
 
     # ------------------------------------------------------------ Namespaces
 

@@ -22,10 +22,10 @@ from functools import partial
 from typing import Any
 
 from ..engine import Snapshot
-from ..fence import FenceOptions, fence_policy
+from ..fence import FENCE_NAME, FenceOptions, fence_policy
 from ..model import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from ..observe.metrics import REGISTRY_WRITE_ERRORS
-from ..render import APPLY_ORDER, RenderOptions, object_key, render
+from ..render import APPLY_ORDER, RenderOptions, gateway_entry_last, object_key, render
 from ..store import PolicyStore
 from .client import KubeApi, KubeError, KubeNotFound, Obj
 from .permissions import ISTIO_KINDS
@@ -164,7 +164,10 @@ class RegistryWriter:
         self.reconciles += 1
         wanted = {object_key(o): o for o in render(snapshot.policy_set, self.options)}
         with self._lock:
-            current = dict(self._current)
+            # Ours are the Istio kinds with our label, and of NetworkPolicies only the fence:
+            # one copied from it under another name (our label kept) is the user's.
+            current = {k: o for k, o in self._current.items()
+                       if k[1] != "NetworkPolicy" or k[3] == FENCE_NAME}
         fenced = self.fences() if self.fences is not None else None
         if fenced is None:  # not known yet (or not ours): leave NetworkPolicies as they are
             current = {k: o for k, o in current.items() if k[1] != "NetworkPolicy"}
@@ -183,9 +186,11 @@ class RegistryWriter:
         # 2. routes: DestinationRules, Gateway, VirtualServices (render's order);
         # 3. ServiceEntries gain hosts last;
         # 4. routes no longer wanted go (their hosts left the registry in step 1).
-        for key in [k for k in gone if k[1] == "ServiceEntry"]:
+        # (The gateway's own entries go last here and first in step 3: the gateway can
+        # forward a host whenever a sidecar can dial it.)
+        for key in sorted((k for k in gone if k[1] == "ServiceEntry"), key=gateway_entry_last):
             ok &= self._delete(key)
-        for key, obj in changed.items():
+        for key, obj in sorted(changed.items(), key=lambda ko: gateway_entry_last(ko[0])):
             have = current.get(key)
             if obj["kind"] == "ServiceEntry" and have is not None:
                 kept = _narrowed(obj, have)

@@ -113,7 +113,7 @@ class AdminServer:
     ) -> None:
         self.recorder = recorder
         # None: /metrics serves the process's own set, or every process's
-        # under --workers (authz.metrics.exposition); tests hand their own.
+        # under --workers (authz.observe.metrics.exposition); tests hand their own.
         self._metrics = metrics
         m = metrics or METRICS
         self._refused = m.admin_refused
@@ -466,7 +466,11 @@ class _StreamPump:
 
 
 def _params(query: str) -> dict[str, list[str]]:
-    return parse_qs(query, keep_blank_values=True, max_num_fields=32)
+    try:
+        return parse_qs(query, keep_blank_values=True, max_num_fields=32)
+    except ValueError as e:  # over max_num_fields: an answer, not a traceback in the log
+        raise _Answer(HTTPStatus.BAD_REQUEST,
+                      {"error": "too many query parameters (at most 32)"}) from e
 
 
 def _query(params: dict[str, list[str]], max_limit: int | None) -> DecisionQuery:

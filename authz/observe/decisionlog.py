@@ -278,7 +278,7 @@ def detail_json(rec: DecisionRecord) -> str:
 
 # The decision log's longest line, in bytes: PIPE_BUF, so that every line is one
 # atomic write(2) even when `--workers` processes share stdout. The field caps
-# (authz.bounded) keep ordinary lines far below it; a line of escaped control
+# (authz.observe.bounded) keep ordinary lines far below it; a line of escaped control
 # characters or long policy names that still exceeds it is rendered again with
 # every text field cut to TIGHT characters (24 x 6 bytes per escaped character
 # x 20 text fields + keys < 4096).

@@ -5,9 +5,9 @@ the pod's one admin endpoint runs:
 
 - metrics: prometheus-client's multiprocess mode. `PodObservability`
   makes a temporary directory of the pod's own and sets
-  PROMETHEUS_MULTIPROC_DIR before any process imports authz.metrics; the
+  PROMETHEUS_MULTIPROC_DIR before any process imports authz.observe.metrics; the
   workers inherit it, each keeps its values in files there, and /metrics
-  adds them up (authz.metrics.exposition). A replaced worker's live gauges
+  adds them up (authz.observe.metrics.exposition). A replaced worker's live gauges
   are let go (`mark_process_dead`); its counts stay, so totals never drop.
 - decisions: each worker's recorder hands its records, in batches, to the
   supervisor over a datagram socket pair (`RecordForwarder`), off the Check
@@ -40,7 +40,9 @@ from ..records import DecisionRecord
 
 log = logging.getLogger(__name__)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # authz.metrics.MULTIPROC_ENV (not imported: see setup)
+# authz.observe.metrics.MULTIPROC_ENV, not imported: this module must not load
+# prometheus-client before the directory is set (PodObservability).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_DATAGRAM = 60 * 1024  # well under the socket buffer: a datagram must fit whole
 SOCKET_BUFFER = 4 << 20  # what a worker may have in flight (the kernel may cap it)
 

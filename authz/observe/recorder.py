@@ -59,7 +59,7 @@ class TracingSettings:
     flush_interval: float = 0.05
     """Seconds the background thread sleeps when idle: the log/stream latency bound."""
     limits: RecordLimits = DEFAULT_LIMITS
-    """Size caps of recorded fields, and whether query values are kept (authz.bounded)."""
+    """Size caps of recorded fields, and whether query values are kept (authz.observe.bounded)."""
     max_namespace_labels: int = 1000
     """Distinct `namespace` label values on the checks counter; later ones count as
     `_other` (principals can be forged: the metric must not grow without end)."""
@@ -126,6 +126,12 @@ class DecisionRecorder:
         self._pending: collections.deque[tuple[DecisionRecord, str, bool, str | None]] = (
             collections.deque()
         )
+        # Records queued per source (authz.observe.ring.source_of): once the queue is
+        # half full, a source holding its share of the other half is refused, so that a
+        # flood cannot crowd other namespaces out of the decision log and spans
+        # (issue 12). Counted up by gRPC threads, down by the recorder thread.
+        self._queued: dict[str, int] = {}
+        self._queued_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Under --workers: hands each drained batch to the supervisor's ring
@@ -154,9 +160,15 @@ class DecisionRecorder:
                 counter = self._check_counters[key] = self.metrics.checks.labels(*key)
             counter.inc()
             self._observe(record.duration_ns / 1e9)
-            self.ring.append(record, source_of(record))
-            if len(self._pending) >= self.settings.queue_size:
-                self._dropped.labels("queue").inc()
+            source = source_of(record)
+            self.ring.append(record, source)
+            size = self.settings.queue_size
+            pending = len(self._pending)
+            if pending >= size or (
+                pending >= size >> 1
+                and self._queued.get(source, 0) >= (size >> 1) // (len(self._queued) or 1)
+            ):
+                self._dropped.labels("queue" if pending >= size else "queue-share").inc()
                 if d.explainer is not None:
                     # Never explained now: let go of what the explainer holds (the
                     # request as sent, a policy snapshot) rather than keep it in the ring.
@@ -174,6 +186,8 @@ class DecisionRecorder:
                 line = log_line(record, trace_id)
                 if len(line) > 1024:
                     line = fit_line(line, record, trace_id)
+            with self._queued_lock:  # counted before it can be taken: never below zero
+                self._queued[source] = self._queued.get(source, 0) + 1
             self._pending.append((record, line, span, trace_id))
         except Exception:  # recording must never fail a Check
             self._dropped.labels("error").inc()
@@ -241,6 +255,13 @@ class DecisionRecorder:
                 rec, line, span, trace_id = self._pending.popleft()
             except IndexError:
                 break
+            source = source_of(rec)
+            with self._queued_lock:
+                left = self._queued.get(source, 1) - 1
+                if left > 0:
+                    self._queued[source] = left
+                else:
+                    self._queued.pop(source, None)
             if rec.decision.explainer is not None or span:
                 try:
                     self._process(rec, line, span, trace_id)
@@ -286,7 +307,7 @@ class DecisionRecorder:
         d = rec.decision
         if d.explainer is not None:
             # The engine explains denials lazily; do it here, off the Check
-            # path, bounded (authz.bounded), then swap the explainer for one
+            # path, bounded (authz.observe.bounded), then swap the explainer for one
             # holding only the answer, so that the ring does not keep
             # superseded policy snapshots alive through its closure (and an
             # admin thread reading it meanwhile still finds a callable).

@@ -39,8 +39,8 @@ does it.
 
 from __future__ import annotations
 
+import http.client
 import os
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +54,7 @@ from authz.testing.clients import HTTPResult, TLSResult
 from authz.testing.envoy import free_port
 from authz.testing.mesh import LoopbackMesh
 from authz.testing.pods import Pod, pod_object, pods_manifest
+from authz.testing.policies import policy_configmap
 from authz.testing.service import ServiceProcess
 from tests.kube_emulator import KubeEmulator
 
@@ -67,23 +68,6 @@ CART_MARKETING = Pod(
 )
 FRONTEND = Pod("frontend", "shop", "frontend", "127.0.0.4", {"app": "frontend"})
 PODS = (CART_FINANCE, CART_MARKETING, FRONTEND)
-
-
-def policy_configmap(name: str, namespace: str, rules: str) -> str:
-    """A policy ConfigMap; `rules` is the YAML list under `rules:`."""
-    body = "mode: enforce\nrules:\n" + textwrap.indent(textwrap.dedent(rules).strip(), "  ")
-    return f"""\
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: {name}
-  namespace: {namespace}
-  labels:
-    egress-authz.io/policy: "true"
-data:
-  policy.yaml: |
-{textwrap.indent(body, "    ")}
-"""
 
 
 def ports_of(mesh_ports: tuple[int, int]) -> str:
@@ -382,3 +366,14 @@ def eventually(
         if time.monotonic() - start > timeout:
             raise AssertionError(f"{what} not reached within {timeout}s")
         time.sleep(interval)
+
+
+def plain_get(port: int, host: str, path: str = "/") -> tuple[int, bytes]:
+    """An app's plain-HTTP GET to its sidecar at 127.0.0.1:`port`: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

@@ -12,8 +12,9 @@ import json
 import pytest
 
 from authz.paths import normalize_path
+from authz.testing.policies import policy_configmap
 
-from .conftest import CART_FINANCE, World, eventually, policy_configmap
+from .conftest import CART_FINANCE, World, eventually
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(90)]
 

@@ -11,7 +11,6 @@ loopback upstream saw.
 
 from __future__ import annotations
 
-import http.client
 import json
 import sys
 import time
@@ -26,9 +25,10 @@ import yaml
 from authz.testing.envoy import free_port
 from authz.testing.mesh import LoopbackMesh
 from authz.testing.pods import pods_manifest
+from authz.testing.policies import policy_configmap
 from authz.testing.service import ServiceProcess
 
-from .conftest import CART_FINANCE, eventually, policy_configmap
+from .conftest import CART_FINANCE, eventually, plain_get
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(120)]
 
@@ -165,19 +165,9 @@ class TestHostPortCannotChooseThePort:
         """The same through the mesh's own HTTP path (app -> sidecar -> gateway)."""
         sidecar = ports_world.mesh.sidecar("shop", "cart", CART_FINANCE.ip, kind="http")
         port = ports_world.mesh.listen_port(sidecar)
-
-        def get(host: str) -> tuple[int, bytes]:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request("GET", "/", headers={"Host": host})
-                resp = conn.getresponse()
-                return resp.status, resp.read()
-            finally:
-                conn.close()
-
-        status, body = get("api.kadath.io:443")
+        status, body = plain_get(port, "api.kadath.io:443")
         assert status == 403 and json.loads(body)["reason"] == "port-mismatch"
-        assert get("web.kadath.io")[0] == 200
+        assert plain_get(port, "web.kadath.io")[0] == 200
 
 
 class KubeServiceProcess(ServiceProcess):
@@ -213,14 +203,10 @@ class TestKubeMode:
         """Service 443 -> the TLS listener: the 443 rule allows through Envoy; the Service
         edited to point 443 elsewhere: the same connection is refused; restored: allowed."""
         from tests.kube_emulator import KubeEmulator
+        from tests.kube_harness import write_kubeconfig
 
         with KubeEmulator(bookmark_interval=0.2) as emu:
-            kubeconfig = tmp_path / "kubeconfig"
-            kubeconfig.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "e",
-                "clusters": [{"name": "e", "cluster": {"server": emu.url}}],
-                "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-                "users": [{"name": "u", "user": {"token": "t"}}]}))
+            kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emu.url)
             emu.seed(yaml.safe_load(POLICY), {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": CART_FINANCE.name, "namespace": "shop",

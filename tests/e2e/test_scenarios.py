@@ -8,7 +8,6 @@ client and the loopback upstream saw, never by asking the service. The world
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 import time
@@ -28,6 +27,7 @@ from .conftest import (
     World,
     cluster_policy,
     eventually,
+    plain_get,
     reload_policy,
 )
 
@@ -103,18 +103,8 @@ class TestHTTPPath:
         """The mesh's own HTTP path: plain HTTP to the pod's sidecar, which adds the mTLS."""
         sidecar = world.mesh.sidecar("shop", "cart", CART_FINANCE.ip, kind="http")
         port = world.mesh.listen_port(sidecar)
-
-        def get(host: str) -> tuple[int, bytes]:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request("GET", "/via-sidecar", headers={"Host": host})
-                resp = conn.getresponse()
-                return resp.status, resp.read()
-            finally:
-                conn.close()
-
-        assert get("api.kadath.io")[0] == 200
-        status, body = get("denied.example")
+        assert plain_get(port, "api.kadath.io", "/via-sidecar")[0] == 200
+        status, body = plain_get(port, "denied.example", "/via-sidecar")
         assert status == 403
         assert json.loads(body)["reason"] == "host-not-allowed"
 
