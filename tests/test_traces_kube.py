@@ -149,6 +149,26 @@ class TestTracesKube:
         assert {d["replica"] for d in json.loads(out)} == {"authz-a"}
         assert len(json.loads(out)) == sum(1 for n, _ in sent if n == "authz-a")
 
+    def test_follow_merges_the_replicas_streams(
+        self, cluster: tuple[KubeEmulator, Path, Replica, Replica],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:  # fmt: skip
+        """--follow reads every replica's stream at once: each replays its decision
+        (--since) and closes after one (--limit 1), and both arrive, named."""
+        import time
+
+        _, kubeconfig, a, b = cluster
+        now = time.time_ns()
+        ra = a.record(make_record(start_unix_ns=now, host="from-a.example"))
+        rb = b.record(make_record(start_unix_ns=now, host="from-b.example"))
+        a.recorder.flush()
+        b.recorder.flush()
+        code, out, err = cli(capsys, "traces", "--kube", "--kubeconfig", str(kubeconfig),
+                             "--follow", "--since", "1h", "--limit", "1", "-o", "json")  # fmt: skip
+        assert code == 0, err
+        got = {d["decision_id"]: d["replica"] for d in map(json.loads, out.splitlines())}
+        assert got == {ra.decision.decision_id: "authz-a", rb.decision.decision_id: "authz-b"}
+
     def test_no_ready_replica_is_an_error(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
