@@ -238,6 +238,7 @@ class TestCheck:
         """Each Check hands one DecisionRecord to the recorder, with the filter kind."""
         _, client, recorder = running
         client.check(check_request(host="api.kadath.io", sni=None))
+        wait_for(lambda: bool(recorder.records))  # recorded once the answer is on its way
         rec = recorder.records[-1]
         assert rec.filter == "http" and rec.decision.allowed
         assert rec.identity is not None and rec.identity.principal == CART
@@ -290,9 +291,9 @@ class TestHealth:
         """stop(grace) lets a Check already being answered finish with its answer."""
         store = PolicyStore()
         DirectorySource(policies).start(store, on_error=print)
-        server = AuthzServer(
-            store, recorder=Recording(delay=0.5), settings=ServerSettings(address="127.0.0.1:0")
-        )
+        # Recording before the answer, so that the slow recorder keeps the Check in flight.
+        settings = ServerSettings(address="127.0.0.1:0", record_after_answer=False)
+        server = AuthzServer(store, recorder=Recording(delay=0.5), settings=settings)
         client = Client(server.start())
         result: list[CheckResponse] = []
         t = threading.Thread(target=lambda: result.append(client.check(check_request())))

@@ -107,8 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serving processes sharing the gRPC port with SO_REUSEPORT (default: 1)",
     )
     net.add_argument(
-        "--threads", type=_positive, default=4, metavar="N",
-        help="gRPC threads per process (default: %(default)s)",
+        "--threads", type=_positive, default=None, metavar="N",
+        help="deprecated, no effect: each process answers Checks on one event loop "
+        "(grpc.aio); use --workers for more cores",
     )
     net.add_argument(
         "--shutdown-delay", type=float, default=0.0, metavar="SECONDS",
@@ -334,6 +335,11 @@ class ServeState:
 
 def run(args: argparse.Namespace) -> int:
     _configure_logging(args)
+    if args.threads is not None and args.worker_index is None:
+        log.warning(
+            "--threads is deprecated and has no effect: each serving process answers "
+            "Checks on one event loop; use --workers N for more cores"
+        )
     try:
         if args.workers > 1 and args.worker_index is None:
             from authz.envoy.workers import supervise
@@ -372,7 +378,7 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         store,
         index if has_pod_source(args) else None,
         recorder,
-        ServerSettings(address=args.grpc_address, threads=args.threads, reuse_port=worker),
+        ServerSettings(address=args.grpc_address, reuse_port=worker),
         ports,
         unknown_workloads=UnknownWorkloads(args.unknown_workloads),
     )
@@ -430,7 +436,7 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
 
     stop.wait()
     if args.shutdown_delay > 0:
-        server.health.enter_graceful_shutdown()  # NOT_SERVING, while still answering
+        server.enter_graceful_shutdown()  # NOT_SERVING, while still answering
         log.info("shutting down: answering for %.1fs more while NOT_SERVING", args.shutdown_delay)
         time.sleep(args.shutdown_delay)
     log.info("shutting down: draining in-flight Checks (up to %.1fs)", args.shutdown_grace)
