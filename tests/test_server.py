@@ -245,6 +245,30 @@ class TestCheck:
         assert rec.duration_ns > 0
 
 
+class TestRecordAfterAnswer:
+    def test_a_slow_recorder_does_not_delay_the_answer(self, policies: Path) -> None:
+        """The record is handed over after the answer has left: a recorder that takes
+        0.5 s per record does not hold back the Check it records (inline, it would)."""
+        store = PolicyStore()
+        DirectorySource(policies).start(store, on_error=pytest.fail)
+        for after, slow in ((True, False), (False, True)):
+            recorder = Recording(delay=0.5)
+            server = AuthzServer(store, recorder=recorder, settings=ServerSettings(
+                address="127.0.0.1:0", record_after_answer=after))
+            client = Client(server.start())
+            try:
+                client.check(check_request())  # connect, and the first record's 0.5 s
+                wait_for(lambda: len(recorder.records) == 1, timeout=5)
+                t0 = time.monotonic()
+                assert client.check(check_request()).status.code == 0
+                took = time.monotonic() - t0
+                assert (took >= 0.5) is slow, (after, took)
+                wait_for(lambda: len(recorder.records) == 2, timeout=5)
+            finally:
+                client.close()
+                server.stop(0)
+
+
 class TestUnknownWorkloadsOptOut:
     def test_allow_trusts_the_principal_alone(self, policies: Path, tmp_path: Path) -> None:
         """--unknown-workloads allow (SNAT, multi-cluster): an unknown address is identified by
