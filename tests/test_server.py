@@ -258,12 +258,12 @@ class TestRecordAfterAnswer:
             client = Client(server.start())
             try:
                 client.check(check_request())  # connect, and the first record's 0.5 s
-                wait_for(lambda: len(recorder.records) == 1, timeout=5)
+                wait_for(lambda r=recorder: len(r.records) == 1, timeout=5)
                 t0 = time.monotonic()
                 assert client.check(check_request()).status.code == 0
                 took = time.monotonic() - t0
                 assert (took >= 0.5) is slow, (after, took)
-                wait_for(lambda: len(recorder.records) == 2, timeout=5)
+                wait_for(lambda r=recorder: len(r.records) == 2, timeout=5)
             finally:
                 client.close()
                 server.stop(0)
