@@ -15,6 +15,8 @@ api.kadath.io, an allowed request) against:
   service/100k egress-authz serve, 100,000 hosts over 1,000 namespaces
                (a quarter wildcards)
   service/10 --workers 2
+  service/10 aio the same on `--server-model aio` (one grpc.aio event loop):
+               the other serving model, in the same rounds
 
 For each: checks/s at saturation (h2load -c 8 -m 4), p50/p99, CPU µs per
 check (utime+stime of the server's process tree from /proc), and p50/p99 at
@@ -238,6 +240,9 @@ def main(
                 variants.append(("release/10", sizes["10"], (), release))
             variants += [(f"service/{label}", n, (), None) for label, n in sizes.items()]
             variants.append(("service/10 --workers 2", sizes["10"], ("--workers", "2"), None))
+            # The other serving model, measured in the same rounds (issue 14).
+            aio = ("--server-model", "aio")
+            variants.append(("service/10 aio", sizes["10"], aio, None))
             if only:
                 variants = [v for v in variants if v[0] in only]
             for label, n, flags, build in variants:
@@ -346,6 +351,17 @@ def report(
         ratios["service10_vs_release10_fixed_p99"] = (
             small["fixed_1000_p99_ms"] / release["fixed_1000_p99_ms"]
         )
+    if small is not None and "service/10 aio" in figures:
+        other = figures["service/10 aio"]
+        ratios["service10_aio_vs_service10_checks_per_s"] = (
+            other["checks_per_s"] / small["checks_per_s"]
+        )
+        ratios["service10_aio_vs_service10_cpu_per_check"] = (
+            other["cpu_us_per_check"] / small["cpu_us_per_check"]
+        )
+        ratios["service10_aio_vs_service10_fixed_p99"] = (
+            other["fixed_1000_p99_ms"] / small["fixed_1000_p99_ms"]
+        )
     figures["ratios"] = ratios
     figures["meta"] = {
         "runs": runs,
@@ -388,6 +404,12 @@ def report(
         ("service/10 ÷ release/10, p99 @1000/s", "service10_vs_release10_fixed_p99", "≤ 1"),
         ("service/10 --workers 2 ÷ service/10, checks/s", "workers2_vs_service10_checks_per_s",
          "≥ 1.6"),
+        ("service/10 aio ÷ service/10 (threads), checks/s",
+         "service10_aio_vs_service10_checks_per_s", ""),
+        ("service/10 aio ÷ service/10 (threads), CPU per check",
+         "service10_aio_vs_service10_cpu_per_check", ""),
+        ("service/10 aio ÷ service/10 (threads), p99 @1000/s",
+         "service10_aio_vs_service10_fixed_p99", ""),
         ("service/100k ÷ service/10, checks/s", "service100k_vs_service10_checks_per_s", "≥ 0.95"),
         ("service/100k ÷ service/10, p99 @1000/s", "service100k_vs_service10_fixed_p99", ""),
     ]

@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import _async as aio_health
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from authz.engine import Snapshot, decide, reject
 from authz.gateway_ports import GatewayPorts
@@ -59,7 +59,10 @@ class ServerSettings:
     """gRPC refuses larger messages before we read them (RESOURCE_EXHAUSTED)."""
     record_after_answer: bool = True
     """Hand each DecisionRecord to the recorder in the event loop's next turn,
-    once the answer is on its way, instead of before returning it."""
+    once the answer is on its way, instead of before returning it (aio only)."""
+    threads: int = 4
+    """ThreadedAuthzServer only: threads answering Checks. A Check holds the GIL
+    nearly all the time, so more threads add contention, not throughput."""
 
 
 class CheckService:
@@ -327,3 +330,85 @@ class AuthzServer:
         if self._loop is None and self._thread is None:
             return True
         return self._terminated.wait(timeout)
+
+
+class ThreadedAuthzServer:
+    """The same service on grpcio's threaded server (`serve --server-model threads`):
+    a pool of `settings.threads` threads, recording inline before the answer.
+
+    Kept beside the aio server because the better of the two depends on how
+    busy the cores are (docs/benchmarks.md, "Serving model (issue 14)").
+    """
+
+    def __init__(
+        self,
+        store: PolicyStore,
+        workloads: WorkloadIndex | None = None,
+        recorder: Recorder | None = None,
+        settings: ServerSettings | None = None,
+        ports: GatewayPorts | None = None,
+        *,
+        unknown_workloads: UnknownWorkloads = UnknownWorkloads.DENY,
+    ) -> None:
+        self.settings = settings or ServerSettings()
+        self.store = store
+        self.service = CheckService(
+            store, workloads, recorder, ports, unknown_workloads=unknown_workloads
+        )
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.port = 0
+        self._server: grpc.Server | None = None
+        self._set_health(store.loaded)
+        store.subscribe(lambda _snapshot: self._set_health(True))
+
+    def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def enter_graceful_shutdown(self) -> None:
+        self.health.enter_graceful_shutdown()
+
+    def start(self) -> int:
+        s = self.settings
+        options = [
+            ("grpc.so_reuseport", 1 if s.reuse_port else 0),
+            ("grpc.max_receive_message_length", s.max_receive_bytes),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=s.threads, thread_name_prefix="check"),
+            handlers=[grpc.method_handlers_generic_handler(
+                SERVICE_NAME,
+                {"Check": grpc.unary_unary_rpc_method_handler(self.service.check)},
+            )],
+            options=options,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            port: int = server.add_insecure_port(s.address)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise RuntimeError(f"cannot listen on {s.address}")
+        server.start()
+        self.port = port
+        self._server = server
+        return port
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped (True) or `timeout` passed (False)."""
+        if self._server is None:
+            return True
+        return not self._server.wait_for_termination(timeout)
