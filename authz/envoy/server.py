@@ -3,16 +3,25 @@
 Check is registered as a raw-bytes method (no gRPC deserializer), so that
 every body, however broken, reaches `parse_check_request` and is answered
 with a CheckResponse; gRPC errors are left for transport failures. The
-straight line of one Check: parse -> store.current -> decide -> response,
-then the recorder once the answer is on its way.
+straight line of one Check: parse -> store.current -> decide -> response ->
+recorder.
 
-The server is `grpc.aio` on one event loop, in a thread of its own: a Check
-is answered by an `async def` handler on that loop, with no hand-over to a
-worker thread. Measured against the threaded `grpc.server` on an idle
-machine, the same Check costs about a third less CPU and answers ~1.7x as
-many Checks per second, at a lower p99 (docs/benchmarks.md, "Serving model
-(issue 14)"). More cores mean more processes (`serve --workers`), never
-more threads: a Check holds the GIL throughout.
+Two serving models, chosen with `serve --server-model`:
+
+- `ThreadedAuthzServer` (the default): grpcio's threaded server, a pool of
+  a few threads, recording inline before the answer.
+- `AuthzServer`: `grpc.aio` on one event loop in a thread of its own; the
+  `async def` handler answers on the loop with no hand-over to a worker
+  thread, and the record is handed to the recorder with `call_soon`, after
+  the answer has started on its way.
+
+Which one gives more depends on the traffic and how busy the cores are:
+under h2load on idle cores the aio floor answers ~1.7x the threaded one,
+while through Envoy (one HTTP/2 connection, moderate concurrency) the
+threaded service answered 1.5-1.8x the aio one in every A/B measured
+(docs/benchmarks.md, "Serving model (issue 14)"). Either way more cores mean
+more processes (`serve --workers`), never more threads: a Check holds the
+GIL throughout.
 """
 
 from __future__ import annotations
@@ -165,7 +174,8 @@ def check_handler(service: CheckService, *, record_after_answer: bool = True
 
 
 class AuthzServer:
-    """The Check service and its health service on one `grpc.aio` server.
+    """The Check service and its health service on one `grpc.aio` server
+    (`serve --server-model aio`).
 
     Its event loop runs in a thread of its own ("egress-authz-grpc"), so the
     methods here are plain blocking calls from any other thread: `serve`'s
@@ -333,8 +343,9 @@ class AuthzServer:
 
 
 class ThreadedAuthzServer:
-    """The same service on grpcio's threaded server (`serve --server-model threads`):
-    a pool of `settings.threads` threads, recording inline before the answer.
+    """The same service on grpcio's threaded server (`serve --server-model threads`,
+    the default): a pool of `settings.threads` threads, recording inline before
+    the answer.
 
     Kept beside the aio server because the better of the two depends on how
     busy the cores are (docs/benchmarks.md, "Serving model (issue 14)").
