@@ -186,6 +186,9 @@ def start_service(work: Path, name: str) -> ServiceProcess:
         workloads=work / "pods.yaml",
         admin_port=free_port(),
         log_path=work / f"{name}.log",
+        # e.g. BENCH_DOORS_SERVE_ARGS="--workers 2": the admin endpoint in the
+        # supervising process, off the Check processes' GIL
+        extra_args=os.environ.get("BENCH_DOORS_SERVE_ARGS", "").split(),
     )
     return svc.start()
 

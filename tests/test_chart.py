@@ -402,7 +402,15 @@ class TestDeployment:
             "5",
             "--shutdown-grace",
             "5",
+            "--separate-admin",
         ]
+
+    def test_separate_admin_by_default(self, chart: helm.Chart) -> None:
+        """The chart serves admin from its own process (readers never take the Check
+        process's interpreter); separateAdmin: false puts it back in the Check process."""
+        assert "--separate-admin" in container(render(chart))["args"]
+        assert "--separate-admin" not in container(render(chart, {"separateAdmin": False}))[
+            "args"]
 
     def test_optional_args(self, chart: helm.Chart) -> None:
         """namespaceSelector and workers become flags only when set."""

@@ -113,3 +113,53 @@ class TestWorkersOneEndpoint:
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """TCP ports a process listens on: /proc/net/tcp{,6} LISTEN rows whose socket inode
+    is one of the process's file descriptors."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+class TestSeparateAdmin:
+    def test_one_worker_admin_in_another_process(self, policies: Path) -> None:
+        """--separate-admin (what the chart runs): the admin port is the supervisor's, the
+        Check port only the worker's, and the admin still sees every decision."""
+        grpc_port, admin_port = free_port(), free_port()
+        proc, _ = start_serve(
+            policies, grpc_port, "--separate-admin", "--admin-address", f"127.0.0.1:{admin_port}"
+        )
+        try:
+            ids, workers = send_checks(grpc_port, 10)
+            assert len(workers) == 1
+            wait_for(lambda: decisions(admin_port)["count"] >= 10, 10)
+            assert {d["decision_id"] for d in decisions(admin_port)["decisions"]} == set(ids)
+            assert checks_counted(admin_port) == 10
+            [worker] = [c for c in _children(proc.pid) if grpc_port in _listening_ports(c)]
+            assert admin_port in _listening_ports(proc.pid)
+            assert grpc_port not in _listening_ports(proc.pid)
+            assert admin_port not in _listening_ports(worker)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0

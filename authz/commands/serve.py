@@ -112,6 +112,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serving processes sharing the gRPC port with SO_REUSEPORT (default: 1)",
     )
     net.add_argument(
+        "--separate-admin", action=argparse.BooleanOptionalAction, default=False,
+        help="serve the admin endpoint (metrics, decisions, streams, page) from a supervising "
+        "process, even with one worker, so that its readers never hold the Check process's "
+        "interpreter lock; the chart turns it on (default: off)",
+    )
+    net.add_argument(
         "--server-model", choices=("threads", "aio"), default="threads",
         help="how a process answers Checks: grpcio's threaded server (default; measured "
         "faster through Envoy) or one grpc.aio event loop (faster under h2load on idle "
@@ -365,11 +371,13 @@ def run(args: argparse.Namespace) -> int:
             "answers Checks on one event loop; use --workers N for more cores"
         )
     try:
-        if args.workers > 1 and args.worker_index is None:
+        supervised = args.workers > 1 or (args.separate_admin and bool(args.admin_address))
+        if supervised and args.worker_index is None:
             from authz.envoy.workers import supervise
 
             if args.grpc_address.endswith(":0"):
-                raise UsageError("--workers needs a fixed --grpc-address port, not 0")
+                flag = "--workers" if args.workers > 1 else "--separate-admin"
+                raise UsageError(f"{flag} needs a fixed --grpc-address port, not 0")
 
             return supervise(args, child_argv(args))
         return serve(args)
@@ -584,7 +592,7 @@ def child_argv(args: argparse.Namespace) -> Callable[[int, int, int], list[str]]
     """
     parser = build_arg_parser()
     skip = {"help", "workers", "worker_index", "worker_ready_fd", "worker_record_fd",
-            "admin_address", "run"}
+            "admin_address", "separate_admin", "run"}
     base: list[str] = []
     for action in parser._actions:  # argparse has no public list of its actions
         if action.dest in skip or not action.option_strings:
