@@ -237,8 +237,9 @@ class KubeBackend:
         self.emu.seed(gateway_service(mesh))  # the port map, learnt by watch
         return ServiceProcess(
             None, authz_port, admin_port=admin_port, log_path=log_path,
+            # As the chart runs it: admin endpoint in a supervising process.
             extra_args=["--kube", "--kubeconfig", str(self.kubeconfig),
-                        "--namespace", SERVICE_NAMESPACE],
+                        "--namespace", SERVICE_NAMESPACE, "--separate-admin"],
         )
 
     def put_policy(self, manifest: str) -> None:
