@@ -213,6 +213,7 @@ def build_policy_sources(
     ports: GatewayPorts | None = None,
 ) -> list[PolicySource]:
     """Which sources feed the store. A Kubernetes source adds one branch here."""
+    from authz.observe.metrics import METRICS  # the process's own: what /metrics serves
     from authz.sources import DirectorySource
 
     sources: list[PolicySource] = []
@@ -226,7 +227,9 @@ def build_policy_sources(
         # The Pod watch feeds the same index Check reads. (`is None`, not `or`:
         # an index is never falsy, but this once made --kube fill a second one.)
         sources.append(
-            KubeController.from_args(args, WorkloadIndex() if index is None else index, ports)
+            KubeController.from_args(
+                args, WorkloadIndex() if index is None else index, ports, metrics=METRICS
+            )
         )
     if not sources:
         raise UsageError("no policy source: give --policies PATH")
