@@ -219,7 +219,11 @@ def build_policy_sources(
     sources: list[PolicySource] = []
     _require_paths(args)
     if args.policies:
-        sources.append(DirectorySource(args.policies, cluster_namespace=args.cluster_namespace))
+        sources.append(
+            DirectorySource(
+                args.policies, cluster_namespace=args.cluster_namespace, metrics=METRICS
+            )
+        )
     if getattr(args, "kube", False):
         from authz.kube.controller import KubeController
         from authz.workloads import WorkloadIndex
