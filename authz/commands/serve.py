@@ -276,13 +276,14 @@ def build_workload_sources(
 def build_recorder(args: argparse.Namespace) -> Recorder:
     """What records each decision: metrics, ring buffer, decision log, spans."""
     from authz.observe.bounded import RecordLimits
+    from authz.observe.metrics import METRICS  # the process's own: what /metrics serves
     from authz.observe.recorder import DecisionRecorder, TracingSettings
     from authz.observe.spans import TracingConfigError, spans_from_env
 
     try:
         # None unless OTEL_* asks for an exporter; else a child process builds
         # and exports the spans, off this process's GIL.
-        spans = spans_from_env()
+        spans = spans_from_env(metrics=METRICS)
     except TracingConfigError as e:
         raise UsageError(str(e)) from e
     settings = TracingSettings(
@@ -293,7 +294,7 @@ def build_recorder(args: argparse.Namespace) -> Recorder:
     )
     if spans is not None:
         log.info("tracing: spans exported per OTEL_* (allow ratio %g)", args.trace_allow_ratio)
-    recorder = DecisionRecorder(settings, spans=spans)
+    recorder = DecisionRecorder(settings, spans=spans, metrics=METRICS)
     if args.worker_record_fd >= 0:  # --workers: the supervisor's admin endpoint serves them
         from authz.observe.pooled import RecordForwarder
 
