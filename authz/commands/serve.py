@@ -298,7 +298,7 @@ def build_recorder(args: argparse.Namespace) -> Recorder:
     if args.worker_record_fd >= 0:  # --workers: the supervisor's admin endpoint serves them
         from authz.observe.pooled import RecordForwarder
 
-        recorder.forward = RecordForwarder(args.worker_record_fd)
+        recorder.forward = RecordForwarder(args.worker_record_fd, recorder.metrics)
     return recorder.start()
 
 
