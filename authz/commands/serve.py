@@ -396,13 +396,13 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
     from authz.envoy.server import AuthzServer, ServerSettings
     from authz.identity import UnknownWorkloads
-    from authz.observe.metrics import POLICY_REVISION
+    from authz.observe.metrics import METRICS
     from authz.store import PolicyStore
     from authz.workloads import WorkloadIndex
 
     stop = stop or threading.Event()
     store = PolicyStore(trust_domain=args.trust_domain)
-    store.subscribe(lambda snapshot: POLICY_REVISION.set(snapshot.revision))
+    store.subscribe(lambda snapshot: METRICS.policy_revision.set(snapshot.revision))
     index = WorkloadIndex()
     ports = build_gateway_ports(args)
     policy_sources = build_policy_sources(args, index, ports)
