@@ -102,6 +102,8 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
             workloads=pods,
             admin_port=free_port(),
             log_path=work / "service.log",
+            # e.g. BENCH_ENVOY_SERVICE_ARGS="--server-model aio": the other model
+            extra_args=os.environ.get("BENCH_ENVOY_SERVICE_ARGS", "").split(),
         )
         floor = FloorProcess(free_port())
         floor_aio = FloorProcess(free_port(), aio=True)

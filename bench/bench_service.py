@@ -15,6 +15,8 @@ api.kadath.io, an allowed request) against:
   service/100k egress-authz serve, 100,000 hosts over 1,000 namespaces
                (a quarter wildcards)
   service/10 --workers 2
+  service/10 aio the same on `--server-model aio` (one grpc.aio event loop):
+               the other serving model, in the same rounds
 
 For each: checks/s at saturation (h2load -c 8 -m 4), p50/p99, CPU µs per
 check (utime+stime of the server's process tree from /proc), and p50/p99 at
@@ -24,6 +26,7 @@ with the server, as Envoy would in a pod.
 
     .venv/bin/python bench/run.py service            # BENCH_BASELINE=REV adds release/10
     .venv/bin/python bench/bench_service.py --runs 3 [--quick] [--baseline REV]
+    .venv/bin/python bench/bench_service.py --only release/10,service/10 --baseline REV
 """
 
 from __future__ import annotations
@@ -200,8 +203,10 @@ def measure(server: Server, body: Path, requests: int, rps_per_client: int | Non
 
 
 def main(
-    runs: int | None = None, quick: bool = False, baseline: str | None = None
+    runs: int | None = None, quick: bool = False, baseline: str | None = None,
+    only: set[str] | None = None,
 ) -> dict[str, Any]:
+    """`only`: measure just these servers besides the two floors (A/B runs)."""
     runs = runs or int(os.environ.get("BENCH_RUNS", "3"))
     quick = quick or os.environ.get("BENCH_QUICK") == "1"
     baseline = baseline or os.environ.get("BENCH_BASELINE") or None
@@ -235,6 +240,11 @@ def main(
                 variants.append(("release/10", sizes["10"], (), release))
             variants += [(f"service/{label}", n, (), None) for label, n in sizes.items()]
             variants.append(("service/10 --workers 2", sizes["10"], ("--workers", "2"), None))
+            # The other serving model, measured in the same rounds (issue 14).
+            aio = ("--server-model", "aio")
+            variants.append(("service/10 aio", sizes["10"], aio, None))
+            if only:
+                variants = [v for v in variants if v[0] in only]
             for label, n, flags, build in variants:
                 policies = work / f"policies-{n}"
                 if not policies.exists():
@@ -305,23 +315,32 @@ def report(
             "runs_cpu_us_per_check": [round(c) for _, c in s.saturated],
             "runs_fixed_1000_p99_ms": [round(r.p99_ms, 2) for r, _ in s.fixed],
         }
-    small, large = figures["service/10"], figures["service/100k"]
+    small, large = figures.get("service/10"), figures.get("service/100k")
+    workers = figures.get("service/10 --workers 2")
     floors = [figures[name] for name in FLOORS]
     # Each figure against the better floor for it.
     best_rate = max(f["checks_per_s"] for f in floors)
     best_cpu = min(f["cpu_us_per_check"] for f in floors)
     best_p99 = min(f["fixed_1000_p99_ms"] for f in floors)
-    ratios = {
-        "service10_vs_best_floor_checks_per_s": small["checks_per_s"] / best_rate,
-        "service10_vs_best_floor_cpu_per_check": small["cpu_us_per_check"] / best_cpu,
-        "service10_vs_best_floor_fixed_p99": small["fixed_1000_p99_ms"] / best_p99,
-        "service100k_vs_service10_checks_per_s": large["checks_per_s"] / small["checks_per_s"],
-        "service100k_vs_service10_fixed_p99": large["fixed_1000_p99_ms"]
-        / small["fixed_1000_p99_ms"],
-        "workers2_vs_service10_checks_per_s": figures["service/10 --workers 2"]["checks_per_s"]
-        / small["checks_per_s"],
-    }
-    if "release/10" in figures:
+    ratios: dict[str, float] = {}
+    if small is not None:
+        ratios |= {
+            "service10_vs_best_floor_checks_per_s": small["checks_per_s"] / best_rate,
+            "service10_vs_best_floor_cpu_per_check": small["cpu_us_per_check"] / best_cpu,
+            "service10_vs_best_floor_fixed_p99": small["fixed_1000_p99_ms"] / best_p99,
+        }
+    if small is not None and large is not None:
+        ratios |= {
+            "service100k_vs_service10_checks_per_s": large["checks_per_s"]
+            / small["checks_per_s"],
+            "service100k_vs_service10_fixed_p99": large["fixed_1000_p99_ms"]
+            / small["fixed_1000_p99_ms"],
+        }
+    if small is not None and workers is not None:
+        ratios["workers2_vs_service10_checks_per_s"] = (
+            workers["checks_per_s"] / small["checks_per_s"]
+        )
+    if small is not None and "release/10" in figures:
         release = figures["release/10"]
         ratios["service10_vs_release10_checks_per_s"] = (
             small["checks_per_s"] / release["checks_per_s"]
@@ -331,6 +350,17 @@ def report(
         )
         ratios["service10_vs_release10_fixed_p99"] = (
             small["fixed_1000_p99_ms"] / release["fixed_1000_p99_ms"]
+        )
+    if small is not None and "service/10 aio" in figures:
+        other = figures["service/10 aio"]
+        ratios["service10_aio_vs_service10_checks_per_s"] = (
+            other["checks_per_s"] / small["checks_per_s"]
+        )
+        ratios["service10_aio_vs_service10_cpu_per_check"] = (
+            other["cpu_us_per_check"] / small["cpu_us_per_check"]
+        )
+        ratios["service10_aio_vs_service10_fixed_p99"] = (
+            other["fixed_1000_p99_ms"] / small["fixed_1000_p99_ms"]
         )
     figures["ratios"] = ratios
     figures["meta"] = {
@@ -374,6 +404,12 @@ def report(
         ("service/10 ÷ release/10, p99 @1000/s", "service10_vs_release10_fixed_p99", "≤ 1"),
         ("service/10 --workers 2 ÷ service/10, checks/s", "workers2_vs_service10_checks_per_s",
          "≥ 1.6"),
+        ("service/10 aio ÷ service/10 (threads), checks/s",
+         "service10_aio_vs_service10_checks_per_s", ""),
+        ("service/10 aio ÷ service/10 (threads), CPU per check",
+         "service10_aio_vs_service10_cpu_per_check", ""),
+        ("service/10 aio ÷ service/10 (threads), p99 @1000/s",
+         "service10_aio_vs_service10_fixed_p99", ""),
         ("service/100k ÷ service/10, checks/s", "service100k_vs_service10_checks_per_s", "≥ 0.95"),
         ("service/100k ÷ service/10, p99 @1000/s", "service100k_vs_service10_fixed_p99", ""),
     ]
@@ -399,5 +435,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--baseline", metavar="REV", help="also measure `serve` from this git revision"
     )
+    parser.add_argument(
+        "--only", metavar="NAMES",
+        help="comma-separated servers to measure besides the floors, e.g. release/10,service/10",
+    )
     args = parser.parse_args()
-    main(args.runs, args.quick, args.baseline)
+    main(args.runs, args.quick, args.baseline, set(args.only.split(",")) if args.only else None)

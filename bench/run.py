@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,11 +40,40 @@ def main(argv: list[str]) -> int:
         started = time.monotonic()
         results[name] = module.main()
         print(f"({name}: {time.monotonic() - started:.0f} s)", flush=True)
+    print_targets(results)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"\nraw figures: {out / 'latest.json'}")
     return 0
+
+
+# Issue 14's targets: (label, benchmark, ratio key, goal: at least / at most this).
+TARGETS = [
+    ("checks/s ÷ faster floor", "service", "service10_vs_best_floor_checks_per_s", "≥", 0.8),
+    ("CPU per check ÷ cheaper floor", "service", "service10_vs_best_floor_cpu_per_check",
+     "≤", 1.25),
+    ("p99 @1000/s ÷ lower floor", "service", "service10_vs_best_floor_fixed_p99", "≤", 1.25),
+    ("p99 @1000/s ÷ release, same run", "service", "service10_vs_release10_fixed_p99", "≤", 1),
+    ("--workers 2 ÷ one process, checks/s", "service", "workers2_vs_service10_checks_per_s",
+     "≥", 1.6),
+    ("through Envoy: ours ÷ faster floor", "envoy", "service_vs_floor", "≥", 0.9),
+    ("100,000 ÷ 10 hosts, checks/s", "service", "service100k_vs_service10_checks_per_s",
+     "≥", 0.95),
+]
+
+
+def print_targets(results: dict[str, Any]) -> None:
+    """The issue-14 targets table, from whichever of service/envoy ran."""
+    rows = []
+    for label, bench, key, op, bound in TARGETS:
+        value = (results.get(bench) or {}).get("ratios", {}).get(key)
+        if value is not None:
+            met = value >= bound if op == "≥" else value <= bound
+            rows.append(f"| {label} | {value:.2f} | {op} {bound:g} | {'yes' if met else 'no'} |")
+    if rows:
+        print("\n## targets (issue 14)\n\n| target | value | goal | met? |\n|---|---:|---|---|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -104,6 +104,17 @@ class TestFlags:
         )
         assert serve.run(args) == 2
 
+    def test_threads_only_with_the_threaded_model(self, caplog: pytest.LogCaptureFixture) -> None:
+        """--threads sizes the threaded server (the default model); with --server-model aio
+        it still parses but warns that it has no effect."""
+        argv = ["--policies", "/p", "--workers", "2", "--grpc-address", "127.0.0.1:0"]
+        parse = serve.build_arg_parser().parse_args
+        assert parse(argv).server_model == "threads"
+        assert serve.run(parse([*argv, "--threads", "4"])) == 2
+        assert "--threads" not in caplog.text
+        assert serve.run(parse([*argv, "--server-model", "aio", "--threads", "4"])) == 2
+        assert "--threads has no effect with --server-model aio" in caplog.text
+
     def test_worker_argv_round_trips(self) -> None:
         """Workers get the same flags, minus --workers and the admin endpoint (the
         supervisor serves it), plus the fds they report and forward records on."""

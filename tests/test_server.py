@@ -19,7 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest, CheckResponse
 from authz.envoy.request import MAX_HEADERS
-from authz.envoy.server import CHECK_METHOD, SERVICE_NAME, AuthzServer, ServerSettings
+from authz.envoy.server import (
+    CHECK_METHOD,
+    SERVICE_NAME,
+    AuthzServer,
+    ServerSettings,
+    ThreadedAuthzServer,
+)
 from authz.records import DecisionRecord
 from authz.sources import DirectorySource, WorkloadFileSource
 from authz.store import PolicyStore
@@ -146,13 +152,19 @@ def policies(tmp_path: Path) -> Path:
     return d
 
 
-@pytest.fixture
-def running(policies: Path, tmp_path: Path) -> Iterator[tuple[AuthzServer, Client, Recording]]:
+# Both serving models `serve --server-model` offers.
+MODELS = pytest.mark.parametrize("model", [AuthzServer, ThreadedAuthzServer],
+                                 ids=["aio", "threads"])
+
+
+@pytest.fixture(params=[AuthzServer, ThreadedAuthzServer], ids=["aio", "threads"])
+def running(policies: Path, tmp_path: Path, request: pytest.FixtureRequest
+            ) -> Iterator[tuple[AuthzServer, Client, Recording]]:
     (tmp_path / "pods.yaml").write_text(PODS)
     store = PolicyStore()
     index = WorkloadIndex()
     recorder = Recording()
-    server = AuthzServer(store, index, recorder, ServerSettings(address="127.0.0.1:0"))
+    server = request.param(store, index, recorder, ServerSettings(address="127.0.0.1:0"))
     port = server.start()
     workloads = WorkloadFileSource(tmp_path / "pods.yaml", index)
     workloads.start(on_error=print)
@@ -238,10 +250,35 @@ class TestCheck:
         """Each Check hands one DecisionRecord to the recorder, with the filter kind."""
         _, client, recorder = running
         client.check(check_request(host="api.kadath.io", sni=None))
+        wait_for(lambda: bool(recorder.records))  # recorded once the answer is on its way
         rec = recorder.records[-1]
         assert rec.filter == "http" and rec.decision.allowed
         assert rec.identity is not None and rec.identity.principal == CART
         assert rec.duration_ns > 0
+
+
+class TestRecordAfterAnswer:
+    def test_a_slow_recorder_does_not_delay_the_answer(self, policies: Path) -> None:
+        """The record is handed over after the answer has left: a recorder that takes
+        0.5 s per record does not hold back the Check it records (inline, it would)."""
+        store = PolicyStore()
+        DirectorySource(policies).start(store, on_error=pytest.fail)
+        for after, slow in ((True, False), (False, True)):
+            recorder = Recording(delay=0.5)
+            server = AuthzServer(store, recorder=recorder, settings=ServerSettings(
+                address="127.0.0.1:0", record_after_answer=after))
+            client = Client(server.start())
+            try:
+                client.check(check_request())  # connect, and the first record's 0.5 s
+                wait_for(lambda r=recorder: len(r.records) == 1, timeout=5)
+                t0 = time.monotonic()
+                assert client.check(check_request()).status.code == 0
+                took = time.monotonic() - t0
+                assert (took >= 0.5) is slow, (after, took)
+                wait_for(lambda r=recorder: len(r.records) == 2, timeout=5)
+            finally:
+                client.close()
+                server.stop(0)
 
 
 class TestUnknownWorkloadsOptOut:
@@ -269,10 +306,11 @@ class TestUnknownWorkloadsOptOut:
 
 
 class TestHealth:
-    def test_not_serving_until_a_policy_is_loaded(self, tmp_path: Path) -> None:
+    @MODELS
+    def test_not_serving_until_a_policy_is_loaded(self, tmp_path: Path, model) -> None:
         """NOT_SERVING and no-policy denials before the first publish; SERVING after."""
         store = PolicyStore()
-        server = AuthzServer(store, settings=ServerSettings(address="127.0.0.1:0"))
+        server = model(store, settings=ServerSettings(address="127.0.0.1:0"))
         client = Client(server.start())
         try:
             for name in ("", SERVICE_NAME):
@@ -286,13 +324,14 @@ class TestHealth:
             client.close()
             server.stop(0)
 
-    def test_in_flight_checks_drain_on_stop(self, policies: Path) -> None:
+    @MODELS
+    def test_in_flight_checks_drain_on_stop(self, policies: Path, model) -> None:
         """stop(grace) lets a Check already being answered finish with its answer."""
         store = PolicyStore()
         DirectorySource(policies).start(store, on_error=print)
-        server = AuthzServer(
-            store, recorder=Recording(delay=0.5), settings=ServerSettings(address="127.0.0.1:0")
-        )
+        # Recording before the answer, so that the slow recorder keeps the Check in flight.
+        settings = ServerSettings(address="127.0.0.1:0", record_after_answer=False)
+        server = model(store, recorder=Recording(delay=0.5), settings=settings)
         client = Client(server.start())
         result: list[CheckResponse] = []
         t = threading.Thread(target=lambda: result.append(client.check(check_request())))
@@ -399,10 +438,12 @@ class TestServeProcess:
         # denies both, since failure_mode_allow is false.
         assert set(errors) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
-    def test_shutdown_delay_answers_while_not_serving(self, policies: Path) -> None:
-        """--shutdown-delay: after SIGTERM, health says NOT_SERVING but Checks are answered."""
+    @pytest.mark.parametrize("model", ["aio", "threads"])
+    def test_shutdown_delay_answers_while_not_serving(self, policies: Path, model: str) -> None:
+        """--shutdown-delay: after SIGTERM, health says NOT_SERVING but Checks are answered
+        (both serving models)."""
         port = free_port()
-        proc, _ = start_serve(policies, port, "--shutdown-delay", "1.5")
+        proc, _ = start_serve(policies, port, "--shutdown-delay", "1.5", "--server-model", model)
         client = Client(port)
         try:
             assert client.serving() == health_pb2.HealthCheckResponse.SERVING
@@ -414,10 +455,12 @@ class TestServeProcess:
             client.close()
             proc.kill()
 
-    def test_workers_share_the_port(self, policies: Path) -> None:
-        """--workers 2: two processes answer on one port (decision ids name the process)."""
+    @pytest.mark.parametrize("model", ["threads", "aio"])
+    def test_workers_share_the_port(self, policies: Path, model: str) -> None:
+        """--workers 2: two processes answer on one port (decision ids name the process),
+        on either serving model (the workers get --server-model too)."""
         port = free_port()
-        proc, line = start_serve(policies, port, "--workers", "2")
+        proc, line = start_serve(policies, port, "--workers", "2", "--server-model", model)
         try:
             assert "2 workers" in line
             prefixes = set()

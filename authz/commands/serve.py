@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the heavy modules are imported inside run(): `--help` stays fast
-    from authz.envoy.server import AuthzServer
+    from authz.envoy.server import AuthzServer, ThreadedAuthzServer
     from authz.gateway_ports import GatewayPorts
     from authz.records import Recorder
     from authz.sources import PolicySource, WorkloadFileSource
@@ -112,8 +112,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serving processes sharing the gRPC port with SO_REUSEPORT (default: 1)",
     )
     net.add_argument(
-        "--threads", type=_positive, default=4, metavar="N",
-        help="gRPC threads per process (default: %(default)s)",
+        "--server-model", choices=("threads", "aio"), default="threads",
+        help="how a process answers Checks: grpcio's threaded server (default; measured "
+        "faster through Envoy) or one grpc.aio event loop (faster under h2load on idle "
+        "cores); see docs/benchmarks.md (default: %(default)s)",
+    )
+    net.add_argument(
+        "--threads", type=_positive, default=None, metavar="N",
+        help="threads answering Checks with --server-model threads (default 4); "
+        "no effect with aio (use --workers for more cores)",
     )
     net.add_argument(
         "--shutdown-delay", type=float, default=0.0, metavar="SECONDS",
@@ -347,7 +354,7 @@ class ServeState:
     store: PolicyStore
     workloads: WorkloadIndex
     recorder: Recorder
-    server: AuthzServer
+    server: AuthzServer | ThreadedAuthzServer
     sources: list[PolicySource] = field(default_factory=list)
 
     def ready(self) -> bool:
@@ -360,6 +367,11 @@ class ServeState:
 
 def run(args: argparse.Namespace) -> int:
     _configure_logging(args)
+    if args.threads is not None and args.server_model == "aio" and args.worker_index is None:
+        log.warning(
+            "--threads has no effect with --server-model aio: each serving process "
+            "answers Checks on one event loop; use --workers N for more cores"
+        )
     try:
         if args.workers > 1 and args.worker_index is None:
             from authz.envoy.workers import supervise
@@ -394,7 +406,7 @@ def _bind_cause(address: str) -> str:
 
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
-    from authz.envoy.server import AuthzServer, ServerSettings
+    from authz.envoy.server import AuthzServer, ServerSettings, ThreadedAuthzServer
     from authz.identity import UnknownWorkloads
     from authz.observe.metrics import METRICS
     from authz.store import PolicyStore
@@ -409,11 +421,12 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     workload_sources = build_workload_sources(args, index)
     recorder = build_recorder(args)
     worker = args.worker_index is not None
-    server = AuthzServer(
+    model = ThreadedAuthzServer if args.server_model == "threads" else AuthzServer
+    server = model(
         store,
         index if has_pod_source(args) else None,
         recorder,
-        ServerSettings(address=args.grpc_address, threads=args.threads, reuse_port=worker),
+        ServerSettings(address=args.grpc_address, reuse_port=worker, threads=args.threads or 4),
         ports,
         unknown_workloads=UnknownWorkloads(args.unknown_workloads),
     )
@@ -482,7 +495,7 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
 
     stop.wait()
     if args.shutdown_delay > 0:
-        server.health.enter_graceful_shutdown()  # NOT_SERVING, while still answering
+        server.enter_graceful_shutdown()  # NOT_SERVING, while still answering
         log.info("shutting down: answering for %.1fs more while NOT_SERVING", args.shutdown_delay)
         time.sleep(args.shutdown_delay)
     log.info("shutting down: draining in-flight Checks (up to %.1fs)", args.shutdown_grace)
