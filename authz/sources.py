@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from .echo import shown
 from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set, is_policy_file_name
 from .model import ConfigMapRef, NamespacePolicy, Workload
-from .observe.metrics import POLICY_ERRORS
+from .observe.metrics import METRICS, Metrics
 from .offload import load_file
 from .store import PolicyStore
 from .workloads import WorkloadIndex, workload_from_pod
@@ -194,9 +194,11 @@ class DirectorySource:
         cluster_namespace: str = DEFAULT_CLUSTER_NAMESPACE,
         interval: float = POLL_INTERVAL,
         settle: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.path = Path(path)
         self.name = f"directory {self.path}"
+        self.metrics = metrics or METRICS  # serve hands the process's own; tests a fresh one
         self.cluster_namespace = cluster_namespace
         self._poller = Poller(self.path, self.reload, interval, settle)
         self._files: dict[str, _FileState] = {}
@@ -243,7 +245,7 @@ class DirectorySource:
             self._files = states
             self._poller.mark(before)
             for report in reports:
-                POLICY_ERRORS.labels("directory").inc()
+                self.metrics.policy_errors.labels("directory").inc()
                 self._on_error(report)
 
             policies = self._merge()

@@ -14,6 +14,7 @@ from authz.engine import decide
 from authz.kube.client import KubeApi
 from authz.kube.source import KubePolicySource, KubeSettings
 from authz.model import Decision, Destination, Identity, Protocol
+from authz.observe.metrics import Metrics
 from authz.store import PolicyStore
 from authz.workloads import WorkloadIndex
 from tests.kube_emulator import KubeEmulator
@@ -65,6 +66,8 @@ class Replica:
     index: WorkloadIndex = field(default_factory=WorkloadIndex)
     errors: list[str] = field(default_factory=list)
     source: KubePolicySource | None = None
+    # Its own registry: tests read what this replica counted, never the process's set.
+    metrics: Metrics = field(default_factory=Metrics)
 
     def api(self) -> KubeApi:
         return KubeApi(self.emu.api_client(), service_ns=SVC_NS)
@@ -72,7 +75,7 @@ class Replica:
     def start(self, **settings: Any) -> KubePolicySource:
         s = KubeSettings(service_namespace=SVC_NS, backoff_cap=0.5, watch_timeout=30,
                          **settings)
-        self.source = KubePolicySource(self.api(), self.index, s)
+        self.source = KubePolicySource(self.api(), self.index, s, metrics=self.metrics)
         self.source.start(self.store, self.errors.append)
         return self.source
 

@@ -16,6 +16,7 @@ import pytest
 
 from authz.engine import decide
 from authz.model import Destination, Identity, PolicySet, Protocol, Verdict
+from authz.observe.metrics import Metrics
 from authz.sources import DirectorySource, yaml_files
 from authz.store import PolicyStore
 
@@ -51,7 +52,8 @@ def started():
 
     def start(path: Path, **kw: float) -> tuple[DirectorySource, PolicyStore, list[str]]:
         store, errors = PolicyStore(freeze_gc=False), []
-        source = DirectorySource(path, cluster_namespace=CLUSTER_NS, **kw)
+        # A fresh registry each: these tests never count into the process's set.
+        source = DirectorySource(path, cluster_namespace=CLUSTER_NS, metrics=Metrics(), **kw)
         sources.append(source)
         source.start(store, errors.append)
         return source, store, errors

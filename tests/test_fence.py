@@ -17,7 +17,6 @@ from kubernetes_validate import utils as kube_validate
 from authz.fence import FENCE_LABEL, FENCE_NAME, FenceOptions, fence_policy, is_fenced
 from authz.kube.fence import REASON_UNFENCED, FenceMonitor
 from authz.kube.writer import RegistryWriter
-from authz.observe.metrics import METRICS
 from authz.render import DEFAULT_GATEWAY_SELECTOR, RenderOptions
 from tests.kube_emulator import KubeEmulator
 from tests.kube_harness import Replica, emu, policy_cm, replica, rule, write_kubeconfig
@@ -110,10 +109,10 @@ class TestLint:
 def running(emu: KubeEmulator, replica: Replica) -> Iterator[tuple[FenceMonitor, RegistryWriter]]:
     replica.start()
     monitor = FenceMonitor(replica.api(), replica.store, is_leader=lambda: True,
-                           backoff_cap=0.5, watch_timeout=30)
+                           backoff_cap=0.5, watch_timeout=30, metrics=replica.metrics)
     writer = RegistryWriter(replica.api(), replica.store, options=RenderOptions(),
                             is_leader=lambda: True, backoff_cap=0.5, watch_timeout=30,
-                            fences=monitor.opted_in)
+                            fences=monitor.opted_in, metrics=replica.metrics)
     monitor.on_opt_in = writer.poke
     monitor.start()
     writer.start()
@@ -174,7 +173,8 @@ class TestKube:
             assert not require("NetworkPolicy", verb).names
 
     def test_unfenced_wildcard_is_reported_until_fenced(
-            self, emu: KubeEmulator, running: tuple[FenceMonitor, RegistryWriter]) -> None:
+            self, emu: KubeEmulator, replica: Replica,
+            running: tuple[FenceMonitor, RegistryWriter]) -> None:
         """A wildcard policy in an unfenced namespace: one Warning Event on its ConfigMap and
         the gauge at 1; label the namespace, the service fences it, the gauge drops to 0."""
         monitor, _ = running
@@ -187,11 +187,11 @@ class TestKube:
         assert event["involvedObject"]["name"] == "p" and "*.kadath.io" in event["message"]
         assert not emu.events("shop")  # exact hosts are routed: nothing to report
         assert monitor.unfenced == {"marketing": ["marketing/p"]}
-        assert METRICS.value("egress_authz_unfenced_wildcard_namespaces") == 1
+        assert replica.metrics.value("egress_authz_unfenced_wildcard_namespaces") == 1
         emu.modify("v1", "Namespace", "", "marketing",
                    lambda o: o["metadata"]["labels"].update({FENCE_LABEL: "true"}))
         emu.wait_for(lambda: monitor.unfenced == {}, timeout=10)
-        assert METRICS.value("egress_authz_unfenced_wildcard_namespaces") == 0
+        assert replica.metrics.value("egress_authz_unfenced_wildcard_namespaces") == 0
         assert len(emu.events("marketing")) == 1  # no repeat while fenced
 
 

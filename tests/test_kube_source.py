@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-from authz.observe.metrics import METRICS
 from authz.policy import PolicyError, parse_configmap
 from tests.kube_emulator import KubeEmulator
 from tests.kube_harness import SVC_NS, Replica, emu, pod, policy_cm, replica, rule
@@ -63,6 +62,8 @@ class TestPolicies:
         assert warning[0]["involvedObject"]["uid"] == stored["metadata"]["uid"]
         assert replica.allows("shop", "api.kadath.io")  # the last good policy is enforced
         assert replica.errors and "shop/p" in replica.errors[-1]
+        errors = {"source": "kubernetes"}
+        assert replica.metrics.value("egress_authz_policy_errors_total", errors) == 1
         emu.modify("v1", "ConfigMap", "shop", "p", lambda o: o["data"].update(
             {"policy.yaml": "rules: [{name: leng, hosts: [api.leng.com]}]"}))
         accepted = emu.wait_for(lambda: emu.events("shop", involved="p",
@@ -70,6 +71,7 @@ class TestPolicies:
         assert accepted[0]["type"] == "Normal"
         emu.wait_for(lambda: replica.allows("shop", "api.leng.com"), timeout=1)
         assert len(emu.events("shop", reason="PolicyInvalid")) == 1  # not repeated
+        assert replica.metrics.value("egress_authz_policy_errors_total", errors) == 1
 
     def test_invalid_from_the_start_adds_nothing(self, emu: KubeEmulator,
                                                  replica: Replica) -> None:
@@ -155,7 +157,8 @@ class TestResilience:
         emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
         source = replica.start()
         assert source.wait_ready(5)
-        before = METRICS.value("egress_authz_watch_reconnects_total", {"resource": "ConfigMap"})
+        reconnects = {"resource": "ConfigMap"}
+        assert replica.metrics.value("egress_authz_watch_reconnects_total", reconnects) == 0
         emu.stop()  # unreachable while things change, so the watch cannot keep up
         emu.seed(policy_cm("web", "q", [rule("b", "api.leng.com")]))
         emu.remove("v1", "ConfigMap", "shop", "p")
@@ -166,7 +169,7 @@ class TestResilience:
         # The policy watch missed changes and must have relisted; the cluster-tier watch
         # may resume from a bookmark newer than the compaction, which is no loss.
         assert any(r.lists >= 2 for r in source.reflectors if r.kind == "ConfigMap")
-        assert METRICS.value("egress_authz_watch_reconnects_total", {"resource": "ConfigMap"}) > before
+        assert replica.metrics.value("egress_authz_watch_reconnects_total", reconnects) > 0
         emu.drop_watches()  # a plain drop: re-watch from the last resourceVersion
         emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
         emu.wait_for(lambda: replica.allows("shop", "api.kadath.io"), timeout=3)
@@ -187,6 +190,7 @@ class TestResilience:
             time.sleep(0.05)
         assert source.ready()
         assert not source.health.reachable
+        assert replica.metrics.value("egress_authz_kube_api_unreachable") == 1
         assert source.health.reconnects >= 4
         # never a hot loop: a few reconnects per second per watch at most
         assert source.health.reconnects < 5 * 5 * len(source.reflectors)
@@ -194,4 +198,6 @@ class TestResilience:
         emu.seed(policy_cm("shop", "p", [rule("a", "api.leng.com")]))
         emu.wait_for(lambda: replica.allows("shop", "api.leng.com"), timeout=3)
         emu.wait_for(lambda: source.health.reachable, timeout=3)
+        emu.wait_for(lambda: replica.metrics.value("egress_authz_kube_api_unreachable") == 0,
+                     timeout=1)
         assert answered > 50

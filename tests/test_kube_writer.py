@@ -35,7 +35,8 @@ def ses(emu: KubeEmulator, ns: str) -> dict[str, list[str]]:
 def writer(emu: KubeEmulator, replica: Replica) -> Iterator[RegistryWriter]:
     replica.start()
     w = RegistryWriter(replica.api(), replica.store, options=RenderOptions(),
-                       is_leader=lambda: True, backoff_cap=0.5, watch_timeout=30)
+                       is_leader=lambda: True, backoff_cap=0.5, watch_timeout=30,
+                       metrics=replica.metrics)
     w.start()
     yield w
     w.stop()
@@ -139,11 +140,10 @@ class TestWriter:
                                        writer: RegistryWriter) -> None:
         """A write the API refuses counts in egress_authz_registry_write_errors_total (the
         PrometheusRule's EgressAuthzRegistryWriteErrors), and the writer retries."""
-        from authz.observe.metrics import METRICS
         from tests.kube_emulator import ApiError
 
-        def errors() -> float:
-            return METRICS.value("egress_authz_registry_write_errors_total")
+        def errors() -> float:  # on the replica's own registry, which the writer was given
+            return replica.metrics.value("egress_authz_registry_write_errors_total")
 
         refusing = threading.Event()
         refusing.set()
@@ -152,11 +152,11 @@ class TestWriter:
             if refusing.is_set() and method == "PATCH" and "/serviceentries/" in path:
                 raise ApiError(403, "Forbidden", "serviceentries is forbidden (test)")
 
-        before = errors()
+        assert errors() == 0  # a fresh registry: nothing another test did shows here
         emu.before_request = refuse
         assert replica.source is not None and replica.source.wait_ready(5)
         emu.seed(policy_cm("shop", "p", [rule("a", "api.kadath.io")]))
-        emu.wait_for(lambda: errors() > before, timeout=5)
+        emu.wait_for(lambda: errors() > 0, timeout=5)
         refusing.clear()
         emu.wait_for(lambda: ses(emu, "shop") == {"egress-authz-dns-443": ["api.kadath.io"]},
                      timeout=5)

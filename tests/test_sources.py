@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from authz.model import ConfigMapRef
+from authz.observe.metrics import Metrics
 from authz.sources import DirectorySource, WorkloadFileSource, pods_in, yaml_files
 from authz.store import PolicyStore
 from authz.testing.policies import policy_configmap
@@ -35,13 +36,17 @@ class Source:
     def __init__(self, path: Path) -> None:
         self.store = PolicyStore()
         self.errors: list[str] = []
-        self.source = DirectorySource(path)
+        self.metrics = Metrics()  # a fresh registry: what this source counted, and only that
+        self.source = DirectorySource(path, metrics=self.metrics)
         self.source.start(self.store, self.errors.append)
 
     def hosts(self) -> dict[str, tuple[str, ...]]:
         snap = self.store.current
         assert snap is not None
         return {str(p.source): p.rules[0].hosts for p in snap.policy_set.policies}
+
+    def policy_errors(self) -> float:
+        return self.metrics.value("egress_authz_policy_errors_total", {"source": "directory"})
 
     @property
     def revision(self) -> int:
@@ -91,6 +96,7 @@ class TestDirectorySource:
         s.source.reload()
         assert s.hosts() == {"shop/a": ("new.kadath.io",), "shop/b": ("b.kadath.io",)}
         assert len(s.errors) == 1 and "shop/b" in s.errors[0] and "*.*.io" in s.errors[0]
+        assert s.policy_errors() == 1
 
     def test_bad_yaml_keeps_the_whole_file(self, tmp_path: Path, make) -> None:
         """A file that cannot be parsed keeps everything it last gave."""
@@ -101,6 +107,7 @@ class TestDirectorySource:
         s.source.reload()
         assert s.hosts() == {"shop/a": ("api.kadath.io",)}
         assert s.revision == 1 and "bad YAML" in s.errors[0]
+        assert s.policy_errors() == len(s.errors) == 1
 
     def test_removed_file_and_removed_configmap_withdraw(self, tmp_path: Path, make) -> None:
         """Deleting a file or a ConfigMap from a valid file withdraws its policy."""

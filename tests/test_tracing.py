@@ -37,7 +37,7 @@ from authz.observe.decisionlog import (
     record_fields,
     trace_id_of,
 )
-from authz.observe.metrics import METRICS, Metrics
+from authz.observe.metrics import Metrics
 from authz.observe.recorder import DecisionRecorder, TracingSettings
 from authz.observe.ring import RingBuffer
 from authz.observe.spans import SPAN_NAME, TracingConfigError, exporters_from_env, span_sink
@@ -49,9 +49,8 @@ TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN}-01"
 _ids = itertools.count(1)
 
 
-def dropped(sink: str, metrics: Metrics = METRICS) -> float:
-    """Records dropped at `sink` as `metrics` counts them (the span pipe counts in the
-    process's own set, which is why some tests read METRICS)."""
+def dropped(sink: str, metrics: Metrics) -> float:
+    """Records dropped at `sink` as `metrics` (a test's own registry) counts them."""
     return metrics.value("egress_authz_trace_records_dropped_total", {"sink": sink})
 
 
@@ -512,9 +511,9 @@ class _Stalled(SpanExporter):
         self.release.set()
 
 
-def _queue_drops() -> float:
+def _queue_drops(metrics: Metrics) -> float:
     """Records dropped before the recorder's queue: full, or over their source's share."""
-    return dropped("queue") + dropped("queue-share")
+    return dropped("queue", metrics) + dropped("queue-share", metrics)
 
 
 def _returns_within(fn: Callable[[], None], timeout: float) -> bool:
@@ -577,16 +576,18 @@ class TestBackpressure:
         exporter = _Stalled()
         recorder = DecisionRecorder(
             TracingSettings(flush_interval=0.001),
-            spans=span_sink([exporter], {}, max_queue_size=64, schedule_delay_millis=1),
+            spans=span_sink(
+                [exporter], {}, max_queue_size=64, schedule_delay_millis=1,
+                metrics=(metrics := Metrics()),
+            ),
             log_stream=io.StringIO(),
         ).start()
-        before = dropped("span")
         for _ in range(2000):
             recorder.record(make_record())
         deadline = time.monotonic() + 10
         while recorder.pending and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert dropped("span") - before > 1000
+        assert dropped("span", metrics) > 1000
         exporter.release.set()
         recorder.close()
 
@@ -765,16 +766,16 @@ class TestSpanPipe:
         from authz.observe.spans import SpanPipe
 
         stub = CollectorStub()
-        pipe = SpanPipe({**os.environ, **stub.env})
+        metrics = Metrics()  # the pipe's and the recorder's drops, and nothing else's
+        pipe = SpanPipe({**os.environ, **stub.env}, metrics)
         os.kill(pipe.proc.pid, signal.SIGSTOP)
         try:
             recorder = DecisionRecorder(
                 TracingSettings(flush_interval=0.001, queue_size=1000),
                 spans=pipe,
                 log_stream=io.StringIO(),
+                metrics=metrics,
             ).start()
-            before = dropped("span")
-            before_queue = _queue_drops()
             r = make_record()
 
             def flood() -> None:
@@ -787,7 +788,7 @@ class TestSpanPipe:
             # Then hand the recorder thread records at a pace it keeps up with, so
             # that they reach the (full) pipe however loaded the machine is.
             for _ in range(100):
-                if dropped("span") - before > 1_000:
+                if dropped("span", metrics) > 1_000:
                     break
                 for _ in range(100):
                     recorder.record(r)
@@ -797,8 +798,8 @@ class TestSpanPipe:
             # The 1 MiB pipe holds ~1,500 lines and the queue 1,000 records: the
             # rest were dropped, at the pipe or (when the flood outran the
             # recorder thread) at the queue.
-            span_drops = dropped("span") - before
-            queue_drops = _queue_drops() - before_queue
+            span_drops = dropped("span", metrics)
+            queue_drops = _queue_drops(metrics)
             assert span_drops > 1_000
             assert span_drops + queue_drops > 15_000
         finally:
@@ -814,7 +815,8 @@ class TestSpanPipe:
         from authz.observe.spans import SpanPipe
 
         stub = CollectorStub()
-        pipe = SpanPipe({**os.environ, **stub.env})
+        metrics = Metrics()
+        pipe = SpanPipe({**os.environ, **stub.env}, metrics)
         pipe.RESTART_AFTER = 0.2
         recorder = DecisionRecorder(
             TracingSettings(flush_interval=0.01), spans=pipe, log_stream=io.StringIO()
@@ -823,12 +825,12 @@ class TestSpanPipe:
             first = pipe.proc
             first.kill()
             first.wait(5)
-            before = dropped("span")
+            assert dropped("span", metrics) == 0
             recorder.record(make_record())
             deadline = time.monotonic() + 5
-            while dropped("span") == before and time.monotonic() < deadline:
+            while dropped("span", metrics) == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert dropped("span") == before + 1
+            assert dropped("span", metrics) == 1
             time.sleep(0.3)
             late = make_record()
             recorder.record(late)

@@ -226,12 +226,17 @@ def build_policy_sources(
     ports: GatewayPorts | None = None,
 ) -> list[PolicySource]:
     """Which sources feed the store. A Kubernetes source adds one branch here."""
+    from authz.observe.metrics import METRICS  # the process's own: what /metrics serves
     from authz.sources import DirectorySource
 
     sources: list[PolicySource] = []
     _require_paths(args)
     if args.policies:
-        sources.append(DirectorySource(args.policies, cluster_namespace=args.cluster_namespace))
+        sources.append(
+            DirectorySource(
+                args.policies, cluster_namespace=args.cluster_namespace, metrics=METRICS
+            )
+        )
     if getattr(args, "kube", False):
         from authz.kube.controller import KubeController
         from authz.workloads import WorkloadIndex
@@ -239,7 +244,9 @@ def build_policy_sources(
         # The Pod watch feeds the same index Check reads. (`is None`, not `or`:
         # an index is never falsy, but this once made --kube fill a second one.)
         sources.append(
-            KubeController.from_args(args, WorkloadIndex() if index is None else index, ports)
+            KubeController.from_args(
+                args, WorkloadIndex() if index is None else index, ports, metrics=METRICS
+            )
         )
     if not sources:
         raise UsageError("no policy source: give --policies PATH")
@@ -282,13 +289,14 @@ def build_workload_sources(
 def build_recorder(args: argparse.Namespace) -> Recorder:
     """What records each decision: metrics, ring buffer, decision log, spans."""
     from authz.observe.bounded import RecordLimits
+    from authz.observe.metrics import METRICS  # the process's own: what /metrics serves
     from authz.observe.recorder import DecisionRecorder, TracingSettings
     from authz.observe.spans import TracingConfigError, spans_from_env
 
     try:
         # None unless OTEL_* asks for an exporter; else a child process builds
         # and exports the spans, off this process's GIL.
-        spans = spans_from_env()
+        spans = spans_from_env(metrics=METRICS)
     except TracingConfigError as e:
         raise UsageError(str(e)) from e
     settings = TracingSettings(
@@ -299,11 +307,11 @@ def build_recorder(args: argparse.Namespace) -> Recorder:
     )
     if spans is not None:
         log.info("tracing: spans exported per OTEL_* (allow ratio %g)", args.trace_allow_ratio)
-    recorder = DecisionRecorder(settings, spans=spans)
+    recorder = DecisionRecorder(settings, spans=spans, metrics=METRICS)
     if args.worker_record_fd >= 0:  # --workers: the supervisor's admin endpoint serves them
         from authz.observe.pooled import RecordForwarder
 
-        recorder.forward = RecordForwarder(args.worker_record_fd)
+        recorder.forward = RecordForwarder(args.worker_record_fd, recorder.metrics)
     return recorder.start()
 
 
@@ -408,13 +416,13 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
     from authz.envoy.server import AuthzServer, ServerSettings, ThreadedAuthzServer
     from authz.identity import UnknownWorkloads
-    from authz.observe.metrics import POLICY_REVISION
+    from authz.observe.metrics import METRICS
     from authz.store import PolicyStore
     from authz.workloads import WorkloadIndex
 
     stop = stop or threading.Event()
     store = PolicyStore(trust_domain=args.trust_domain)
-    store.subscribe(lambda snapshot: POLICY_REVISION.set(snapshot.revision))
+    store.subscribe(lambda snapshot: METRICS.policy_revision.set(snapshot.revision))
     index = WorkloadIndex()
     ports = build_gateway_ports(args)
     policy_sources = build_policy_sources(args, index, ports)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from ..fence import FenceOptions
 from ..gateway_ports import GatewayPorts
+from ..observe.metrics import Metrics
 from ..render import RenderOptions, parse_selector
 from ..store import PolicyStore
 from ..workloads import WorkloadIndex
@@ -31,8 +32,10 @@ class KubeController:
     def __init__(self, api: KubeApi, index: WorkloadIndex, *, settings: KubeSettings,
                  options: RenderOptions, write: bool = True,
                  ports: GatewayPorts | None = None, gateway_service: str | None = None,
-                 fence: FenceOptions | None = None) -> None:
-        self.source = KubePolicySource(api, index, settings)
+                 fence: FenceOptions | None = None, metrics: Metrics | None = None) -> None:
+        # One set of metrics for every part (serve hands the process's own; tests a fresh one).
+        self.source = KubePolicySource(api, index, settings, metrics=metrics)
+        self.metrics = metrics = self.source.metrics
         # The gateway port map from the gateway's Service, unless a fixed map was given.
         self.gateway_ports: GatewayServiceWatch | None = None
         if ports is not None and gateway_service:
@@ -49,19 +52,21 @@ class KubeController:
             return bool(self.elector and self.elector.is_leader)
         # Layer 3 (always watched, for the report; fences written only with `fence`).
         self.fence_monitor = FenceMonitor(api, index_store_placeholder(), is_leader=is_leader,
-                                          health=self.source.health, instance=identity)
+                                          health=self.source.health, instance=identity,
+                                          metrics=metrics)
         if self.elector is not None:
             writer = RegistryWriter(api, index_store_placeholder(), options=options,
                                     is_leader=is_leader, health=self.source.health,
                                     fences=self.fence_monitor.opted_in if fence else None,
-                                    fence_options=fence)
+                                    fence_options=fence, metrics=metrics)
             self.writer = writer
             self.fence_monitor.on_opt_in = writer.poke
             self.elector.on_change = lambda leader: writer.poke() if leader else None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, index: WorkloadIndex,
-                  ports: GatewayPorts | None = None) -> KubeController:
+                  ports: GatewayPorts | None = None,
+                  metrics: Metrics | None = None) -> KubeController:
         ns = args.namespace or service_namespace()
         api = KubeApi(k8s_client(args.kubeconfig), service_ns=ns)
         return cls(api, index,
@@ -81,7 +86,8 @@ class KubeController:
                        dns_namespace=args.fence_dns_namespace,
                        dns_labels=parse_selector(args.fence_dns_labels),
                        istiod_namespace=args.fence_istiod_namespace,
-                       allow_cluster_pods=args.fence_cluster_pods))
+                       allow_cluster_pods=args.fence_cluster_pods),
+                   metrics=metrics)
 
     def start(self, store: PolicyStore, on_error: Callable[[str], None]) -> None:
         if self.gateway_ports is not None:

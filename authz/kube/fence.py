@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from ..engine import Snapshot
 from ..fence import FENCE_LABEL, unfenced_wildcards, wildcard_hosts
 from ..model import NamespacePolicy
-from ..observe.metrics import UNFENCED_WILDCARD_NAMESPACES
+from ..observe.metrics import Metrics
 from ..store import PolicyStore
 from .client import KubeApi, KubeError, Obj
 from .watch import ApiHealth, Backoff, Reflector
@@ -33,8 +33,12 @@ COMPONENT = "egress-authz"
 class FenceMonitor:
     def __init__(self, api: KubeApi, store: PolicyStore, *, is_leader: Callable[[], bool],
                  health: ApiHealth | None = None, backoff_cap: float = 10.0,
-                 watch_timeout: int = 300, instance: str = COMPONENT) -> None:
+                 watch_timeout: int = 300, instance: str = COMPONENT,
+                 metrics: Metrics | None = None) -> None:
         self.api, self.store, self.is_leader = api, store, is_leader
+        # The metrics go with the health its reflectors share (as in KubePolicySource).
+        health = health or ApiHealth(metrics)
+        self.metrics = metrics or health.metrics
         self.instance = instance
         self.on_opt_in: Callable[[], None] = lambda: None  # the writer's poke
         self.events_posted = 0
@@ -133,7 +137,7 @@ class FenceMonitor:
             netpols = {ns: list(by_name.values()) for ns, by_name in self._netpols.items()}
         found = unfenced_wildcards(snapshot.policy_set.policies, netpols)
         self.unfenced = {ns: [str(p.source) for p in ps] for ns, ps in found.items()}
-        UNFENCED_WILDCARD_NAMESPACES.set(len(found))
+        self.metrics.unfenced_wildcard_namespaces.set(len(found))
         new = set(found) - self._reported
         for ns in sorted(new):
             log.warning("namespace %s allows wildcard hosts but no NetworkPolicy fences its "

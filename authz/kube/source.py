@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ..loader import build_policy_set
 from ..model import POLICY_LABEL, TIER_CLUSTER, TIER_LABEL, ConfigMapRef, NamespacePolicy
-from ..observe.metrics import POLICY_ERRORS
+from ..observe.metrics import Metrics
 from ..policy import PolicyError, is_policy_configmap, parse_configmap
 from ..store import PolicyStore
 from ..workloads import WorkloadIndex, workload_from_pod
@@ -64,10 +64,13 @@ class KubePolicySource:
     name = "kubernetes"
 
     def __init__(self, api: KubeApi, index: WorkloadIndex, settings: KubeSettings | None = None,
-                 *, health: ApiHealth | None = None) -> None:
+                 *, health: ApiHealth | None = None, metrics: Metrics | None = None) -> None:
         self.api, self.index = api, index
         self.settings = settings or KubeSettings(service_namespace=api.service_ns)
-        self.health = health or ApiHealth()
+        # The metrics go with the health every reflector shares (the process's own
+        # set unless `metrics` or a `health` built on other metrics is handed in).
+        self.health = health or ApiHealth(metrics)
+        self.metrics = metrics or self.health.metrics
         self._lock = threading.Lock()
         self._cms: dict[ConfigMapRef, tuple[str, Obj]] = {}  # ref -> (reflector, object)
         self._good: dict[ConfigMapRef, NamespacePolicy] = {}  # last policy that validated
@@ -185,7 +188,7 @@ class KubePolicySource:
                 policy = parse_configmap(obj, cluster_namespace=self.settings.service_namespace)
                 self._within_namespace_cap(ref, policy)
             except PolicyError as e:
-                POLICY_ERRORS.labels("kubernetes").inc()
+                self.metrics.policy_errors.labels("kubernetes").inc()
                 message = str(e)
                 kept = "keeping its last good policy" if ref in self._good else "it adds nothing"
                 self._on_error(f"ConfigMap {ref} rejected, {kept}:\n  {message}")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..observe.metrics import API_UNREACHABLE, WATCH_RECONNECTS
+from ..observe.metrics import METRICS, Metrics
 from .client import KubeApi, KubeError, KubeGone, KubeUnreachable, Obj
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,15 @@ class Backoff:
 
 
 class ApiHealth:
-    """Whether the API server answered last time, shared by every reflector of a process."""
+    """Whether the API server answered last time, shared by every reflector of a process.
 
-    def __init__(self) -> None:
+    It also carries the metrics those reflectors update (`metrics`; the
+    process's own set unless a test hands its own), so that one object wires
+    a controller's watches to one registry.
+    """
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or METRICS
         self._lock = threading.Lock()
         self._failing: set[str] = set()
         self.reconnects = 0  # also egress_authz_watch_reconnects_total, per resource
@@ -55,7 +61,7 @@ class ApiHealth:
             if who in self._failing:
                 self._failing.discard(who)
                 log.info("%s: API server reachable again", who)
-            API_UNREACHABLE.set(0.0 if not self._failing else 1.0)
+            self.metrics.api_unreachable.set(0.0 if not self._failing else 1.0)
 
     def failed(self, who: str, error: Exception) -> None:
         with self._lock:
@@ -64,7 +70,7 @@ class ApiHealth:
                 log.warning("%s: API server unreachable, serving the last snapshot: %s",
                             who, error)
             self._failing.add(who)
-            API_UNREACHABLE.set(1.0)
+            self.metrics.api_unreachable.set(1.0)
 
 
 class Reflector:
@@ -153,17 +159,17 @@ class Reflector:
                     self._sleep(self.backoff.next())
             except KubeGone as e:
                 log.info("%s: %s; listing again", self.name, e.message)
-                WATCH_RECONNECTS.labels(self.kind).inc()
+                self.health.metrics.watch_reconnects.labels(self.kind).inc()
                 rv, list_rv = None, None
                 self._sleep(self.backoff.next() / 4)  # a relist is due, not an outage
             except KubeUnreachable as e:
                 if self._stop.is_set():
                     return
-                WATCH_RECONNECTS.labels(self.kind).inc()
+                self.health.metrics.watch_reconnects.labels(self.kind).inc()
                 self.health.failed(self.name, e)
                 self._sleep(self.backoff.next())
             except KubeError as e:
-                WATCH_RECONNECTS.labels(self.kind).inc()
+                self.health.metrics.watch_reconnects.labels(self.kind).inc()
                 log.warning("%s: %s", self.name, e)
                 self._sleep(self.backoff.next())
             finally:

@@ -24,7 +24,7 @@ from typing import Any
 from ..engine import Snapshot
 from ..fence import FENCE_NAME, FenceOptions, fence_policy
 from ..model import MANAGED_BY_LABEL, MANAGED_BY_VALUE
-from ..observe.metrics import REGISTRY_WRITE_ERRORS
+from ..observe.metrics import Metrics
 from ..render import APPLY_ORDER, RenderOptions, gateway_entry_last, object_key, render
 from ..store import PolicyStore
 from .client import KubeApi, KubeError, KubeNotFound, Obj
@@ -76,8 +76,12 @@ class RegistryWriter:
                  health: ApiHealth | None = None, backoff_cap: float = 10.0,
                  watch_timeout: int = 300,
                  fences: Callable[[], set[str] | None] | None = None,
-                 fence_options: FenceOptions | None = None) -> None:
+                 fence_options: FenceOptions | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.api, self.store, self.options = api, store, options
+        # The metrics go with the health its reflectors share (as in KubePolicySource).
+        health = health or ApiHealth(metrics)
+        self.metrics = metrics or health.metrics
         # Layer 3: namespaces that opted in to the fence NetworkPolicy (None until known);
         # without `fences`, NetworkPolicies are neither written nor pruned.
         self.fences = fences
@@ -229,6 +233,6 @@ class RegistryWriter:
         except KubeNotFound:
             return what == "delete"  # already gone is what we wanted
         except KubeError as e:
-            REGISTRY_WRITE_ERRORS.inc()
+            self.metrics.registry_write_errors.inc()
             log.warning("%s %s %s/%s: %s", what, key[1], key[2], key[3], e)
             return False

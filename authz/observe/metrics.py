@@ -1,8 +1,9 @@
 """The service's Prometheus metrics, on prometheus-client.
 
 `Metrics` builds every metric on one registry. The process has one default
-set (`METRICS`, and the module-level names below, which the sources and the
-Check path update); tests build their own on a fresh `CollectorRegistry`
+set (`METRICS`), which `serve` hands to every component that counts (the
+sources, the Kubernetes watches/writer/fence, the recorder, the span pipe,
+the admin endpoint); tests build their own on a fresh `CollectorRegistry`
 and hand it to what they test, so they never read process-global counters.
 
 Under `serve --workers N` the supervisor sets PROMETHEUS_MULTIPROC_DIR (a
@@ -128,18 +129,8 @@ def exposition(metrics: Metrics | None = None) -> bytes:
     return generate_latest((metrics or METRICS).registry)
 
 
-# The process's own set: what the sources, the recorder and the admin
-# endpoint update unless handed another.
+# The process's own set: what `serve` hands the sources, the recorder, the
+# span pipe and the admin endpoint. Deliberately no module-level aliases of
+# its metrics: a component updates the `Metrics` it was given, so a test can
+# hand it a fresh registry and read only what that component counted.
 METRICS = Metrics()
-REGISTRY = METRICS.registry
-CHECKS = METRICS.checks
-CHECK_SECONDS = METRICS.check_seconds
-POLICY_REVISION = METRICS.policy_revision
-POLICY_ERRORS = METRICS.policy_errors
-WATCH_RECONNECTS = METRICS.watch_reconnects
-API_UNREACHABLE = METRICS.api_unreachable
-TRACE_DROPPED = METRICS.trace_dropped
-ADMIN_REFUSED = METRICS.admin_refused
-ADMIN_CPU = METRICS.admin_cpu
-UNFENCED_WILDCARD_NAMESPACES = METRICS.unfenced_wildcard_namespaces
-REGISTRY_WRITE_ERRORS = METRICS.registry_write_errors

@@ -35,8 +35,12 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..records import DecisionRecord
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +54,16 @@ SOCKET_BUFFER = 4 << 20  # what a worker may have in flight (the kernel may cap 
 class RecordForwarder:
     """The worker's end: send batches of recorded decisions to the supervisor."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, metrics: Metrics | None = None) -> None:
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(False)
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-        from .metrics import METRICS
+        if metrics is None:  # the worker's own set (serve hands its recorder's)
+            from .metrics import METRICS
 
-        self._dropped = METRICS.trace_dropped.labels("forward")
+            metrics = METRICS
+        self._dropped = metrics.trace_dropped.labels("forward")
 
     def __call__(self, batch: Sequence[DecisionRecord]) -> None:
         self._send(list(batch))

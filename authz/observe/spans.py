@@ -46,7 +46,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from ..records import DecisionRecord
 from .decisionlog import LOG_FIELDS
-from .metrics import TRACE_DROPPED
+from .metrics import METRICS, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ class _DropCountingProcessor(SpanProcessor):
     ended here minus spans handed to the exporter): no SDK private state.
     """
 
-    def __init__(self, exporter: SpanExporter, max_queue_size: int, **kw: Any) -> None:
+    def __init__(self, exporter: SpanExporter, max_queue_size: int, *,
+                 metrics: Metrics, **kw: Any) -> None:
+        self._span_dropped = metrics.trace_dropped.labels("span")
         self._exporter = _CountingExporter(exporter)
         self._batch = BatchSpanProcessor(self._exporter, max_queue_size=max_queue_size, **kw)
         self._max = max_queue_size
@@ -128,7 +130,7 @@ class _DropCountingProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         if self._ended - self._dropped - self._exporter.handed >= self._max:
             self._dropped += 1
-            TRACE_DROPPED.labels("span").inc()
+            self._span_dropped.inc()
         self._ended += 1
         self._batch.on_end(span)
 
@@ -249,8 +251,11 @@ class SpanPipe:
 
     RESTART_AFTER = 10.0  # seconds between attempts to restart an exporter that died
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._env = dict(os.environ if env is None else env)
+        # Drops count where /metrics reads them (serve: the process's own set).
+        self._span_dropped = (metrics or METRICS).trace_dropped.labels("span")
         self._chunk: list[bytes] = []
         self._chunk_size = 0
         self._dead_since: float | None = None
@@ -312,7 +317,7 @@ class SpanPipe:
             )
             data = f"{header}\t{json.dumps(short, separators=(',', ':'))}\n".encode()
             if len(data) > PIPE_BUF:
-                TRACE_DROPPED.labels("span").inc()
+                self._span_dropped.inc()
                 return
         if self._chunk_size + len(data) > PIPE_BUF:
             self.end_batch()
@@ -325,15 +330,15 @@ class SpanPipe:
         chunk, lines = b"".join(self._chunk), len(self._chunk)
         self._chunk, self._chunk_size = [], 0
         if self._dead_since is not None and not self._restart_if_due():
-            TRACE_DROPPED.labels("span").inc(float(lines))
+            self._span_dropped.inc(float(lines))
             return
         try:
             os.write(self._fd, chunk)
         except BlockingIOError:
-            TRACE_DROPPED.labels("span").inc(float(lines))
+            self._span_dropped.inc(float(lines))
         except OSError as e:  # the child is gone (EPIPE): spans pause, Checks do not
             self._dead_since = time.monotonic()
-            TRACE_DROPPED.labels("span").inc(float(lines))
+            self._span_dropped.inc(float(lines))
             log.error(
                 "span exporter process exited (%s); spans are dropped until it is "
                 "restarted in %.0fs",
@@ -457,6 +462,7 @@ def span_sink(
     *,
     max_queue_size: int | None = None,
     schedule_delay_millis: float | None = None,
+    metrics: Metrics | None = None,
 ) -> SpanSink | None:
     """An in-process SpanSink batching to `exporters`, or None when there are none."""
     if not exporters:
@@ -477,13 +483,16 @@ def span_sink(
             schedule_delay_millis=schedule_delay_millis,
             # A small queue needs batches no larger than itself (the SDK insists).
             max_export_batch_size=min(512, max_queue_size),
+            metrics=metrics or METRICS,
         )
         for exporter in exporters
     ]
     return SpanSink(provider, processors)
 
 
-def spans_from_env(environ: Mapping[str, str] | None = None) -> SpanPipe | None:
+def spans_from_env(
+    environ: Mapping[str, str] | None = None, metrics: Metrics | None = None
+) -> SpanPipe | None:
     """What `serve` records spans with: a SpanPipe to a child exporter, or None.
 
     The configuration is checked here, so that a bad OTEL_* setting stops
@@ -491,7 +500,7 @@ def spans_from_env(environ: Mapping[str, str] | None = None) -> SpanPipe | None:
     """
     if not exporter_names(environ):
         return None
-    return SpanPipe(environ)
+    return SpanPipe(environ, metrics)
 
 
 # ---------------------------------------------------------------------------
