@@ -27,8 +27,9 @@ from typing import Any
 import grpc
 import pytest
 
-from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckRequest, CheckResponse
+from authz.envoy.gen.envoy_service_auth_v3_pb2 import CheckResponse
 from authz.envoy.server import CHECK_METHOD
+from tests.test_traces_cli import ANALYTICS, CART, check_request, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ENV = "EGRESS_AUTHZ_CHROMIUM"
@@ -60,44 +61,6 @@ items:
     spec: {serviceAccountName: analytics}
     status: {phase: Running, podIP: 127.0.0.3}
 """
-CART = {"principal": "spiffe://cluster.local/ns/shop/sa/cart", "source_ip": "127.0.0.2"}
-ANALYTICS = {
-    "principal": "spiffe://cluster.local/ns/marketing/sa/analytics",
-    "source_ip": "127.0.0.3",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def check_request(
-    *,
-    principal: str,
-    source_ip: str,
-    sni: str | None = None,
-    host: str | None = None,
-    port: int = 443,
-    method: str = "GET",
-    path: str = "/",
-) -> bytes:
-    r = CheckRequest()
-    a = r.attributes
-    a.source.principal = principal
-    a.source.address.socket_address.address = source_ip
-    a.destination.address.socket_address.port_value = port
-    if sni:
-        a.tls_session.sni = sni
-    if host:
-        a.request.http.host = host
-        a.request.http.method = method
-        a.request.http.path = path
-    data: bytes = r.SerializeToString()
-    return data
-
-
 @dataclass
 class Service:
     """`egress-authz serve` in its own process."""
