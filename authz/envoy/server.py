@@ -173,14 +173,9 @@ def check_handler(service: CheckService, *, record_after_answer: bool = True
     )
 
 
-class AuthzServer:
-    """The Check service and its health service on one `grpc.aio` server
-    (`serve --server-model aio`).
-
-    Its event loop runs in a thread of its own ("egress-authz-grpc"), so the
-    methods here are plain blocking calls from any other thread: `serve`'s
-    main thread waits for signals, sources publish from theirs.
-    """
+class _ServerBase:
+    """What both serving models share: the Check service over one store, and a
+    health status that turns SERVING once a policy is in force."""
 
     def __init__(
         self,
@@ -197,16 +192,36 @@ class AuthzServer:
         self.service = CheckService(
             store, workloads, recorder, ports, unknown_workloads=unknown_workloads
         )
-        self.health = aio_health.HealthServicer()
         self.port = 0
+        self._setup()
+        self._set_health(store.loaded)
+        # Ready once a policy is in force; a later publish cannot unload it.
+        store.subscribe(lambda _snapshot: self._set_health(True))
+
+    def _setup(self) -> None:
+        """The model's own health servicer and server state, before health is set."""
+        raise NotImplementedError
+
+    def _set_health(self, serving: bool) -> None:
+        raise NotImplementedError
+
+
+class AuthzServer(_ServerBase):
+    """The Check service and its health service on one `grpc.aio` server
+    (`serve --server-model aio`).
+
+    Its event loop runs in a thread of its own ("egress-authz-grpc"), so the
+    methods here are plain blocking calls from any other thread: `serve`'s
+    main thread waits for signals, sources publish from theirs.
+    """
+
+    def _setup(self) -> None:
+        self.health = aio_health.HealthServicer()
         self._serving = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
         self._terminated = threading.Event()
-        self._set_health(store.loaded)
-        # Ready once a policy is in force; a later publish cannot unload it.
-        store.subscribe(lambda _snapshot: self._set_health(True))
 
     # -- health, from any thread ------------------------------------------------
 
@@ -342,7 +357,7 @@ class AuthzServer:
         return self._terminated.wait(timeout)
 
 
-class ThreadedAuthzServer:
+class ThreadedAuthzServer(_ServerBase):
     """The same service on grpcio's threaded server (`serve --server-model threads`,
     the default): a pool of `settings.threads` threads, recording inline before
     the answer.
@@ -351,26 +366,9 @@ class ThreadedAuthzServer:
     busy the cores are (docs/benchmarks.md, "Serving model (issue 14)").
     """
 
-    def __init__(
-        self,
-        store: PolicyStore,
-        workloads: WorkloadIndex | None = None,
-        recorder: Recorder | None = None,
-        settings: ServerSettings | None = None,
-        ports: GatewayPorts | None = None,
-        *,
-        unknown_workloads: UnknownWorkloads = UnknownWorkloads.DENY,
-    ) -> None:
-        self.settings = settings or ServerSettings()
-        self.store = store
-        self.service = CheckService(
-            store, workloads, recorder, ports, unknown_workloads=unknown_workloads
-        )
+    def _setup(self) -> None:
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        self.port = 0
         self._server: grpc.Server | None = None
-        self._set_health(store.loaded)
-        store.subscribe(lambda _snapshot: self._set_health(True))
 
     def _set_health(self, serving: bool) -> None:
         status = (
