@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from types import MappingProxyType
 
 import idna
 from publicsuffixlist import PublicSuffixList
@@ -250,6 +251,79 @@ def loopback_problem(pattern: str) -> str | None:
     if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
         return (f"'{pattern}' names the loopback interface (RFC 6761): through the "
                 "gateway it would reach the gateway itself, not an external host")
+    return None
+
+
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+
+# Top-level names under which no external service lives, and why. From the IANA
+# Special-Use Domain Names registry (RFC 6761 and later) and ICANN's reservation of
+# `internal`, plus the private names ICANN found in wide use and never delegated
+# (name-collision study: corp, home, mail) and the usual LAN ones. A name below
+# one is answered by the cluster's, the cloud's or the LAN's resolver, or nobody's:
+# through the gateway it reaches an internal endpoint, never the internet. `arpa` is
+# whole: every name in it is infrastructure (in-addr.arpa and ip6.arpa reverse maps,
+# home.arpa). `example` and `test` are special-use too but stay allowed: they never
+# resolve publicly, and documentation and tests use them for made-up external hosts.
+_INTERNAL_TLDS = MappingProxyType({
+    "local": "multicast DNS, hosts on the gateway's own network (RFC 6762)",
+    "internal": "reserved by ICANN for private networks; clouds name their metadata "
+                "servers under it, as metadata.google.internal",
+    "arpa": "DNS infrastructure, reverse lookups in in-addr.arpa and ip6.arpa, home "
+            "networks in home.arpa (RFC 8375)",
+    "svc": "a Kubernetes service short of the cluster domain, name.namespace.svc, "
+           "which the resolver's search path completes",
+    "invalid": "a name that never resolves (RFC 6761)",
+    "onion": "Tor onion services (RFC 7686)",
+    "alt": "names outside the DNS (RFC 9476)",
+    **{tld: "a private network name that is never delegated publicly"
+       for tld in ("intranet", "lan", "corp", "home", "mail", "private", "localdomain")},
+})
+_DOCUMENTATION_TLDS = frozenset({"example", "test"})
+
+
+def parse_cluster_domain(raw: str) -> str:
+    """Canonical form of a cluster DNS domain (`cluster.local`); raises PatternError."""
+    if raw.startswith("*"):
+        raise PatternError("is a domain such as cluster.local, not a wildcard")
+    return parse_pattern(raw)
+
+
+@functools.lru_cache(maxsize=16384)
+def internal_problem(pattern: str, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str | None:
+    """Why a canonical pattern can name a cluster-internal or special-use host, or None.
+
+    The answer completes a sentence whose subject is the pattern ("is under ...").
+    Allowed through the egress gateway, such a name makes the gateway call, from its
+    own network position and with its own identity, an in-cluster service, a cloud
+    metadata server or a LAN host for the workload: server-side request forgery.
+    `cluster_domain` is the cluster's DNS domain (`--cluster-domain`). Called at load
+    time only; a wildcard is refused when any name it matches is internal.
+    """
+    wildcard = is_wildcard(pattern)
+    name = wildcard_key(pattern) if wildcard else pattern
+    if pattern == "*":
+        return None  # only a cluster deny may say `*`
+    if name == cluster_domain or name.endswith("." + cluster_domain):
+        return f"is under the cluster DNS domain {cluster_domain} (Kubernetes services and pods)"
+    if wildcard and cluster_domain.endswith("." + name):
+        return (f"covers the cluster DNS domain {cluster_domain} "
+                "(every Kubernetes service and pod)")
+    if not wildcard and "." not in name:
+        # The gateway pod's resolver tries its search domains (namespace.svc.DOMAIN,
+        # svc.DOMAIN, DOMAIN) first: `kubernetes` is the API server, `metadata` the
+        # cloud's metadata server.
+        return "is a single-label name, which the resolver completes with the cluster's domains"
+    top = name.rpartition(".")[2]
+    why = _INTERNAL_TLDS.get(top)
+    if why is not None:
+        return f"is under {top}, a special-use name: {why}"
+    if top not in _DOCUMENTATION_TLDS and not _public_suffixes().is_public(top):
+        # Not a TLD of the public root, so only the cluster's resolver can answer,
+        # by its search path: `kubernetes.default` is the API server.
+        return (f"is under {top}, which is no public top-level domain (Public Suffix List): "
+                "only the cluster's resolver answers for it, as for name.namespace, a "
+                "Kubernetes service")
     return None
 
 

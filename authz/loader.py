@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .echo import shown
+from .hosts import DEFAULT_CLUSTER_DOMAIN
 from .model import POLICY_DATA_KEY, POLICY_LABEL, ConfigMapRef, NamespacePolicy, PolicySet
 from .policy import PolicyError, configmap_ref, is_policy_configmap, parse_configmap
 from .yamlload import FILE_LIMITS, YamlError, load_all
@@ -145,6 +146,7 @@ def load_objects(
     result: LoadResult,
     *,
     cluster_namespace: str,
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
     text: str | None = None,
 ) -> None:
     """Validate ConfigMap dicts into `result`; `origin` names where they came
@@ -168,7 +170,8 @@ def load_objects(
             result.problems.append(f"{origin}: {ref} is defined more than once")
             continue
         try:
-            policy = parse_configmap(obj, cluster_namespace=cluster_namespace)
+            policy = parse_configmap(obj, cluster_namespace=cluster_namespace,
+                                     cluster_domain=cluster_domain)
         except PolicyError as e:
             result.by_ref[ref] = e
             if e.yaml_mark is not None and text is not None and (
@@ -186,7 +189,8 @@ def load_objects(
 
 
 def load_path(
-    path: str | Path, *, cluster_namespace: str = DEFAULT_CLUSTER_NAMESPACE
+    path: str | Path, *, cluster_namespace: str = DEFAULT_CLUSTER_NAMESPACE,
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
 ) -> LoadResult:
     """Every policy ConfigMap under `path`, with every problem found."""
     root = Path(path)
@@ -211,7 +215,8 @@ def load_path(
             at = f":{e.line}:{e.column}" if e.line is not None else ""
             result.problems.append(f"{file}{at}: bad YAML: {e.problem}")
             continue
-        load_objects(docs, str(file), result, cluster_namespace=cluster_namespace, text=text)
+        load_objects(docs, str(file), result, cluster_namespace=cluster_namespace,
+                     cluster_domain=cluster_domain, text=text)
     return result
 
 

@@ -29,13 +29,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Any
 
+from .hosts import DEFAULT_CLUSTER_DOMAIN
 from .loader import LoadResult, load_path
 from .policy import PolicyError
 from .store import gc_paused
 
 OFFLOAD_MIN_BYTES = 512 * 1024  # below this a child's start-up (~0.3 s) costs more than it saves
 CHILD_TIMEOUT = 600.0  # seconds; a child parsing longer than this is killed
-CHILD_ARGV = [sys.executable, "-m", "authz.offload"]  # + path, cluster namespace
+CHILD_ARGV = [sys.executable, "-m", "authz.offload"]  # + path, cluster namespace, domain
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -48,6 +49,7 @@ copyreg.pickle(MappingProxyType, lambda m: (_mapping_proxy, (dict(m),)))
 
 
 def load_file(path: Path, *, cluster_namespace: str,
+              cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
               min_bytes: int | None = None) -> LoadResult:
     """`load_path(path)`, in a child process when the file is at least `min_bytes`
     (default OFFLOAD_MIN_BYTES)."""
@@ -56,14 +58,14 @@ def load_file(path: Path, *, cluster_namespace: str,
     except OSError:
         size = 0
     if size < (OFFLOAD_MIN_BYTES if min_bytes is None else min_bytes):
-        return load_path(path, cluster_namespace=cluster_namespace)
-    return _load_in_child(path, cluster_namespace)
+        return load_path(path, cluster_namespace=cluster_namespace, cluster_domain=cluster_domain)
+    return _load_in_child(path, cluster_namespace, cluster_domain)
 
 
-def _load_in_child(path: Path, cluster_namespace: str) -> LoadResult:
+def _load_in_child(path: Path, cluster_namespace: str, cluster_domain: str) -> LoadResult:
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child cannot block
         proc = subprocess.Popen(
-            [*CHILD_ARGV, str(path), cluster_namespace],
+            [*CHILD_ARGV, str(path), cluster_namespace, cluster_domain],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
         )
         expired = threading.Event()
@@ -135,8 +137,8 @@ def _failed(path: Path, why: str, detail: str) -> LoadResult:
     return LoadResult(problems=[f"{path}: cannot load: {why}{said}"], files=[path])
 
 
-def _child(path: str, cluster_namespace: str, out: IO[bytes]) -> None:
-    result = load_path(path, cluster_namespace=cluster_namespace)
+def _child(path: str, cluster_namespace: str, cluster_domain: str, out: IO[bytes]) -> None:
+    result = load_path(path, cluster_namespace=cluster_namespace, cluster_domain=cluster_domain)
     dump = pickle.Pickler(out, protocol=_PROTOCOL).dump
     for ref, outcome in result.by_ref.items():
         if isinstance(outcome, PolicyError):
@@ -155,4 +157,5 @@ if __name__ == "__main__":
     # Through the package, not __main__: pickles must name authz.offload._mapping_proxy.
     from authz.offload import _child as child
 
-    child(sys.argv[1], sys.argv[2], os.fdopen(sys.stdout.fileno(), "wb", closefd=False))
+    child(sys.argv[1], sys.argv[2], sys.argv[3],
+          os.fdopen(sys.stdout.fileno(), "wb", closefd=False))

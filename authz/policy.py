@@ -38,7 +38,10 @@ TOP_FIELDS = ("mode", "rules")
 # The cluster admin's explicit opt-in to wildcards over a public suffix in the
 # cluster tier's own allow rules (see hosts.public_suffix_problem).
 PUBLIC_SUFFIX_OPT_IN = "allowPublicSuffixWildcards"
-CLUSTER_TOP_FIELDS = ("mode", "rules", "deny", PUBLIC_SUFFIX_OPT_IN)
+# ... and to cluster-internal or special-use hosts (see hosts.internal_problem).
+INTERNAL_HOSTS_OPT_IN = "allowInternalHosts"
+OPT_INS = (PUBLIC_SUFFIX_OPT_IN, INTERNAL_HOSTS_OPT_IN)
+CLUSTER_TOP_FIELDS = ("mode", "rules", "deny", *OPT_INS)
 RULE_FIELDS = ("name", "workloads", "hosts", "ports", "protocols", "http", "expires", "owner")
 WORKLOAD_FIELDS = ("serviceAccounts", "matchLabels", "matchExpressions")
 EXPRESSION_FIELDS = ("key", "operator", "values")
@@ -337,8 +340,8 @@ def _host_problem(host: Any, e: hosts.PatternError) -> str:
     return f'"{shown(host, quote=False)}": {e}' if isinstance(host, str) else str(e)
 
 
-def _parse_rule(p: _Problems, index: int, raw: Any, *, tier: Tier, wide_ok: bool
-                ) -> Rule | None:
+def _parse_rule(p: _Problems, index: int, raw: Any, *, tier: Tier, wide_ok: bool,
+                internal_ok: bool, cluster_domain: str) -> Rule | None:
     where = f"rules[{index}]"
     if not isinstance(raw, dict):
         p.add(where, f"must be a map, not {_type_name(raw)}")
@@ -360,6 +363,10 @@ def _parse_rule(p: _Problems, index: int, raw: Any, *, tier: Tier, wide_ok: bool
     patterns: list[str] = []
     wide_hint = (f", or set {PUBLIC_SUFFIX_OPT_IN}: true in this cluster policy"
                  if tier is Tier.CLUSTER else "")
+    internal_hint = (f"set {INTERNAL_HOSTS_OPT_IN}: true in this cluster policy if it is meant"
+                     if tier is Tier.CLUSTER else
+                     f"a cluster admin can allow it in the cluster policy "
+                     f"({INTERNAL_HOSTS_OPT_IN}: true)")
     raw_hosts = raw.get("hosts")
     if raw_hosts is None:
         p.add(f"{where} hosts", "is required: the external hosts this rule allows")
@@ -377,6 +384,12 @@ def _parse_rule(p: _Problems, index: int, raw: Any, *, tier: Tier, wide_ok: bool
             loopback = hosts.loopback_problem(pattern)
             if loopback is not None:
                 p.add(f"{where} hosts[{i}]", loopback)
+                continue
+            internal = None if internal_ok else hosts.internal_problem(pattern, cluster_domain)
+            if internal is not None:
+                p.add(f"{where} hosts[{i}]", f'"{shown(host, quote=False)}" {internal}; '
+                      "through the egress gateway it would reach an internal endpoint, not "
+                      f"an external host; {internal_hint}")
                 continue
             over_wide = None if wide_ok else hosts.public_suffix_problem(pattern)
             if over_wide is not None:
@@ -414,9 +427,12 @@ def _parse_rule(p: _Problems, index: int, raw: Any, *, tier: Tier, wide_ok: bool
 
 
 def parse_policy_yaml(
-    text: str, source: ConfigMapRef, *, tier: Tier, resource_version: str = "", uid: str = ""
+    text: str, source: ConfigMapRef, *, tier: Tier, resource_version: str = "", uid: str = "",
+    cluster_domain: str = hosts.DEFAULT_CLUSTER_DOMAIN,
 ) -> NamespacePolicy:
-    """The `policy.yaml` document of one ConfigMap; raises PolicyError."""
+    """The `policy.yaml` document of one ConfigMap; raises PolicyError.
+
+    `cluster_domain` is the cluster's DNS domain: hosts under it are internal."""
     p = _Problems(str(source))
     try:
         doc = load_one(text, POLICY_LIMITS)
@@ -436,7 +452,7 @@ def parse_policy_yaml(
     cluster = tier is Tier.CLUSTER
     allowed = CLUSTER_TOP_FIELDS if cluster else TOP_FIELDS
     for key in doc:
-        if key in ("deny", PUBLIC_SUFFIX_OPT_IN) and not cluster:
+        if key in ("deny", *OPT_INS) and not cluster:
             p.add(
                 key,
                 f"{key!r} is only allowed in the cluster policy "
@@ -444,10 +460,7 @@ def parse_policy_yaml(
             )
         elif key not in allowed:
             p.add("", f"unknown field {shown(key)}; allowed: {', '.join(allowed)}")
-    wide_ok = doc.get(PUBLIC_SUFFIX_OPT_IN, False)
-    if not isinstance(wide_ok, bool):
-        p.add(PUBLIC_SUFFIX_OPT_IN, f"must be true or false, not {_type_name(wide_ok)}")
-    wide_ok = cluster and wide_ok is True
+    opted = {key: _opt_in(p, doc, key) and cluster for key in OPT_INS}
     mode_raw = doc.get("mode", Mode.ENFORCE.value)
     try:  # type first: Enum's own error would repr() the whole value
         if not isinstance(mode_raw, str):
@@ -469,7 +482,9 @@ def parse_policy_yaml(
         raw_rules = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(raw_rules):
-        rule = _parse_rule(p, i, raw, tier=tier, wide_ok=wide_ok)
+        rule = _parse_rule(p, i, raw, tier=tier, wide_ok=opted[PUBLIC_SUFFIX_OPT_IN],
+                           internal_ok=opted[INTERNAL_HOSTS_OPT_IN],
+                           cluster_domain=cluster_domain)
         name = raw.get("name") if isinstance(raw, dict) else None
         if isinstance(name, str):
             if name in seen:
@@ -507,6 +522,14 @@ def parse_policy_yaml(
     )
 
 
+def _opt_in(p: _Problems, doc: Mapping[str, Any], key: str) -> bool:
+    """A cluster admin's boolean opt-in; anything but true or false is an error."""
+    value = doc.get(key, False)
+    if not isinstance(value, bool):
+        p.add(key, f"must be true or false, not {_type_name(value)}")
+    return value is True
+
+
 def _map(value: Any) -> Mapping[str, Any]:
     """`value` if it is a map, else an empty one: manifests on disk may hold anything
     (`metadata: teamc`), and the shape is reported, not crashed on."""
@@ -529,7 +552,8 @@ def is_policy_configmap(obj: Mapping[str, Any]) -> bool:
     return labels.get(POLICY_LABEL) == "true" or labels.get(TIER_LABEL) == TIER_CLUSTER
 
 
-def parse_configmap(obj: Mapping[str, Any], *, cluster_namespace: str) -> NamespacePolicy:
+def parse_configmap(obj: Mapping[str, Any], *, cluster_namespace: str,
+                    cluster_domain: str = hosts.DEFAULT_CLUSTER_DOMAIN) -> NamespacePolicy:
     """A ConfigMap (dict, as from YAML or the API) -> NamespacePolicy; raises PolicyError."""
     meta = _map(obj.get("metadata"))
     source = configmap_ref(obj)
@@ -576,4 +600,5 @@ def parse_configmap(obj: Mapping[str, Any], *, cluster_namespace: str) -> Namesp
         tier=tier,
         resource_version=str(meta.get("resourceVersion") or ""),
         uid=str(meta.get("uid") or ""),
+        cluster_domain=cluster_domain,
     )

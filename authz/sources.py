@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .echo import shown
+from .hosts import DEFAULT_CLUSTER_DOMAIN
 from .loader import DEFAULT_CLUSTER_NAMESPACE, build_policy_set, is_policy_file_name
 from .model import ConfigMapRef, NamespacePolicy, Workload
 from .observe.metrics import METRICS, Metrics
@@ -192,6 +193,7 @@ class DirectorySource:
         path: str | os.PathLike[str],
         *,
         cluster_namespace: str = DEFAULT_CLUSTER_NAMESPACE,
+        cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
         interval: float = POLL_INTERVAL,
         settle: float | None = None,
         metrics: Metrics | None = None,
@@ -200,6 +202,7 @@ class DirectorySource:
         self.name = f"directory {self.path}"
         self.metrics = metrics or METRICS  # serve hands the process's own; tests a fresh one
         self.cluster_namespace = cluster_namespace
+        self.cluster_domain = cluster_domain
         self._poller = Poller(self.path, self.reload, interval, settle)
         self._files: dict[str, _FileState] = {}
         self._published: list[NamespacePolicy] | None = None
@@ -287,7 +290,8 @@ class DirectorySource:
         state.key = key  # unchanged, it would give the same problems again
         try:
             # big files are parsed in another process
-            result = load_file(f, cluster_namespace=self.cluster_namespace)
+            result = load_file(f, cluster_namespace=self.cluster_namespace,
+                               cluster_domain=self.cluster_domain)
         except Exception as e:  # one surprising file must not stop the others
             log.exception("loading %s failed", f)
             state.good = dict(previous.good)

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ..hosts import DEFAULT_CLUSTER_DOMAIN, PatternError, parse_cluster_domain
 from ..loader import DEFAULT_CLUSTER_NAMESPACE, LoadResult, load_path
 from .exits import UsageError
 
@@ -19,6 +20,25 @@ def add_cluster_namespace(p: argparse.ArgumentParser) -> None:
         metavar="NS",
         help="namespace whose ConfigMap labelled egress-authz.io/tier=cluster is the cluster "
         f"policy (default {DEFAULT_CLUSTER_NAMESPACE})",
+    )
+
+
+def cluster_domain_arg(text: str) -> str:
+    """argparse type of --cluster-domain: a DNS name, canonical."""
+    try:
+        return parse_cluster_domain(text)
+    except PatternError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from e
+
+
+def add_cluster_domain(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cluster-domain",
+        type=cluster_domain_arg,
+        default=DEFAULT_CLUSTER_DOMAIN,
+        metavar="DOMAIN",
+        help="the cluster's DNS domain: namespace policies may not allow hosts under it "
+        f"(default {DEFAULT_CLUSTER_DOMAIN})",
     )
 
 
@@ -76,12 +96,13 @@ def parse_host_arg(flag: str, text: str) -> HostArg:
     return HostArg(text)
 
 
-def load_or_report(path: str, cluster_namespace: str) -> LoadResult | None:
+def load_or_report(path: str, cluster_namespace: str,
+                   cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> LoadResult | None:
     """Load policies; print problems to stderr and return None if there are any.
 
     A path that does not exist is a usage error (exit 2 like policy errors,
     but said as such)."""
-    result = load_path(path, cluster_namespace=cluster_namespace)
+    result = load_path(path, cluster_namespace=cluster_namespace, cluster_domain=cluster_domain)
     if not result.files and not _exists(path):
         raise UsageError(f"{path}: no such file or directory")
     for warning in result.warnings:

@@ -13,7 +13,13 @@ from typing import Any
 
 from ..model import Decision, Destination, Identity, NamespacePolicy, Protocol, Workload
 from . import exits
-from ._common import add_cluster_namespace, add_output, load_or_report, parse_host_arg
+from ._common import (
+    add_cluster_domain,
+    add_cluster_namespace,
+    add_output,
+    load_or_report,
+    parse_host_arg,
+)
 from .exits import UsageError
 
 EXIT_ALLOWED, EXIT_DENIED, EXIT_ERROR = exits.OK, exits.NO, exits.USAGE
@@ -68,6 +74,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--trust-domain", default="cluster.local", metavar="D")
     add_output(p, "text", "json")
     add_cluster_namespace(p)
+    add_cluster_domain(p)
     p.set_defaults(run=run)
 
 
@@ -132,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     target = parse_host_arg("--host", args.host)
     if target.port is not None and args.port is not None and target.port != args.port:
         raise UsageError(f"--port {args.port} contradicts the port of --host {args.host}")
-    loaded = load_or_report(args.policies, args.cluster_namespace)
+    loaded = load_or_report(args.policies, args.cluster_namespace, args.cluster_domain)
     if loaded is None:
         return EXIT_ERROR
     from ..engine import compile_policy, decide, parse_principal

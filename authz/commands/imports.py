@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from . import exits
-from ._common import add_cluster_namespace, add_output
+from ._common import add_cluster_domain, add_cluster_namespace, add_output
 
 EXIT_EXACT = exits.OK
 EXIT_LOSSY = exits.NO  # something was narrowed or not translated: read the report
@@ -49,6 +49,7 @@ def add_parser(sub: Any) -> None:
         help="write this mode into the namespace policies (audit: roll out without breaking)",
     )
     add_cluster_namespace(p)
+    add_cluster_domain(p)
     p.add_argument("--quiet", "-q", action="store_true", help="print only the summary on stderr")
     p.set_defaults(run=run)
 
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         origin=", ".join(args.paths),
         cluster_namespace=args.cluster_namespace,
         mode=args.mode,
+        cluster_domain=args.cluster_domain,
     )
     if result.configmaps:
         print(render(result, args.output))

@@ -18,7 +18,7 @@ from ..hosts import HostError, normalize
 from ..loader import LoadResult, build_policy_set, load_path
 from ..model import Tier
 from . import exits
-from ._common import add_cluster_namespace, add_output, parse_host_arg
+from ._common import add_cluster_domain, add_cluster_namespace, add_output, parse_host_arg
 from .exits import UsageError
 
 
@@ -43,6 +43,7 @@ def add_parser(sub: Any) -> None:
     )
     add_output(p, "text", "json")
     add_cluster_namespace(p)
+    add_cluster_domain(p)
     p.set_defaults(run=run)
 
 
@@ -119,7 +120,8 @@ def _explain(result: LoadResult, name: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = load_path(args.path, cluster_namespace=args.cluster_namespace)
+    result = load_path(args.path, cluster_namespace=args.cluster_namespace,
+                       cluster_domain=args.cluster_domain)
     if not result.files and result.problems:
         raise UsageError("; ".join(result.problems))
     explained = _explain(result, args.explain) if args.explain else None

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from . import exits
-from ._common import add_cluster_namespace, add_output, load_or_report
+from ._common import add_cluster_domain, add_cluster_namespace, add_output, load_or_report
 
 
 def _selector(text: str) -> dict[str, str]:
@@ -44,6 +44,7 @@ def add_parser(sub: Any) -> None:
                    help="labels of the egress gateway pods (default: %(default)s)")
     add_output(p, "yaml", "json")
     add_cluster_namespace(p)
+    add_cluster_domain(p)
     p.set_defaults(run=run)
 
 
@@ -53,12 +54,13 @@ def run(args: argparse.Namespace) -> int:
     from ..loader import build_policy_set
     from ..render import RenderOptions, render
 
-    result = load_or_report(args.policies, args.cluster_namespace)
+    result = load_or_report(args.policies, args.cluster_namespace, args.cluster_domain)
     if result is None:
         return exits.USAGE  # policy errors, printed
     options = RenderOptions(gateway_namespace=args.gateway_namespace,
                             gateway_service=args.gateway_service, gateway_name=args.gateway_name,
-                            gateway_selector=args.gateway_selector)
+                            gateway_selector=args.gateway_selector,
+                            cluster_domain=args.cluster_domain)
     objects = render(build_policy_set(result.policies), options)
     if args.output == "json":
         import json

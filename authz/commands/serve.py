@@ -35,6 +35,7 @@ DEFAULT_GRPC_ADDRESS = "127.0.0.1:9000"
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1:9090"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_CLUSTER_NAMESPACE = "egress-authz"  # authz.loader.DEFAULT_CLUSTER_NAMESPACE
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"  # authz.hosts.DEFAULT_CLUSTER_DOMAIN
 EXIT_USAGE = 2
 
 
@@ -70,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cluster-namespace", default=DEFAULT_CLUSTER_NAMESPACE, metavar="NS",
         help="namespace whose ConfigMaps labelled egress-authz.io/tier=cluster form the "
         "cluster tier (default: %(default)s)",
+    )
+    src.add_argument(
+        "--cluster-domain", type=_cluster_domain, default=DEFAULT_CLUSTER_DOMAIN,
+        metavar="DOMAIN",
+        help="the cluster's DNS domain: namespace policies may not allow hosts under it; "
+        "with --kube also the domain of the gateway Service's name (default: %(default)s)",
     )
     src.add_argument(
         "--trust-domain", default=DEFAULT_TRUST_DOMAIN,
@@ -170,6 +177,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_kube_arguments(p)
 
 
+def _cluster_domain(text: str) -> str:
+    from authz.hosts import PatternError, parse_cluster_domain
+
+    try:
+        return parse_cluster_domain(text)
+    except PatternError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from e
+
+
 def _ratio(text: str) -> float:
     r = float(text)
     if not 0.0 <= r <= 1.0:
@@ -234,7 +250,8 @@ def build_policy_sources(
     if args.policies:
         sources.append(
             DirectorySource(
-                args.policies, cluster_namespace=args.cluster_namespace, metrics=METRICS
+                args.policies, cluster_namespace=args.cluster_namespace,
+                cluster_domain=args.cluster_domain, metrics=METRICS,
             )
         )
     if getattr(args, "kube", False):

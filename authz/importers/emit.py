@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ..hosts import DEFAULT_CLUSTER_DOMAIN
 from ..loader import LoadResult, load_objects
 from ..model import POLICY_DATA_KEY, POLICY_LABEL, TIER_CLUSTER, TIER_LABEL, ConfigMapRef, Tier
 from ..policy import PolicyError, parse_policy_yaml
@@ -55,9 +56,10 @@ class ImportResult:
         return out
 
 
-def _problem(text: str, where: ConfigMapRef, tier: Tier) -> str | None:
+def _problem(text: str, where: ConfigMapRef, tier: Tier,
+             cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str | None:
     try:
-        parse_policy_yaml(text, where, tier=tier)
+        parse_policy_yaml(text, where, tier=tier, cluster_domain=cluster_domain)
     except PolicyError as e:
         return "; ".join(p.split(": ", 1)[-1] for p in e.problems)
     return None
@@ -76,18 +78,18 @@ def _rule_dict(rule: DraftRule, hosts: list[str], name: str) -> dict[str, Any]:
     return out
 
 
-def _host_problem(raw: str, where: ConfigMapRef, tier: Tier) -> str | None:
+def _host_problem(raw: str, where: ConfigMapRef, tier: Tier, cluster_domain: str) -> str | None:
     pattern = canonical(raw) or raw
     if wildcard_over_tld(pattern):
         return f"{pattern} would allow a whole top-level domain"
     if "." not in pattern:
         return f"{pattern} is a single label (a top-level domain), not a host"
     one = yaml.safe_dump({"rules": [{"name": "check", "hosts": [pattern], "ports": [443]}]})
-    problem = _problem(one, where, tier)
+    problem = _problem(one, where, tier, cluster_domain)
     return f"not valid in egress-authz: {problem}" if problem else None
 
 
-def _validate_rule(rule: DraftRule, cluster_namespace: str) -> None:
+def _validate_rule(rule: DraftRule, cluster_namespace: str, cluster_domain: str) -> None:
     """Move every host the parser refuses into `rule.dropped`; refuse the rule if need be."""
     tier = Tier.CLUSTER if rule.namespace == CLUSTER else Tier.NAMESPACE
     where = ConfigMapRef(rule.namespace or cluster_namespace, rule.configmap)
@@ -95,7 +97,7 @@ def _validate_rule(rule: DraftRule, cluster_namespace: str) -> None:
         for raw in rule.hosts:
             rule.dropped.setdefault(raw, f"namespace {shown(rule.namespace)} is not a valid name")
         return
-    problems = {raw: _host_problem(raw, where, tier) for raw in rule.hosts}
+    problems = {raw: _host_problem(raw, where, tier, cluster_domain) for raw in rule.hosts}
     for raw, problem in problems.items():
         if problem and raw not in rule.dropped:
             rule.dropped[raw] = problem
@@ -107,7 +109,8 @@ def _validate_rule(rule: DraftRule, cluster_namespace: str) -> None:
     seen = list(dict.fromkeys(canonical(r) or r for r in rule.hosts if r not in rule.dropped))
     if not seen:
         return
-    problem = _problem(yaml.safe_dump({"rules": [_rule_dict(rule, seen, "check")]}), where, tier)
+    problem = _problem(yaml.safe_dump({"rules": [_rule_dict(rule, seen, "check")]}), where, tier,
+                       cluster_domain)
     if problem:
         for raw in rule.hosts:
             rule.dropped.setdefault(raw, f"the rule is not valid in egress-authz: {problem}")
@@ -164,6 +167,7 @@ def build(
     origin: str,
     cluster_namespace: str,
     mode: str | None = None,
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
 ) -> ImportResult:
     """Validate the drafts and lay them out as ConfigMaps, one per (namespace, name)."""
     refused = []
@@ -171,7 +175,7 @@ def build(
         refused.extend(_validate_deny(deny, cluster_namespace))
     narrow_by_denials(translation, [*translation.unexpressed_denials, *refused])
     for rule in translation.rules:
-        _validate_rule(rule, cluster_namespace)
+        _validate_rule(rule, cluster_namespace, cluster_domain)
 
     groups: dict[tuple[str, str], list[DraftRule | DraftDeny]] = defaultdict(list)
     for rule in translation.rules:
@@ -253,7 +257,8 @@ def build(
         )
     # The same check `lint` runs: anything we write must load.
     check = LoadResult()
-    load_objects(result.configmaps, "import", check, cluster_namespace=cluster_namespace)
+    load_objects(result.configmaps, "import", check, cluster_namespace=cluster_namespace,
+                 cluster_domain=cluster_domain)
     if check.problems:  # a bug here, never the user's input: fail loudly
         raise RuntimeError("imported policy does not validate: " + "; ".join(check.problems))
     return result

@@ -69,14 +69,17 @@ class KubeController:
                   metrics: Metrics | None = None) -> KubeController:
         ns = args.namespace or service_namespace()
         api = KubeApi(k8s_client(args.kubeconfig), service_ns=ns)
+        domain = getattr(args, "cluster_domain", None) or RenderOptions.cluster_domain
         return cls(api, index,
                    settings=KubeSettings(service_namespace=ns,
-                                         namespace_selector=args.namespace_selector),
+                                         namespace_selector=args.namespace_selector,
+                                         cluster_domain=domain),
                    options=RenderOptions(
                        gateway_namespace=args.gateway_namespace,
                        gateway_service=getattr(args, "gateway_service", None)
                        or RenderOptions.gateway_service,
-                       gateway_selector=parse_selector(args.gateway_selector)),
+                       gateway_selector=parse_selector(args.gateway_selector),
+                       cluster_domain=domain),
                    write=not args.no_write, ports=ports,
                    gateway_service=None if getattr(args, "gateway_port_map", None)
                    else getattr(args, "gateway_service", None),

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..hosts import DEFAULT_CLUSTER_DOMAIN
 from ..loader import build_policy_set
 from ..model import POLICY_LABEL, TIER_CLUSTER, TIER_LABEL, ConfigMapRef, NamespacePolicy
 from ..observe.metrics import Metrics
@@ -56,6 +57,8 @@ class KubeSettings:
     """Changes within this many seconds are compiled into one snapshot."""
     events: EventSettings = field(default_factory=EventSettings)
     """How Events on policy ConfigMaps are aggregated and paced (authz.kube.events)."""
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+    """The cluster's DNS domain: namespace policies may not name hosts under it."""
 
 
 class KubePolicySource:
@@ -185,7 +188,8 @@ class KubePolicySource:
                 continue
             self._parsed[ref] = rv
             try:
-                policy = parse_configmap(obj, cluster_namespace=self.settings.service_namespace)
+                policy = parse_configmap(obj, cluster_namespace=self.settings.service_namespace,
+                                         cluster_domain=self.settings.cluster_domain)
                 self._within_namespace_cap(ref, policy)
             except PolicyError as e:
                 self.metrics.policy_errors.labels("kubernetes").inc()
