@@ -383,6 +383,8 @@ class TestDeployment:
             "0.0.0.0:9090",
             "--trust-domain",
             "cluster.local",
+            "--cluster-domain",
+            "cluster.local",
             "--namespace",
             "platform-egress",
             "--gateway-namespace",
@@ -435,6 +437,17 @@ class TestDeployment:
         assert args[args.index("--gateway-service") + 1] == "egress-gw"
         with pytest.raises(helm.HelmError, match="gatewayPortMap"):
             chart.render(values={"gatewayPortMap": "8443=443"}, name=RELEASE, namespace=NAMESPACE)
+
+    def test_cluster_domain(self, chart: helm.Chart) -> None:
+        """clusterDomain becomes `--cluster-domain`, which serve parses; the schema
+        refuses a value that is no domain before anything is applied."""
+        args = container(render(chart, {"clusterDomain": "k8s.corp.example"}))["args"]
+        assert args[args.index("--cluster-domain") + 1] == "k8s.corp.example"
+        from authz import cli
+
+        assert cli.build_parser().parse_args(args).cluster_domain == "k8s.corp.example"
+        with pytest.raises(helm.HelmError, match="clusterDomain"):
+            chart.render(values={"clusterDomain": "*.example"}, name=RELEASE, namespace=NAMESPACE)
 
     def test_unknown_workloads_opt_out(self, chart: helm.Chart) -> None:
         """unknownWorkloads: allow becomes `--unknown-workloads allow`, which serve parses;
