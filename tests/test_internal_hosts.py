@@ -351,6 +351,21 @@ class TestCommands:
         assert not judge.allows("kubernetes.default.svc.cluster.local", 443)
         lint_output(result, tmp_path, capsys)
 
+    def test_suggest_leaves_internal_hosts_out(self) -> None:
+        """`suggest` never proposes a rule the parser would refuse: internal hosts a
+        namespace was denied are listed in a comment instead, even where two share a
+        parent that --wildcards would fold; the suggestion loads."""
+        from tests.test_suggest import seen, suggested
+
+        decisions = [seen("cart", h, 443, "TLS") for h in (
+            "api.kadath.io", "metadata.google.internal", "a.db.corp", "b.db.corp",
+            "db.shop.svc.k8s.example.net")]
+        text, result = suggested(decisions, wildcards=True, cluster_domain="k8s.example.net")
+        (policy,) = result.policies
+        assert [r.hosts for r in policy.rules] == [("api.kadath.io",)]
+        for host in ("metadata.google.internal", "a.db.corp", "db.shop.svc.k8s.example.net"):
+            assert f"allowInternalHosts): 1 x {host}" in text
+
 
 def test_serve_kube_refuses_and_denies(emu: KubeEmulator, tmp_path: Path) -> None:
     """The shipped command (`serve --kube --cluster-domain`) on the emulator: the owner's

@@ -3,8 +3,8 @@
 For a team rolling out audit mode: run the namespace in `mode: audit`, let
 traffic flow, then turn the recorded deny and audit verdicts into a policy
 ConfigMap to review and apply. Denials no namespace policy can lift (cluster
-deny, IP literals, untrusted identities...) are listed in a comment, never
-turned into rules.
+deny, IP literals, untrusted identities...) and internal hosts no namespace
+policy may name are listed in a comment, never turned into rules.
 
 The suggestion never widens: every rule is a cross product (hosts x ports x
 protocol x methods x exact paths) of which every combination was observed, so
@@ -22,9 +22,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
-from ..hosts import public_suffix_problem
+from ..hosts import DEFAULT_CLUSTER_DOMAIN, internal_problem, public_suffix_problem
 from ..paths import normalize_path
-from ._common import add_output
+from ._common import add_cluster_domain, add_output
 from .traces import EXIT_ERROR, EXIT_OK, add_server_argument
 
 # Reasons a rule in the namespace's own policy can turn into an allow.
@@ -69,6 +69,7 @@ def add_parser(subparsers: Any) -> None:
         help=f"name of the ConfigMap to print (default {DEFAULT_NAME})",
     )
     add_output(p, "yaml", "json")
+    add_cluster_domain(p)
     from .replicas import add_kube_arguments
 
     add_kube_arguments(p)
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_OK
-    text = suggest_configmap(found, args.namespace, name=args.name, wildcards=args.wildcards)
+    text = suggest_configmap(found, args.namespace, name=args.name, wildcards=args.wildcards,
+                             cluster_domain=args.cluster_domain)
     if getattr(args, "output", "yaml") == "json":
         import yaml
 
@@ -233,13 +235,18 @@ def _common_labels(label_sets: list[Mapping[str, str]]) -> dict[str, str]:
 
 
 def suggest_configmap(
-    decisions: Sequence[Mapping[str, Any]], namespace: str, *, name: str, wildcards: bool = False
+    decisions: Sequence[Mapping[str, Any]], namespace: str, *, name: str, wildcards: bool = False,
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
 ) -> str:
-    usable = [d for d in decisions if d.get("reason") in FIXABLE and d.get("host")]
+    fixable = [d for d in decisions if d.get("reason") in FIXABLE and d.get("host")]
+    # The policy parser refuses these in a namespace policy (SSRF through the gateway).
+    internal = Counter(str(d["host"]) for d in fixable
+                       if internal_problem(str(d["host"]), cluster_domain) is not None)
+    usable = [d for d in fixable if str(d["host"]) not in internal]
     skipped = Counter(
         (str(d.get("reason")), str(d.get("host") or d.get("sni") or "?"))
         for d in decisions
-        if d not in usable
+        if d not in fixable
     )
     # account -> (host, protocol, port) -> what was asked there: for HTTP the
     # (method, path) pairs, for TLS nothing more (the gateway sees no more).
@@ -286,6 +293,9 @@ def suggest_configmap(
         )
     for (reason, host), n in sorted(skipped.items()):
         head.append(f"# Left out, no namespace policy can allow it: {n} x {reason} ({host})")
+    for host, n in sorted(internal.items()):
+        head.append(f"# Left out, an internal host no namespace policy may name (the cluster "
+                    f"policy can, with allowInternalHosts): {n} x {host}")
     for what, n in sorted(unmatchable.items()):
         head.append(f"# Left out, a path no rule can name (escapes): {n} x {what}")
 
