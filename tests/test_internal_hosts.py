@@ -263,6 +263,19 @@ def test_edit_adding_internal_hosts_is_reported_and_last_good_stays(
     assert world.decide("kubernetes.default.svc.cluster.local") is Reason.HOST_NOT_ALLOWED
 
 
+def test_offloaded_parse_uses_the_cluster_domain(tmp_path: Path) -> None:
+    """A large policy file is parsed in a child process (authz.offload): the child
+    refuses hosts under the configured cluster domain too."""
+    from authz.offload import load_file
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(policy_cm("shop", "p", [rule("r", "db.shop.svc.k8s.example")])))
+    assert load_file(path, cluster_namespace=SVC_NS, min_bytes=0).problems == []
+    result = load_file(path, cluster_namespace=SVC_NS, cluster_domain="k8s.example", min_bytes=0)
+    (problem,) = result.problems
+    assert "cluster DNS domain k8s.example" in problem
+
+
 # --- The commands -----------------------------------------------------------------
 
 
