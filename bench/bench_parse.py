@@ -41,7 +41,7 @@ from authz.envoy.response import HTTP_FILTER, build_check_response
 from authz.envoy.server import CheckService
 from authz.model import Reason
 from authz.observe.decisionlog import log_line, trace_id_of
-from authz.observe.metrics import CHECK_SECONDS, CHECKS
+from authz.observe.metrics import METRICS
 from authz.observe.recorder import DecisionRecorder, TracingSettings
 from authz.records import DecisionRecord
 from authz.sources import DirectorySource
@@ -100,8 +100,9 @@ def recorded_request() -> bytes:
 
 def count_and_observe(rec: DecisionRecord) -> None:
     """The two metric updates record() makes per Check."""
-    CHECKS.labels(rec.decision.verdict, rec.decision.reason, rec.decision.namespace).inc()
-    CHECK_SECONDS.observe(rec.duration_ns / 1e9)
+    METRICS.checks.labels(rec.decision.verdict, rec.decision.reason,
+                          rec.decision.namespace).inc()
+    METRICS.check_seconds.observe(rec.duration_ns / 1e9)
 
 
 def recorded_record(store: PolicyStore, data: bytes) -> DecisionRecord:

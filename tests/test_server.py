@@ -26,6 +26,8 @@ from authz.envoy.server import (
     ServerSettings,
     ThreadedAuthzServer,
 )
+from authz.observe.metrics import Metrics
+from authz.observe.recorder import DecisionRecorder, TracingSettings
 from authz.records import DecisionRecord
 from authz.sources import DirectorySource, WorkloadFileSource
 from authz.store import PolicyStore
@@ -257,28 +259,76 @@ class TestCheck:
         assert rec.duration_ns > 0
 
 
+class _SlowDecisionRecorder(DecisionRecorder):
+    """The recorder `serve` uses, with 0.5 s of work in each record()."""
+
+    def record(self, record: DecisionRecord) -> None:
+        time.sleep(0.5)
+        super().record(record)
+
+
 class TestRecordAfterAnswer:
-    def test_a_slow_recorder_does_not_delay_the_answer(self, policies: Path) -> None:
-        """The record is handed over after the answer has left: a recorder that takes
-        0.5 s per record does not hold back the Check it records (inline, it would)."""
+    @MODELS
+    def test_a_slow_recorder_does_not_delay_the_answer(self, policies: Path, model) -> None:
+        """The record is handed over (submit) and recorded on the recorder's own
+        thread: a record() that takes 0.5 s does not hold back the Check it
+        records; recording before answering (record_after_answer=False) would."""
         store = PolicyStore()
         DirectorySource(policies).start(store, on_error=pytest.fail)
         for after, slow in ((True, False), (False, True)):
-            recorder = Recording(delay=0.5)
-            server = AuthzServer(store, recorder=recorder, settings=ServerSettings(
+            recorder = _SlowDecisionRecorder(
+                TracingSettings(decision_log=False, flush_interval=0.01), metrics=Metrics()
+            ).start()
+            server = model(store, recorder=recorder, settings=ServerSettings(
                 address="127.0.0.1:0", record_after_answer=after))
             client = Client(server.start())
             try:
                 client.check(check_request())  # connect, and the first record's 0.5 s
-                wait_for(lambda r=recorder: len(r.records) == 1, timeout=5)
+                wait_for(lambda r=recorder: len(r.ring) == 1, timeout=5)
                 t0 = time.monotonic()
                 assert client.check(check_request()).status.code == 0
                 took = time.monotonic() - t0
                 assert (took >= 0.5) is slow, (after, took)
-                wait_for(lambda r=recorder: len(r.records) == 2, timeout=5)
+                wait_for(lambda r=recorder: len(r.ring) == 2, timeout=5)
             finally:
                 client.close()
                 server.stop(0)
+                recorder.close()
+
+    @MODELS
+    def test_submitted_records_reach_the_ring_metrics_and_log(
+        self, policies: Path, model
+    ) -> None:
+        """Every Check answered is recorded by the intake thread: counted once, in
+        the ring once, one log line each, in the order answered."""
+        import io
+
+        store = PolicyStore()
+        DirectorySource(policies).start(store, on_error=pytest.fail)
+        out, metrics = io.StringIO(), Metrics()
+        recorder = DecisionRecorder(
+            TracingSettings(flush_interval=0.01), log_stream=out, metrics=metrics
+        ).start()
+        server = model(store, recorder=recorder,
+                       settings=ServerSettings(address="127.0.0.1:0"))
+        client = Client(server.start())
+        try:
+            for _ in range(50):
+                client.check(check_request())
+            client.check(check_request(host="evil.example", sni=None))
+            wait_for(lambda: len(recorder.ring) == 51, timeout=5)
+            assert recorder.flush()
+        finally:
+            client.close()
+            server.stop(0)
+            recorder.close()
+        allowed = {"verdict": "allow", "reason": "allowed", "namespace": "shop"}
+        assert metrics.value("egress_authz_checks_total", allowed) == 50
+        assert metrics.value("egress_authz_check_duration_seconds_count") == 51
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [line["reason"] for line in lines] == ["allowed"] * 50 + ["host-not-allowed"]
+        assert [r.decision.decision_id for r in recorder.ring.snapshot()] == [
+            line["decision_id"] for line in lines]
 
 
 class TestUnknownWorkloadsOptOut:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -71,10 +72,22 @@ class Service:
     channel: grpc.Channel
 
     def check(self, **kw: Any) -> str:
-        """Send one Check; return the decision id Envoy would be given."""
+        """Send one Check; return the decision id Envoy would be given, once the
+        admin endpoint has the decision (recorded in batches, within ~50 ms)."""
         raw = self.channel.unary_unary(CHECK_METHOD)(check_request(**kw), timeout=10)
         fields = CheckResponse.FromString(raw).dynamic_metadata.fields
-        return str(fields["decision_id"].string_value)
+        decision_id = str(fields["decision_id"].string_value)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(
+                    f"{self.admin_url}/v1/decisions/{decision_id}", timeout=5
+                ):
+                    return decision_id
+            except urllib.error.HTTPError as e:
+                if e.code != 404 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -9,11 +9,14 @@ recorder.
 Two serving models, chosen with `serve --server-model`:
 
 - `ThreadedAuthzServer` (the default): grpcio's threaded server, a pool of
-  a few threads, recording inline before the answer.
+  a few threads.
 - `AuthzServer`: `grpc.aio` on one event loop in a thread of its own; the
   `async def` handler answers on the loop with no hand-over to a worker
-  thread, and the record is handed to the recorder with `call_soon`, after
-  the answer has started on its way.
+  thread.
+
+In both, the Check's record is handed to the recorder with `submit()` (an
+append to its inbox) and recorded in batches by the recorder's own thread
+(authz/observe/recorder.py).
 
 Which one gives more depends on the traffic and how busy the cores are:
 under h2load on idle cores the aio floor answers ~1.7x the threaded one,
@@ -67,8 +70,9 @@ class ServerSettings:
     max_receive_bytes: int = MAX_REQUEST_BYTES + 1024
     """gRPC refuses larger messages before we read them (RESOURCE_EXHAUSTED)."""
     record_after_answer: bool = True
-    """Hand each DecisionRecord to the recorder in the event loop's next turn,
-    once the answer is on its way, instead of before returning it (aio only)."""
+    """Hand each DecisionRecord to the recorder's `submit()` (recorded later, in
+    batches, off the Check path) instead of recording it before answering
+    (False: tests that need a Check held in flight by a slow recorder)."""
     threads: int = 4
     """ThreadedAuthzServer only: threads answering Checks. A Check holds the GIL
     nearly all the time, so more threads add contention, not throughput."""
@@ -96,6 +100,8 @@ class CheckService:
             workloads.lookup if workloads is not None else None, unknown_workloads
         )
         self.recorder: Recorder = recorder or NullRecorder()
+        # The recorder's cheap hand-off when it has one (DecisionRecorder.submit).
+        self.submit = getattr(self.recorder, "submit", self.recorder.record)
         self.ports = ports
 
     def answer(self, data: bytes) -> tuple[bytes, DecisionRecord]:
@@ -141,7 +147,13 @@ class CheckService:
         return response, record
 
     def check(self, data: bytes, context: Any = None) -> bytes:
-        """answer() and record it at once: for callers without an event loop."""
+        """answer() and hand its record over (submit): the threaded server's handler."""
+        response, record = self.answer(data)
+        self.submit(record)
+        return response
+
+    def check_recording_first(self, data: bytes, context: Any = None) -> bytes:
+        """answer() and record() before returning (record_after_answer=False)."""
         response, record = self.answer(data)
         self.recorder.record(record)
         return response
@@ -152,15 +164,14 @@ def check_handler(service: CheckService, *, record_after_answer: bool = True
     """Authorization/Check on raw bytes (no (de)serializer on either side),
     answered on the server's event loop.
 
-    With `record_after_answer` the record is scheduled with `call_soon`: it
-    runs in the loop's next turn, after grpc has handed the answer to its
-    C core (its send batch starts before the handler's coroutine yields)."""
-    answer, recorder = service.answer, service.recorder
+    With `record_after_answer` the record goes to the recorder's inbox
+    (`submit`), else it is recorded before the answer is returned."""
+    answer, recorder, submit = service.answer, service.recorder, service.submit
 
     if record_after_answer:
         async def check(data: bytes, context: Any) -> bytes:
             response, record = answer(data)
-            asyncio.get_running_loop().call_soon(recorder.record, record)
+            submit(record)
             return response
     else:
         async def check(data: bytes, context: Any) -> bytes:
@@ -359,8 +370,7 @@ class AuthzServer(_ServerBase):
 
 class ThreadedAuthzServer(_ServerBase):
     """The same service on grpcio's threaded server (`serve --server-model threads`,
-    the default): a pool of `settings.threads` threads, recording inline before
-    the answer.
+    the default): a pool of `settings.threads` threads.
 
     Kept beside the aio server because the better of the two depends on how
     busy the cores are (docs/benchmarks.md, "Serving model (issue 14)").
@@ -394,7 +404,9 @@ class ThreadedAuthzServer(_ServerBase):
             futures.ThreadPoolExecutor(max_workers=s.threads, thread_name_prefix="check"),
             handlers=[grpc.method_handlers_generic_handler(
                 SERVICE_NAME,
-                {"Check": grpc.unary_unary_rpc_method_handler(self.service.check)},
+                {"Check": grpc.unary_unary_rpc_method_handler(
+                    self.service.check if s.record_after_answer
+                    else self.service.check_recording_first)},
             )],
             options=options,
         )

@@ -1,21 +1,26 @@
 """Recording of decisions, after the answer and off the Check path.
 
-The gRPC server hands each DecisionRecord to `DecisionRecorder.record()`,
-which does only cheap, bounded work inline (metrics, the ring buffer the
-admin endpoint reads, the decision-log line rendered by one f-string, one
-append to a bounded queue). One background thread then explains denials,
-writes the JSON-lines decision log and hands kept decisions to a span sink
-(authz/observe/spans.py: OpenTelemetry, configured by the standard OTEL_* variables).
-Full queues drop and count in `egress_authz_trace_records_dropped_total`;
-nothing here waits for a reader or a collector.
+The gRPC server hands each DecisionRecord to `DecisionRecorder.submit()`,
+which appends it to an inbox (a deque append: the only recording work on the
+Check path). Two background threads take it from there:
 
-Why the line is rendered inline: rendering it on the background thread cost
-the same few microseconds plus, per record, a GIL hand-over between that
-thread and the gRPC threads (futex wake-ups, context switches, and a gRPC
-thread back from I/O waiting for the GIL): ~50 µs of CPU per Check on top of
-the rendering, measured (docs/benchmarks.md, "Service"). Inline, the
-background thread wakes every `flush_interval`, takes whole batches and
-spends its time in write(2), with the GIL released.
+- the intake thread wakes every `flush_interval`, takes the whole inbox and
+  runs `record()` on each record in one warm pass: bounding, metrics (added
+  up per batch), the ring buffer the admin endpoint reads, the decision-log
+  line, one append to the bounded log/span queue (fair shares per source);
+- the log thread explains denials, writes the JSON-lines decision log and
+  hands kept decisions to a span sink (authz/observe/spans.py:
+  OpenTelemetry, configured by the standard OTEL_* variables).
+
+Why hand over whole batches: the same `record()` that costs ~7 µs in a loop
+cost the event loop ~40 µs per Check when run between two answers (its code
+and data cold after grpcio's own), and a hand-over per record costs a GIL
+switch and futex wake-ups (~50 µs of CPU per Check, measured in the
+threaded server): docs/benchmarks.md, "Recording off the Check path". The
+threads wake on a timer, never per record. The intake thread does no I/O,
+so a stalled stdout or collector never stops metrics or the ring. Full
+queues drop and count in `egress_authz_trace_records_dropped_total`;
+nothing here waits for a reader or a collector.
 """
 
 from __future__ import annotations
@@ -134,13 +139,32 @@ class DecisionRecorder:
         self._queued_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # submit()'s inbox, emptied whole by the intake thread every flush_interval.
+        # Bounded as a memory safety valve only: the intake does no I/O, so it
+        # falls behind only when the process is starved of CPU for seconds.
+        self._inbox: collections.deque[DecisionRecord] = collections.deque()
+        self._inbox_size = max(self.settings.queue_size, 10_000)
+        self._intake_stop = threading.Event()
+        self._intake_thread: threading.Thread | None = None
         # Under --workers: hands each drained batch to the supervisor's ring
         # (authz.pooled.RecordForwarder), after explaining, never waiting.
         self.forward: Callable[[Sequence[DecisionRecord]], None] | None = None
 
     # -- the Check path ----------------------------------------------------
 
+    def submit(self, record: DecisionRecord) -> None:
+        """Take `record` for recording soon (by the intake thread, `record()`);
+        the Check path's whole share of recording. Never waits, never raises."""
+        inbox = self._inbox
+        if len(inbox) < self._inbox_size:
+            inbox.append(record)
+        else:
+            self._dropped.labels("intake").inc()
+
+    # -- the intake thread (or a caller without threads) ------------------
+
     def record(self, record: DecisionRecord) -> None:
+        """Bound, count, keep in the ring and queue for the log thread, now."""
         try:
             # Before anything is stored, counted or logged: every field a caller
             # controls is cut to its cap and query values are dropped.
@@ -195,6 +219,11 @@ class DecisionRecorder:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> DecisionRecorder:
+        if self._intake_thread is None:
+            self._intake_thread = threading.Thread(
+                target=self._intake_run, name="egress-authz-intake", daemon=True
+            )
+            self._intake_thread.start()
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name="egress-authz-recorder", daemon=True
@@ -207,6 +236,11 @@ class DecisionRecorder:
 
         `timeout` bounds the drain; the span sink has its own (a child
         exporter gets spans.FLUSH_TIMEOUT to send what it holds)."""
+        self._intake_stop.set()
+        if self._intake_thread is not None:
+            self._intake_thread.join(timeout)
+            self._intake_thread = None
+        self._intake()  # whatever came after the thread's last pass
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -219,6 +253,11 @@ class DecisionRecorder:
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued so far is logged and its spans exported (tests)."""
         deadline = time.monotonic() + timeout
+        if self._intake_thread is None:
+            self._intake()
+        while self._inbox and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(self.settings.flush_interval * 2)  # the intake batch in hand
         if self._thread is None:
             self._drain()
         while self._pending and time.monotonic() < deadline:
@@ -231,6 +270,34 @@ class DecisionRecorder:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    # -- the intake thread ---------------------------------------------------
+
+    def _intake_run(self) -> None:
+        while not self._intake_stop.wait(self.settings.flush_interval):
+            self._intake()
+
+    def _intake(self) -> None:
+        """record() every record submitted so far, oldest first, in one pass.
+
+        The GIL is handed over every half millisecond of work (as in _drain),
+        so that a Check waiting for it does not sit out the interpreter's
+        switch interval behind a long batch."""
+        inbox, record = self._inbox, self.record
+        yielded = time.perf_counter()
+        n = 0
+        while True:
+            try:
+                rec = inbox.popleft()
+            except IndexError:
+                return
+            record(rec)
+            n += 1
+            if n & 31 == 0:
+                now = time.perf_counter()
+                if now - yielded >= 0.0005:
+                    time.sleep(0)
+                    yielded = time.perf_counter()
 
     # -- the background thread ----------------------------------------------
 
