@@ -379,6 +379,19 @@ class TestCommands:
         for host in ("metadata.google.internal", "a.db.corp", "db.shop.svc.k8s.example.net"):
             assert f"allowInternalHosts): 1 x {host}" in text
 
+    def test_explain_does_not_propose_a_refused_rule(self) -> None:
+        """`explain` on a denial of an internal host says who can allow it instead of
+        offering a namespace rule the parser would refuse; other hosts keep the snippet."""
+        from authz.commands.explain import explanation
+
+        base = {"verdict": "deny", "reason": "host-not-allowed", "namespace": "shop",
+                "service_account": "cart", "port": 443, "protocol": "TLS"}
+        fix = explanation({**base, "host": "metadata.google.internal"})["fix"]
+        assert not [f for f in fix if f["kind"] == "code"]
+        assert any("allowInternalHosts" in f["text"] for f in fix)
+        fix = explanation({**base, "host": "api.kadath.io"})["fix"]
+        assert any(f["kind"] == "code" and "api.kadath.io" in f["text"] for f in fix)
+
 
 def test_serve_kube_refuses_and_denies(emu: KubeEmulator, tmp_path: Path) -> None:
     """The shipped command (`serve --kube --cluster-domain`) on the emulator: the owner's

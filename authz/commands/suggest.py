@@ -194,6 +194,10 @@ def rule_snippet(d: Mapping[str, Any]) -> list[str]:
         return [f"Add a prefix of {d.get('path')} to http.paths of rule {rule}."]
     if reason == "rule-expired":
         return [f"Move the expires date of rule {rule} forward, or remove the rule."]
+    if reason in ("host-not-allowed", "no-policy") and host and internal_problem(str(host)):
+        return [f"{host} is an internal host: no namespace policy may allow it. A cluster admin "
+                "can, in the cluster policy with allowInternalHosts: true, if the gateway "
+                "should really reach it (docs/security.md, Host names)."]
     if reason in ("host-not-allowed", "no-policy") and host and d.get("service_account"):
         account = str(d["service_account"])
         lines = rule_lines(
