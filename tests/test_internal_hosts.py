@@ -329,6 +329,17 @@ class TestCommands:
         code, out, err = cli(capsys, "render", "--policies", path)
         assert code == 2 and out == "" and "metadata.google.internal" in err
 
+    def test_render_names_the_gateway_in_the_cluster_domain(
+            self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+        """`render --cluster-domain` routes to the gateway Service by its name in that
+        domain (as `serve --kube --cluster-domain` writes it), never under cluster.local."""
+        path = write(tmp_path, policy_cm("shop", "p", GOOD))
+        code, out, err = cli(capsys, "render", "--policies", path,
+                             "--cluster-domain", "k8s.example.net")
+        assert code == 0, err
+        assert "istio-egressgateway.istio-egress.svc.k8s.example.net" in out
+        assert "cluster.local" not in out
+
     def test_cluster_opt_in_through_check(self, capsys: pytest.CaptureFixture[str],
                                           tmp_path: Path) -> None:
         """With the cluster opt-in, a cluster rule may name an internal host and `check`
@@ -391,6 +402,30 @@ class TestCommands:
         assert any("allowInternalHosts" in f["text"] for f in fix)
         fix = explanation({**base, "host": "api.kadath.io"})["fix"]
         assert any(f["kind"] == "code" and "api.kadath.io" in f["text"] for f in fix)
+
+
+def test_chart_cluster_domain_reaches_the_kube_source_and_writer(tmp_path: Path) -> None:
+    """The chart's clusterDomain, through the Deployment's args and `serve --kube`'s
+    parser, is what the policy source refuses under and what the writer renders with."""
+    import helm_python as helm
+
+    from authz.commands.serve import build_arg_parser
+    from authz.kube.controller import KubeController
+    from authz.workloads import WorkloadIndex
+
+    root = Path(__file__).resolve().parents[1]
+    with helm.Chart.load(root / "charts" / "egress-authz") as chart:
+        manifests = chart.render(name="egress-authz", namespace=SVC_NS,
+                                 values={"clusterDomain": "k8s.example.net"})
+    (deploy,) = [d for path, text in manifests.items() if not path.endswith("NOTES.txt")
+                 for d in yaml.safe_load_all(text) if d and d["kind"] == "Deployment"]
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9")
+    parsed = build_arg_parser().parse_args([*args[1:], "--kubeconfig", str(kubeconfig)])
+    controller = KubeController.from_args(parsed, WorkloadIndex())
+    assert controller.source.settings.cluster_domain == "k8s.example.net"
+    assert controller.writer is not None
+    assert controller.writer.options.gateway_host.endswith(".svc.k8s.example.net")
 
 
 def test_serve_kube_refuses_and_denies(emu: KubeEmulator, tmp_path: Path) -> None:
