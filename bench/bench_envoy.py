@@ -9,9 +9,10 @@ wrk cannot present a client certificate, and without one there is no
 principal and every check is a denial, so wrk speaks plain HTTP to a
 sidecar Envoy (istio/envoy/sidecar-http.yaml) that adds the workload's mTLS,
 exactly as in a mesh. The gateway (istio/envoy/bench-gateway.yaml) has four
-listeners that differ only in ext_authz: none, our service, and the
-always-OK floor server in its threaded and its asyncio flavour (our service
-is compared with the faster of the two). Each answers 200 itself, so no upstream
+listeners that differ only in ext_authz: none, our service (`serve` with
+its default serving model), our service on the other model (`--server-model`,
+the A/B behind the default), and the always-OK floor server in its threaded
+and its asyncio flavour (our service is compared with the faster of the two). Each answers 200 itself, so no upstream
 server limits the figures. The arms run interleaved in the same run;
 the table shows medians and the ratios between them.
 
@@ -37,10 +38,18 @@ from authz.testing.service import ServiceProcess
 
 POD_IP = "127.0.0.2"
 HOST = "api.kadath.io"
-ARMS = ("none", "service", "floor", "floor-aio")
+ARMS = ("none", "service", "service-other", "floor", "floor-aio")
+MODELS = ("threads", "aio")
 
 
-def write_world(work: Path, checked_port: int) -> tuple[Path, Path]:
+def default_model() -> str:
+    """`serve`'s default --server-model (what users run)."""
+    from authz.commands.serve import build_arg_parser
+
+    return str(build_arg_parser().get_default("server_model"))
+
+
+def write_world(work: Path, checked_ports: list[int]) -> tuple[Path, Path]:
     policies = work / "policies"
     policies.mkdir()
     (policies / "shop.yaml").write_text(
@@ -57,7 +66,7 @@ data:
       - name: cart-kadath
         workloads: {{serviceAccounts: [cart]}}
         hosts: [{HOST}]
-        ports: [80, {checked_port}]
+        ports: [80, {", ".join(map(str, checked_ports))}]
 """
     )
     pods = work / "pods.yaml"
@@ -95,16 +104,22 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
         gateway_id = ca.workload(GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT)
         cart = ca.workload("shop", "cart")
         ports = {arm: free_port() for arm in ARMS}
-        policies, pods = write_world(work, ports["service"])
-        service = ServiceProcess(
-            policies,
-            free_port(),
-            workloads=pods,
-            admin_port=free_port(),
-            log_path=work / "service.log",
-            # e.g. BENCH_ENVOY_SERVICE_ARGS="--server-model aio": the other model
-            extra_args=os.environ.get("BENCH_ENVOY_SERVICE_ARGS", "").split(),
-        )
+        policies, pods = write_world(work, [ports["service"], ports["service-other"]])
+        model = default_model()
+        other_model = next(m for m in MODELS if m != model)
+        services = {
+            arm: ServiceProcess(
+                policies,
+                free_port(),
+                workloads=pods,
+                admin_port=free_port(),
+                log_path=work / f"{arm}.log",
+                extra_args=[*os.environ.get("BENCH_ENVOY_SERVICE_ARGS", "").split(),
+                            *(["--server-model", other_model] if arm == "service-other" else [])],
+            )
+            for arm in ("service", "service-other")
+        }
+        service = services["service"]
         floor = FloorProcess(free_port())
         floor_aio = FloorProcess(free_port(), aio=True)
         gateway = Envoy(
@@ -114,6 +129,8 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
                 "CHECKED_PORT": ports["service"],
                 "FLOOR_PORT": ports["floor"],
                 "AUTHZ_PORT": service.port,
+                "OTHER_PORT": ports["service-other"],
+                "OTHER_AUTHZ_PORT": services["service-other"].port,
                 "FLOOR_AUTHZ_PORT": floor.port,
                 "FLOOR_AIO_PORT": ports["floor-aio"],
                 "FLOOR_AIO_AUTHZ_PORT": floor_aio.port,
@@ -145,7 +162,8 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
         }
         results: dict[str, list[tuple[WrkResult, float | None]]] = {arm: [] for arm in ARMS}
         try:
-            service.start()
+            for s in services.values():
+                s.start()
             floor.start()
             floor_aio.start()
             gateway.start()
@@ -161,6 +179,7 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
             )
             pids = {
                 "service": lambda: service.pid,
+                "service-other": lambda: services["service-other"].pid,
                 "floor": lambda: floor.pid,
                 "floor-aio": lambda: floor_aio.pid,
             }
@@ -195,10 +214,11 @@ def main(runs: int | None = None, quick: bool = False) -> dict[str, Any]:
             gateway.stop()
             floor.stop()
             floor_aio.stop()
-            service.stop()
+            for s in services.values():
+                s.stop()
 
     load = (load_before, os.getloadavg()[0])
-    return report(results, runs, seconds, connections, checked, load)
+    return report(results, runs, seconds, connections, checked, load, (model, other_model))
 
 
 def report(
@@ -208,6 +228,7 @@ def report(
     connections: int,
     checked: int,
     load: tuple[float, float],
+    models: tuple[str, str] = ("threads", "aio"),
 ) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for arm, rs in results.items():
@@ -223,6 +244,8 @@ def report(
     figures["ratios"] = {
         "service_vs_none": figures["service"]["rps"] / figures["none"]["rps"],
         "service_vs_floor": figures["service"]["rps"] / best_floor,
+        "service_other_vs_floor": figures["service-other"]["rps"] / best_floor,
+        "service_other_vs_service": figures["service-other"]["rps"] / figures["service"]["rps"],
         "floor_vs_none": best_floor / figures["none"]["rps"],
     }
     command = results["none"][0][0].command
@@ -234,10 +257,12 @@ def report(
         "loadavg_1min_before_after": load,
         "cpus": os.cpu_count(),
         "command": command,
+        "models": {"service": models[0], "service-other": models[1]},
     }
     labels = {
         "none": "Envoy, no ext_authz",
-        "service": "Envoy + egress-authz",
+        "service": f"Envoy + egress-authz (`--server-model {models[0]}`, the default)",
+        "service-other": f"Envoy + egress-authz (`--server-model {models[1]}`)",
         "floor": "Envoy + grpcio floor (threads)",
         "floor-aio": "Envoy + grpcio floor (aio)",
     }
@@ -257,7 +282,8 @@ def report(
     print()
     print(
         f"egress-authz ÷ no ext_authz: {r['service_vs_none']:.2f}; "
-        f"egress-authz ÷ faster floor: {r['service_vs_floor']:.2f}; "
+        f"egress-authz ÷ faster floor: {r['service_vs_floor']:.2f} "
+        f"({models[1]}: {r['service_other_vs_floor']:.2f}); "
         f"faster floor ÷ no ext_authz: {r['floor_vs_none']:.2f}"
     )
     print(f"(the gateway counted {checked:,} Checks answered OK by egress-authz)")
