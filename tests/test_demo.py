@@ -294,6 +294,39 @@ class Console:
                 self._changed.wait(left)
 
 
+class TestStopWhileStarting:
+    def test_stop_waits_for_a_start_under_way_and_refuses_later_ones(
+        self, tmp_path: Path
+    ) -> None:
+        """stop() while a process is being started waits for that start (so the
+        process is stopped, not orphaned), and a start the pool runs after stop()
+        began never starts anything (Ctrl-C during the pool's hand-out)."""
+        stack = DemoStack(Ports.choose(None), tmp_path / "work")
+        inside, release = threading.Event(), threading.Event()
+        started: list[str] = []
+
+        def slow_start() -> None:
+            inside.set()
+            release.wait(10)
+            started.append("slow")
+
+        runner = threading.Thread(target=stack._guarded(slow_start))
+        runner.start()
+        assert inside.wait(10)
+        stopped = threading.Event()
+        stopper = threading.Thread(target=lambda: (stack.stop(), stopped.set()))
+        stopper.start()
+        assert not stopped.wait(0.3), "stop() returned while a start was under way"
+        release.set()
+        assert stopped.wait(10)
+        runner.join(10)
+        stopper.join(10)
+        assert started == ["slow"]
+        with pytest.raises(DemoError):
+            stack._guarded(lambda: started.append("late"))()
+        assert started == ["slow"]
+
+
 @pytest.mark.envoy
 @pytest.mark.timeout(RUN_TIMEOUT)
 class TestInterruptedStart:

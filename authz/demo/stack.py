@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -190,6 +191,10 @@ class DemoStack:
         self.gateway: Envoy | None = None
         self.sidecars: dict[str, Envoy] = {}
         self._stack = contextlib.ExitStack()
+        # Starts under way in the pool, and whether stop() has begun (see stop()).
+        self._starts = threading.Condition()
+        self._starts_running = 0
+        self._stopping = False
         self.reload_notes = ReloadNotes()
 
     @property
@@ -267,7 +272,7 @@ class DemoStack:
         errors: list[tuple[str, BaseException]] = []
         with ThreadPoolExecutor(max_workers=len(starters)) as pool:
             futures: dict[Future[object], str] = {
-                pool.submit(start): name for name, start in starters.items()
+                pool.submit(self._guarded(start)): name for name, start in starters.items()
             }
             for future in as_completed(futures):
                 name = futures[future]
@@ -332,8 +337,33 @@ class DemoStack:
     # ------------------------------------------------------------ shutdown
 
     def stop(self) -> None:
-        """Stop everything started so far, newest first; safe to call twice."""
+        """Stop everything started so far, newest first; safe to call twice.
+
+        Starts under way finish first and none begins after: Ctrl-C can land
+        while the pool hands out the starters (even inside Thread.start(),
+        leaving a worker the pool's shutdown does not join), and a process
+        started after its stop() ran would outlive the demo."""
+        with self._starts:
+            self._stopping = True
+            self._starts.wait_for(lambda: self._starts_running == 0)
         self._stack.close()
+
+    def _guarded(self, start: Callable[[], object]) -> Callable[[], object]:
+        """`start`, refused once stop() has begun, counted while it runs."""
+
+        def run() -> object:
+            with self._starts:
+                if self._stopping:
+                    raise DemoError("stopping: not started")
+                self._starts_running += 1
+            try:
+                return start()
+            finally:
+                with self._starts:
+                    self._starts_running -= 1
+                    self._starts.notify_all()
+
+        return run
 
     @property
     def removes_files(self) -> bool:
