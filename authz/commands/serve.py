@@ -132,7 +132,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     net.add_argument(
         "--threads", type=_positive, default=None, metavar="N",
-        help="threads answering Checks with --server-model threads (default 4); "
+        help="threads answering Checks with --server-model threads (default 2: the "
+        "fastest measured, docs/benchmarks.md); "
         "no effect with aio (use --workers for more cores)",
     )
     net.add_argument(
@@ -431,7 +432,12 @@ def _bind_cause(address: str) -> str:
 
 def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set); 0 after a clean drain."""
-    from authz.envoy.server import AuthzServer, ServerSettings, ThreadedAuthzServer
+    from authz.envoy.server import (
+        DEFAULT_THREADS,
+        AuthzServer,
+        ServerSettings,
+        ThreadedAuthzServer,
+    )
     from authz.identity import UnknownWorkloads
     from authz.observe.metrics import METRICS
     from authz.store import PolicyStore
@@ -451,7 +457,7 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         store,
         index if has_pod_source(args) else None,
         recorder,
-        ServerSettings(address=args.grpc_address, reuse_port=worker, threads=args.threads or 4),
+        ServerSettings(address=args.grpc_address, reuse_port=worker, threads=args.threads or DEFAULT_THREADS),
         ports,
         unknown_workloads=UnknownWorkloads(args.unknown_workloads),
     )

@@ -56,6 +56,13 @@ from .response import build_check_response
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+# Threads of the threaded server. A Check holds the GIL nearly throughout and
+# never waits on I/O, so more threads only add hand-overs (futex wake-ups,
+# ~2 context switches per Check per thread); one is too few, since a thread
+# also waits inside grpcio for each request's message. Measured
+# (docs/benchmarks.md, "Threads per process"): through Envoy 2 threads
+# answered 1.01x the fastest floor against 0.84 with 3 and 0.81-0.95 with 4.
+DEFAULT_THREADS = 2
 CHECK_METHOD = f"/{SERVICE_NAME}/Check"
 
 
@@ -73,7 +80,7 @@ class ServerSettings:
     """Hand each DecisionRecord to the recorder's `submit()` (recorded later, in
     batches, off the Check path) instead of recording it before answering
     (False: tests that need a Check held in flight by a slow recorder)."""
-    threads: int = 4
+    threads: int = DEFAULT_THREADS
     """ThreadedAuthzServer only: threads answering Checks. A Check holds the GIL
     nearly all the time, so more threads add contention, not throughput."""
 
