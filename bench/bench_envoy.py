@@ -12,9 +12,10 @@ exactly as in a mesh. The gateway (istio/envoy/bench-gateway.yaml) has four
 listeners that differ only in ext_authz: none, our service (`serve` with
 its default serving model), our service on the other model (`--server-model`,
 the A/B behind the default), and the always-OK floor server in its threaded
-and its asyncio flavour (our service is compared with the faster of the two). Each answers 200 itself, so no upstream
-server limits the figures. The arms run interleaved in the same run;
-the table shows medians and the ratios between them.
+and its asyncio flavour (our service is compared with the faster of the
+two). Each answers 200 itself, so no upstream server limits the figures.
+The arms run interleaved in the same run; the table shows medians and the
+ratios between them.
 
     .venv/bin/python bench/run.py envoy
     .venv/bin/python bench/bench_envoy.py --runs 3 [--quick]

@@ -457,7 +457,10 @@ def serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
         store,
         index if has_pod_source(args) else None,
         recorder,
-        ServerSettings(address=args.grpc_address, reuse_port=worker, threads=args.threads or DEFAULT_THREADS),
+        ServerSettings(
+            address=args.grpc_address, reuse_port=worker,
+            threads=args.threads or DEFAULT_THREADS,
+        ),
         ports,
         unknown_workloads=UnknownWorkloads(args.unknown_workloads),
     )
