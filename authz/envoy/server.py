@@ -18,13 +18,13 @@ In both, the Check's record is handed to the recorder with `submit()` (an
 append to its inbox) and recorded in batches by the recorder's own thread
 (authz/observe/recorder.py).
 
-Which one gives more depends on the traffic and how busy the cores are:
-under h2load on idle cores the aio floor answers ~1.7x the threaded one,
-while through Envoy (one HTTP/2 connection, moderate concurrency) the
-threaded service answered 1.5-1.8x the aio one in every A/B measured
-(docs/benchmarks.md, "Serving model (issue 14)"). Either way more cores mean
-more processes (`serve --workers`), never more threads: a Check holds the
-GIL throughout.
+Which one gives more depends on the traffic: under h2load's many streams
+per connection the aio model answers ~1.4x the threaded one, while through
+Envoy (one HTTP/2 connection, moderate concurrency) the threaded server with
+2 threads answered 1.07-1.36x the aio one in every A/B measured, at about
+the floors' CPU per request (docs/benchmarks.md, "Issue 14, final"). Either
+way more cores mean more processes (`serve --workers`), never more threads:
+a Check holds the GIL throughout.
 """
 
 from __future__ import annotations
