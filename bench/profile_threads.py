@@ -48,8 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("server", choices=("serve", "floor", "floor-aio"))
     parser.add_argument("--checks", type=int, default=20_000)
-    parser.add_argument("flags", nargs="*", help="after --: flags for serve")
-    args = parser.parse_args()
+    args, flags = parser.parse_known_args()  # after --: flags for serve
+    args.flags = [f for f in flags if f != "--"]
     with tempfile.TemporaryDirectory(prefix="bench-threads-") as tmp:
         work = Path(tmp)
         request, port = bench_service.record_check_request(work / "record")
